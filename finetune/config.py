@@ -1,0 +1,187 @@
+"""The typed training configuration: the single source of defaults.
+
+Precedence, lowest first: the dataclass defaults, an optional ``--config run.yaml``, then flags.
+Flag names are the field names with dashes (``batch_size`` -> ``--batch-size``); YAML keys may
+use either spelling. Unknown keys and values of the wrong type are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from finetune.errors import UserError
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+BAD_DATA_POLICIES = ("fail", "skip")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see ``--help`` for each field."""
+
+    data: str | None = _opt(None, "dataset folder holding train/ and test/ (or val/) ImageFolder trees; "
+                                  "omitted: the built-in offline demo (LFW faces vs not faces)")
+    model: str = _opt("mobilenet_v2", "any torchvision classification model name, e.g. resnet18")
+    weights: str = _opt("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), "
+                                         "a local .pth/.safetensors file, or 'none' to train from scratch")
+    epochs: int = _opt(5, "passes over the training set")
+    batch_size: int = _opt(32, "images per process per step (global batch = this x processes x accumulation)")
+    lr: float = _opt(0.01, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)")
+    lr_head_mult: float = _opt(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)")
+    weight_decay: float = _opt(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)")
+    decay_norm_and_bias: bool = _opt(False, "also apply weight decay to norm-layer and bias parameters")
+    optimizer: str = _opt("sgd", "sgd (momentum 0.9, nesterov) or adamw", choices=OPTIMIZERS)
+    momentum: float = _opt(0.9, "SGD momentum")
+    warmup_epochs: float = _opt(1.0, "linear learning-rate warmup, in epochs, before the cosine decay")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
+    freeze: str = _opt("none", "freeze the lower backbone: 'none', 'backbone' (linear probe: only the head trains), "
+                               "a block name such as layer2 or features.7 (frozen up to and including it), "
+                               "or a fraction of the blocks such as 0.5")
+    reuse_classifier: bool = _opt(True, "initialise head rows of classes whose names match a pretrained category "
+                                        "from that category's row")
+    image_size: int = _opt(224, "training crop size in pixels (eval resizes to size*256/224, then center-crops)")
+    seed: int = _opt(0, "random seed; a CPU run with the same seed is reproducible bit for bit")
+    output_dir: str | None = _opt(None, "run folder (model.safetensors is written in it); default runs/MODEL-DATA")
+    resume: bool = _opt(False, "continue the run in --output-dir from its latest saved state")
+    save_every: int = _opt(0, "also save a resumable state every N optimizer steps (0: at each epoch end only)")
+    mixed_precision: str = _opt("auto", "auto (bf16 where the hardware runs it fast, else fp32), no, bf16, fp16; "
+                                        "accelerate launch --mixed_precision also works",
+                                choices=PRECISIONS)
+    grad_accum_steps: int = _opt(1, "gradient accumulation steps per optimizer step")
+    num_workers: int = _opt(-1, "data-loading worker processes per process (-1: matched to the CPU cores)")
+    channels_last: bool = _opt(True, "use the channels-last memory format (faster convolutions)")
+    bad_data: str = _opt("fail", "what to do with images that cannot be decoded: fail or skip (and list them)",
+                         choices=BAD_DATA_POLICIES)
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size,
+                    "grad_accum_steps": self.grad_accum_steps}
+        for name, value in positive.items():
+            if value < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1, got {value}")
+        for name in ("lr", "lr_head_mult", "weight_decay", "warmup_epochs", "save_every", "momentum"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field_type(cls: type, name: str) -> tuple[type, bool]:
+    """The base type of a field and whether it may be None."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        base = next(a for a in args if a is not type(None))
+        return base, type(None) in args
+    return hint, False
+
+
+def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    base, nullable = _field_type(cls, name)
+    if value is None:
+        if nullable:
+            return None
+        raise UserError(f"{where}: '{name}' may not be empty")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise UserError(f"{where}: '{name}' must be {base.__name__}, got {value!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad flag is a UserError (one line) rather than usage text and exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(message)
+
+
+def build_parser(cls: type = TrainConfig, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of ``cls`` and ``--config FILE``.
+
+    Every flag defaults to ``argparse.SUPPRESS`` so that only flags given on the command line
+    override the YAML file and the dataclass defaults.
+    """
+    parser = _Parser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="YAML", help="YAML file of settings (flags override it)")
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        base, nullable = _field_type(cls, f.name)
+        help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})"
+        flag = f"--{_flag(f.name)}"
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=base, help=help_text,
+                                choices=f.metadata.get("choices"), metavar=f.name.upper())
+    return parser
+
+
+def read_yaml(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
+    """Settings from a YAML mapping, keys normalised to field names; unknown keys are errors."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read config file {path}: {str(err).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    settings = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UserError(f"config file {path}: unknown setting '{key}'")
+        settings[name] = _coerce(cls, name, value, f"config file {path}")
+    return settings
+
+
+def parse_config(argv: Sequence[str] | None = None, cls: type = TrainConfig, description: str = "") -> Any:
+    """Resolve a configuration from defaults, an optional YAML file and command-line flags.
+
+    Args:
+        argv: command-line arguments (``None``: ``sys.argv[1:]``).
+        cls: the configuration dataclass.
+        description: the ``--help`` text.
+    """
+    parser = build_parser(cls, description)
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config", None)
+    settings = read_yaml(config_file, cls) if config_file else {}
+    settings.update(args)
+    return cls(**settings)
+
+
+def save_yaml(config: Any, path: str | Path) -> None:
+    """Write the resolved configuration as YAML (atomically)."""
+    from finetune.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -1,0 +1,277 @@
+"""ImageFolder datasets, the classic transform presets, and a resumable, seeded sampling order.
+
+Randomness in the data pipeline is a pure function of ``(seed, epoch, sample index)``: the
+sampler's order comes from ``(seed, epoch)`` and each sample's augmentation is drawn after
+seeding from ``(seed, epoch, index)``. So the images a step sees do not depend on the number
+of processes or workers, and a run resumed mid-epoch sees exactly what an uninterrupted one saw.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from finetune.errors import UserError
+
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+EVAL_SPLITS = ("test", "val")
+
+
+class BadImageError(UserError):
+    """An image that cannot be decoded, named by path."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image as 8-bit RGB, whatever its mode (L, LA, P, RGBA, CMYK, 16-bit, float).
+
+    EXIF orientation is applied; transparency is composited on white rather than dropped,
+    which would expose whatever colour hides under transparent pixels.
+    """
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"cannot decode image {path}: {err}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a decoded image of any mode to 8-bit RGB."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model expects: crop size, eval resize, and normalisation."""
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def train_transform(pre: Preprocessing) -> v2.Compose:
+    """The classic recipe: RandomResizedCrop + horizontal flip + normalize."""
+    return v2.Compose([
+        v2.RandomResizedCrop(pre.image_size, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(pre.mean, pre.std),
+    ])
+
+
+def eval_transform(pre: Preprocessing) -> v2.Compose:
+    """Resize the short side to ``resize_size``, then center-crop ``image_size``."""
+    return v2.Compose([
+        v2.Resize(pre.resize_size, antialias=True),
+        v2.CenterCrop(pre.image_size),
+        v2.PILToTensor(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(pre.mean, pre.std),
+    ])
+
+
+def find_split(data_dir: str | Path, names: Sequence[str]) -> Path | None:
+    """The first existing sub-folder of ``data_dir`` among ``names``."""
+    for name in names:
+        if (Path(data_dir) / name).is_dir():
+            return Path(data_dir) / name
+    return None
+
+
+def check_image_folder(root: str | Path) -> list[str]:
+    """Class names of an ImageFolder tree, or a UserError naming what is wrong with it."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"not a folder: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
+        hint = " (images must sit in one sub-folder per class)" if has_images else ""
+        raise UserError(f"{root} has no class sub-folders{hint}")
+    for name in classes:
+        if not any(_is_image(p) for p in (root / name).rglob("*")):
+            raise UserError(f"class '{name}' in {root} has no images")
+    return classes
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def image_folder(root: str | Path, classes: Sequence[str] | None = None) -> datasets.ImageFolder:
+    """A torchvision ImageFolder over ``root`` with RGB loading.
+
+    Args:
+        root: the split folder, one sub-folder per class.
+        classes: the class list to index by (the train split's); ``root`` must not hold others.
+    """
+    found = check_image_folder(root)
+    ds = datasets.ImageFolder(str(root), loader=load_rgb)
+    if classes is not None:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise UserError(f"{root} has classes the training set lacks: {', '.join(extra)}")
+        # Index by the train list so a class missing here does not shift the labels.
+        index = {c: i for i, c in enumerate(classes)}
+        ds.samples = [(p, index[ds.classes[t]]) for p, t in ds.samples]
+        ds.targets = [t for _, t in ds.samples]
+        ds.imgs = ds.samples
+        ds.classes = list(classes)
+        ds.class_to_idx = index
+    return ds
+
+
+def missing_classes(classes: Sequence[str], ds: datasets.ImageFolder) -> list[str]:
+    """Classes of the training list that have no image in ``ds``."""
+    present = set(ds.targets)
+    return [c for i, c in enumerate(classes) if i not in present]
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    # Large odd multipliers keep nearby (epoch, index) pairs far apart in seed space.
+    return (seed * 1_000_003 + epoch * 7_919 * 1_000_033 + index * 2_654_435_761) % (2**63)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset whose transform is random: item ``(epoch, i)`` is augmented reproducibly.
+
+    The seed of each sample's augmentation is a function of ``(seed, epoch, i)`` only, so it
+    does not matter which worker or process loads it, or whether the run was resumed.
+    """
+
+    def __init__(self, dataset: datasets.ImageFolder, transform: Any, seed: int):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        path, target = self.dataset.samples[index]
+        image = self.dataset.loader(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, epoch, index))
+            return self.transform(image), target
+
+
+class IndexedDataset(Dataset):
+    """A deterministic view of an ImageFolder that also returns each sample's index."""
+
+    def __init__(self, dataset: datasets.ImageFolder, transform: Any):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        path, target = self.dataset.samples[index]
+        return self.transform(self.dataset.loader(path)), target, index
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` keys in an order fixed by ``(seed, epoch)``.
+
+    Accelerate shards the batches of this global order across processes, so processes see
+    disjoint parts of one permutation, whatever their number.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_samples))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return iter([(epoch, i) for i in self.order(epoch)])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+@dataclass
+class Splits:
+    """The train and evaluation ImageFolders of a dataset folder, sharing one class list."""
+
+    train: datasets.ImageFolder
+    test: datasets.ImageFolder
+    classes: list[str]
+    warnings: list[str]
+
+
+def load_splits(data_dir: str | Path) -> Splits:
+    """``DATA/train`` and ``DATA/test`` (or ``DATA/val``); the class list is train's.
+
+    A class in test that train lacks is an error; a train class missing from test a warning.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"data folder not found: {data_dir}")
+    train_dir = find_split(data_dir, ("train",))
+    test_dir = find_split(data_dir, EVAL_SPLITS)
+    if train_dir is None or test_dir is None:
+        missing = "train/" if train_dir is None else "test/ (or val/)"
+        raise UserError(f"{data_dir} has no {missing} folder; expected DATA/train/CLASS/*.jpg and DATA/test/CLASS/*.jpg")
+    train = image_folder(train_dir)
+    test = image_folder(test_dir, train.classes)
+    notes = [f"class '{c}' has no images in {test_dir}" for c in missing_classes(train.classes, test)]
+    return Splits(train, test, list(train.classes), notes)
+
+
+def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int, seed: int,
+                      num_workers: int) -> tuple[DataLoader, EpochSampler]:
+    """The training DataLoader (classic augmentation, seeded per sample) and its epoch sampler."""
+    sampler = EpochSampler(len(ds), seed)
+    loader = DataLoader(SeededDataset(ds, train_transform(pre), seed), batch_size=batch_size, sampler=sampler,
+                        **_worker_options(num_workers))
+    return loader, sampler
+
+
+def make_eval_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int,
+                     num_workers: int) -> DataLoader:
+    """An evaluation DataLoader yielding ``(images, targets, dataset indices)`` in order."""
+    return DataLoader(IndexedDataset(ds, eval_transform(pre)), batch_size=batch_size, shuffle=False,
+                      **_worker_options(num_workers))
+
+
+def _worker_options(num_workers: int) -> dict[str, Any]:
+    if num_workers <= 0:
+        return {"num_workers": 0}
+    # Persistent workers keep their start-up cost out of every epoch; 4 batches in flight each
+    # hide decode jitter behind compute.
+    return {"num_workers": num_workers, "persistent_workers": True, "prefetch_factor": 4}

@@ -1,0 +1,129 @@
+"""Training and evaluation steps: the only code that talks to the Accelerator about backward,
+gradient accumulation and gathering results across processes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from finetune.surgery import set_frozen_norm_eval
+
+SYNC_EVERY_STEPS = 10  # read loss back from the device this often: every step would stall the pipeline
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *,
+                    start_step: int = 0, channels_last: bool = False,
+                    on_step: Callable[[int, float, float, float], None] | None = None,
+                    after_step: Callable[[int], None] | None = None) -> EpochStats:
+    """One pass over ``loader`` (already skipped to ``start_step`` when resuming).
+
+    Args:
+        start_step: index of the first batch ``loader`` yields within the epoch.
+        channels_last: convert each batch to the channels-last memory format.
+        on_step: progress callback ``(steps_done, loss, accuracy, images_per_s)`` on sync steps.
+        after_step: called with the step index after every batch (e.g. to save a state).
+
+    Raises:
+        NonFiniteLossError: naming the step, when the loss is NaN or infinite.
+    """
+    model.train()
+    set_frozen_norm_eval(accelerator.unwrap_model(model))
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    step = start_step
+    for step, (images, targets) in enumerate(loader, start=start_step):
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model):
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                scheduler.step()
+        n = targets.shape[0]
+        loss_sum += loss.detach().float() * n
+        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        seen += n
+        if (step + 1) % SYNC_EVERY_STEPS == 0 or step == start_step:
+            mean_loss = loss_sum.item() / seen
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                raise NonFiniteLossError(f"loss became {mean_loss} at step {step} of the epoch")
+            if on_step is not None:
+                on_step(step + 1, mean_loss, correct.item() / seen, seen / (time.perf_counter() - start))
+        if after_step is not None:
+            after_step(step)
+    totals = accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
+                                             torch.tensor(float(seen), device=device)]), reduction="sum")
+    loss_total, correct_total, seen_total = totals.tolist()
+    if not torch.isfinite(torch.tensor(loss_total)):
+        raise NonFiniteLossError(f"loss became {loss_total} in the epoch's last {SYNC_EVERY_STEPS} steps")
+    return EpochStats(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1), int(seen_total),
+                      time.perf_counter() - start)
+
+
+@dataclass
+class Predictions:
+    """Every evaluated image exactly once, in dataset order."""
+
+    indices: torch.Tensor  # dataset index of each image
+    targets: torch.Tensor
+    topk: torch.Tensor  # (N, k) class indices, best first
+    confidence: torch.Tensor  # softmax probability of the top class
+
+    @property
+    def accuracy(self) -> float:
+        return (self.topk[:, 0] == self.targets).float().mean().item() if len(self.targets) else 0.0
+
+    def topk_accuracy(self, k: int) -> float:
+        hits = (self.topk[:, :k] == self.targets[:, None]).any(dim=1)
+        return hits.float().mean().item() if len(self.targets) else 0.0
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_classes: int, *,
+             channels_last: bool = False, k: int = 5) -> Predictions:
+    """Predictions for every image of ``loader``, gathered from all processes, each image once."""
+    model.eval()
+    k = min(k, num_classes)
+    parts: dict[str, list[torch.Tensor]] = {"indices": [], "targets": [], "topk": [], "confidence": []}
+    for images, targets, indices in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        probs = model(images).float().softmax(dim=1)
+        confidence, topk = probs.topk(k, dim=1)
+        gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0]))
+        for key, value in zip(parts, gathered):
+            parts[key].append(value.cpu())
+    if not parts["indices"]:
+        empty = torch.zeros(0, dtype=torch.long)
+        return Predictions(empty, empty, torch.zeros(0, k, dtype=torch.long), torch.zeros(0))
+    result = {key: torch.cat(values) for key, values in parts.items()}
+    order = result["indices"].argsort()
+    return Predictions(**{key: value[order] for key, value in result.items()})

@@ -1,0 +1,87 @@
+"""Parameter groups, optimizers and the warmup + cosine schedule, as plain functions."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+              nn.modules.instancenorm._InstanceNorm)
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Names of bias and normalisation parameters (and ViT/Swin embeddings, which are 1-D or tokens)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, NORM_TYPES) or param.ndim <= 1 or param_name == "bias":
+                names.add(full)
+    return names
+
+
+def param_groups(model: nn.Module, head: str, lr: float, lr_head_mult: float, weight_decay: float,
+                 decay_norm_and_bias: bool = False) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: backbone and head, each split into decayed and not decayed.
+
+    Only trainable parameters are included; empty groups are dropped. Each group carries
+    ``name`` and ``lr_scale`` (its multiple of ``lr``) for logging and schedules.
+
+    Args:
+        model: the classifier.
+        head: dotted name of its output layer (``surgery.find_head``).
+        lr: learning rate of the backbone.
+        lr_head_mult: the head's learning rate is ``lr * lr_head_mult``.
+        weight_decay: decay of weight matrices and kernels.
+        decay_norm_and_bias: also decay norm-layer and bias parameters.
+    """
+    no_decay = set() if decay_norm_and_bias else _no_decay_names(model)
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "head" if name == head or name.startswith(f"{head}.") else "backbone"
+        buckets.setdefault((part, name not in no_decay), []).append(param)
+    groups = []
+    for part in ("backbone", "head"):
+        scale = lr_head_mult if part == "head" else 1.0
+        for decay in (True, False):
+            params = buckets.get((part, decay))
+            if params:
+                groups.append({"params": params, "name": f"{part}{'' if decay else '_no_decay'}",
+                               "lr": lr * scale, "lr_scale": scale,
+                               "weight_decay": weight_decay if decay else 0.0})
+    return groups
+
+
+def _sgd(groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+
+
+def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (``sgd`` or ``adamw``) over ``groups``; per-group lr and decay are kept."""
+    return OPTIMIZERS[name](groups, lr, momentum)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor at optimizer step ``step``: linear warmup from ~0 to 1, then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR applying ``warmup_cosine`` to every group's own learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))

@@ -1,0 +1,38 @@
+"""The run folder: where it is, that it can be written, and the resolved configuration in it."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from finetune.config import TrainConfig, save_yaml
+from finetune.errors import UserError
+
+
+def default_run_dir(config: TrainConfig, data_dir: Path) -> Path:
+    """``runs/MODEL-DATANAME`` (``$SLURM_JOB_ID`` appended inside a SLURM job)."""
+    name = f"{config.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', data_dir.resolve().name)}"
+    if os.environ.get("SLURM_JOB_ID"):
+        name += f"-{os.environ['SLURM_JOB_ID']}"
+    return Path("runs") / name
+
+
+def prepare_run_dir(config: TrainConfig, data_dir: Path, is_main: bool) -> Path:
+    """Create the run folder, check it can be written before any training, save ``config.yaml``.
+
+    Raises:
+        UserError: if the folder cannot be created or written.
+    """
+    run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config, data_dir)
+    if not is_main:
+        return run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output folder {run_dir}: {err.strerror or err}") from None
+    save_yaml(config, run_dir / "config.yaml")
+    return run_dir

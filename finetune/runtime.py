@@ -1,0 +1,77 @@
+"""The Accelerator a run uses: device, processes and mixed precision, resolved in one place."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_bf16_available
+
+from finetune.errors import UserError
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has bf16 units (AVX512-BF16 or AMX); elsewhere bf16 is slower than fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(requested: str, on_cpu: bool, env: dict[str, str] | None = None) -> str:
+    """The mixed precision to hand Accelerate: ``no``, ``bf16`` or ``fp16``.
+
+    Args:
+        requested: the ``--mixed-precision`` value; ``auto`` defers to ``accelerate launch
+            --mixed_precision`` when that asked for bf16/fp16, and otherwise picks bf16 where
+            the hardware runs it fast and fp32 elsewhere.
+        on_cpu: whether the run is on the CPU.
+        env: the environment (default ``os.environ``).
+    """
+    env = os.environ if env is None else env
+    if requested == "auto":
+        launched = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        if launched in ("bf16", "fp16"):
+            requested = launched
+        elif on_cpu:
+            requested = "bf16" if cpu_has_fast_bf16() else "no"
+        else:
+            requested = "bf16" if is_bf16_available() else "no"
+    if requested == "fp16" and on_cpu:
+        # Accelerate would silently run fp16 in fp32 on the CPU; bf16 is what CPUs do.
+        print("note: fp16 is not supported on the CPU (it would silently run in fp32); using bf16",
+              file=sys.stderr)
+        requested = "bf16"
+    return requested
+
+
+def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Accelerator:
+    """An Accelerator for this machine: the GPU when there is one, else (many) CPU processes on gloo.
+
+    Raises:
+        UserError: when several processes were launched but they did not join one group.
+    """
+    on_cpu = not torch.accelerator.is_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Accelerate warns about CPU fp16/bf16 details we handle
+        accelerator = Accelerator(
+            cpu=on_cpu,
+            mixed_precision=resolve_precision(mixed_precision, on_cpu),
+            gradient_accumulation_steps=grad_accum_steps,
+            step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+        )
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_world != accelerator.num_processes:
+        raise UserError(f"launched {launched_world} processes but they did not form one group "
+                        f"({accelerator.num_processes}); on CPUs set ACCELERATE_USE_CPU=1")
+    return accelerator
+
+
+def default_num_workers(num_processes: int) -> int:
+    """Data-loading workers per process: the cores this process may use, shared among processes."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, num_processes)))

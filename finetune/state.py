@@ -1,0 +1,66 @@
+"""Resumable training state: Accelerate's ``save_state`` plus where the run stands, swapped in whole.
+
+The folder ``state/`` holds what ``accelerator.save_state`` writes (model, optimizer, scheduler,
+scaler and every process's RNG states; tensors only, loaded with ``weights_only=True``) and
+``progress.json`` (epoch, step, history). A new state is written to ``state.tmp/`` and swapped
+in by renames, so a kill at any moment leaves the previous state or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from finetune.checkpoint import atomic_write_text
+from finetune.errors import UserError
+
+STATE = "state"
+PROGRESS = "progress.json"
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, progress: dict[str, Any]) -> None:
+    """Save a resumable state of the run (call on every process)."""
+    final, tmp, old = run_dir / STATE, run_dir / f"{STATE}.tmp", run_dir / f"{STATE}.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / PROGRESS, json.dumps(progress, indent=1))
+        # state -> state.old, state.tmp -> state, drop state.old: one of them is whole at any instant.
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def latest_state(run_dir: Path) -> Path | None:
+    """The newest complete state folder of a run, if any (``state/``, else a ``state.old/`` left by a kill)."""
+    for name in (STATE, f"{STATE}.old"):
+        folder = run_dir / name
+        if (folder / PROGRESS).is_file():
+            return folder
+    return None
+
+
+def load_training_state(accelerator: Accelerator, folder: Path) -> dict[str, Any]:
+    """Restore a state saved by ``save_training_state`` into the prepared objects; return its progress."""
+    try:
+        progress = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {folder / PROGRESS}: {err}") from None
+    if not isinstance(progress, dict) or not {"epoch", "step"} <= progress.keys():
+        raise UserError(f"{folder / PROGRESS} does not describe a training state")
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as err:  # a state of another model, a truncated file, a pickle we refuse to run
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot resume from {folder}: {first[:300]}") from None
+    return progress

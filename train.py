@@ -1,0 +1,139 @@
+"""Fine-tune a pretrained torchvision classifier on an ImageFolder.
+
+    accelerate launch train.py --data DATA --model resnet18 --weights DEFAULT --epochs 5
+    accelerate launch train.py            # the offline demo: MobileNetV2 on LFW faces vs not faces
+
+The same script runs under python, accelerate launch and torchrun, on CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from accelerate.utils import set_seed
+
+from finetune.checkpoint import describe_checkpoint, save_checkpoint
+from finetune.config import TrainConfig, parse_config
+from finetune.data import load_splits, make_eval_loader, make_train_loader
+from finetune.demo import demo_dataset
+from finetune.engine import NonFiniteLossError, evaluate, train_one_epoch
+from finetune.errors import UserError, run_cli
+from finetune.models import build_classifier, recorded_arch_kwargs
+from finetune.optim import build_optimizer, build_scheduler, param_groups
+from finetune.reporting import Reporter
+from finetune.rundir import prepare_run_dir
+from finetune.runtime import build_accelerator, default_num_workers
+from finetune.state import latest_state, load_training_state, save_training_state
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config: TrainConfig = parse_config(argv, TrainConfig, description=__doc__.splitlines()[0])
+    accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps)
+    report = Reporter(enabled=accelerator.is_main_process)
+    set_seed(config.seed)
+
+    with accelerator.main_process_first():
+        data_dir = Path(config.data) if config.data else demo_dataset()
+        splits = load_splits(data_dir)
+    for note in splits.warnings:
+        report.print(f"warning: {note}")
+    run_dir = prepare_run_dir(config, data_dir, accelerator.is_main_process)
+
+    clf = build_classifier(config.model, config.weights, splits.classes, image_size=config.image_size,
+                           freeze_spec=config.freeze, reuse_classifier=config.reuse_classifier)
+    if config.channels_last:
+        clf.net = clf.net.to(memory_format=torch.channels_last)
+    head_mult = config.lr_head_mult if clf.weights.pretrained else 1.0  # from scratch: one learning rate
+    groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
+    optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
+    workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
+    train_loader, sampler = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
+                                              seed=config.seed, num_workers=workers)
+    test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size, num_workers=workers)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(clf.net, optimizer, train_loader, test_loader)
+    steps_per_epoch = len(train_loader)  # batches per process, after Accelerate sharded them
+    optimizer_steps = math.ceil(steps_per_epoch / config.grad_accum_steps)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, round(config.warmup_epochs * optimizer_steps),
+                                                    config.epochs * optimizer_steps))
+
+    report.print(f"{config.model} from {clf.weights.name}: {len(splits.classes)} classes, "
+                 f"{len(splits.train)} train / {len(splits.test)} test images from {data_dir}; "
+                 f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+                 f"precision {accelerator.mixed_precision}")
+    if clf.reused:
+        report.print("reused pretrained classifier rows: "
+                     + ", ".join(f"{t} <- {s}" for t, s in clf.reused.items()))
+    if clf.frozen:
+        report.print(f"frozen: {', '.join(clf.frozen)}")
+
+    progress = {"epoch": 0, "step": 0, "history": [], "best_accuracy": -1.0}
+    if config.resume:
+        state = latest_state(run_dir)
+        if state is None:
+            report.print(f"no saved state in {run_dir}: starting from the beginning")
+        else:
+            progress = load_training_state(accelerator, state)
+            report.print(f"resumed from {state} at epoch {progress['epoch'] + 1}, step {progress['step']}")
+
+    def checkpoint_meta(metrics: dict[str, Any]) -> dict[str, Any]:
+        return describe_checkpoint(config, clf, splits.classes, metrics,
+                                   recorded_arch_kwargs(accelerator.unwrap_model(model)))
+
+    def save_state(epoch: int, step: int) -> None:
+        save_training_state(accelerator, run_dir, {**progress, "epoch": epoch, "step": step})
+
+    def after_step(epoch: int, step: int) -> None:
+        global_batch = epoch * steps_per_epoch + step + 1
+        if config.save_every and global_batch % (config.save_every * config.grad_accum_steps) == 0 \
+                and step + 1 < steps_per_epoch:
+            save_state(epoch, step + 1)
+
+    for epoch in range(progress["epoch"], config.epochs):
+        sampler.set_epoch(epoch)
+        start_step = progress["step"] if epoch == progress["epoch"] else 0
+        loader = accelerator.skip_first_batches(train_loader, start_step) if start_step else train_loader
+        report.start_epoch(epoch, config.epochs, steps_per_epoch, start_step)
+        try:
+            stats = train_one_epoch(
+                accelerator, model, loader, optimizer, scheduler, torch.nn.CrossEntropyLoss(
+                    label_smoothing=config.label_smoothing), start_step=start_step,
+                channels_last=config.channels_last,
+                on_step=lambda s, loss, acc, ips: report.update(s, loss, acc, ips),
+                after_step=lambda s: after_step(epoch, s))
+        except NonFiniteLossError as err:
+            last = run_dir / "model.safetensors"
+            raise UserError(f"{err} in epoch {epoch + 1}; last good checkpoint: "
+                            f"{last if last.exists() else 'none'} (try a lower --lr)") from None
+        preds = evaluate(accelerator, model, test_loader, len(splits.classes), channels_last=config.channels_last)
+        row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
+               "test_acc": preds.accuracy, "lr": scheduler.get_last_lr()[0], "img/s": stats.images_per_s,
+               "seconds": stats.seconds}
+        report.end_epoch(row)
+        progress["history"].append(row)
+        metrics = {"epoch": epoch + 1, "test_accuracy": preds.accuracy, "train_loss": stats.loss,
+                   "num_test_samples": len(preds.targets)}
+        if accelerator.is_main_process:
+            state_dict = accelerator.get_state_dict(model)
+            save_checkpoint(run_dir / "model.safetensors", state_dict, checkpoint_meta(metrics))
+            if preds.accuracy > progress["best_accuracy"]:
+                progress["best_accuracy"] = preds.accuracy
+                save_checkpoint(run_dir / "best.safetensors", state_dict, checkpoint_meta(metrics))
+        else:
+            accelerator.get_state_dict(model)  # a collective under some backends: every process takes part
+        save_state(epoch + 1, 0)
+
+    accelerator.wait_for_everyone()
+    final = progress["history"][-1] if progress["history"] else {}
+    report.print(f"saved {run_dir / 'model.safetensors'} (test accuracy "
+                 f"{final.get('test_acc', float('nan')):.4f}); evaluate it with:\n"
+                 f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {splits.test.root}")
+    accelerator.end_training()
+    return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes}
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
