@@ -24,7 +24,7 @@ OPTIMIZERS = ("sgd", "adamw")
 BAD_DATA_POLICIES = ("fail", "skip")
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
+def option(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -32,38 +32,38 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     """Everything a training run needs; see ``--help`` for each field."""
 
-    data: str | None = _opt(None, "dataset folder holding train/ and test/ (or val/) ImageFolder trees; "
+    data: str | None = option(None, "dataset folder holding train/ and test/ (or val/) ImageFolder trees; "
                                   "omitted: the built-in offline demo (LFW faces vs not faces)")
-    model: str = _opt("mobilenet_v2", "any torchvision classification model name, e.g. resnet18")
-    weights: str = _opt("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), "
+    model: str = option("mobilenet_v2", "any torchvision classification model name, e.g. resnet18")
+    weights: str = option("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), "
                                          "a local .pth/.safetensors file, or 'none' to train from scratch")
-    epochs: int = _opt(5, "passes over the training set")
-    batch_size: int = _opt(32, "images per process per step (global batch = this x processes x accumulation)")
-    lr: float = _opt(0.01, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)")
-    lr_head_mult: float = _opt(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)")
-    weight_decay: float = _opt(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)")
-    decay_norm_and_bias: bool = _opt(False, "also apply weight decay to norm-layer and bias parameters")
-    optimizer: str = _opt("sgd", "sgd (momentum 0.9, nesterov) or adamw", choices=OPTIMIZERS)
-    momentum: float = _opt(0.9, "SGD momentum")
-    warmup_epochs: float = _opt(1.0, "linear learning-rate warmup, in epochs, before the cosine decay")
-    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
-    freeze: str = _opt("none", "freeze the lower backbone: 'none', 'backbone' (linear probe: only the head trains), "
+    epochs: int = option(5, "passes over the training set")
+    batch_size: int = option(32, "images per process per step (global batch = this x processes x accumulation)")
+    lr: float = option(0.01, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)")
+    lr_head_mult: float = option(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)")
+    weight_decay: float = option(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)")
+    decay_norm_and_bias: bool = option(False, "also apply weight decay to norm-layer and bias parameters")
+    optimizer: str = option("sgd", "sgd (momentum 0.9, nesterov) or adamw", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum")
+    warmup_epochs: float = option(1.0, "linear learning-rate warmup, in epochs, before the cosine decay")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    freeze: str = option("none", "freeze the lower backbone: 'none', 'backbone' (linear probe: only the head trains), "
                                "a block name such as layer2 or features.7 (frozen up to and including it), "
                                "or a fraction of the blocks such as 0.5")
-    reuse_classifier: bool = _opt(True, "initialise head rows of classes whose names match a pretrained category "
+    reuse_classifier: bool = option(True, "initialise head rows of classes whose names match a pretrained category "
                                         "from that category's row")
-    image_size: int = _opt(224, "training crop size in pixels (eval resizes to size*256/224, then center-crops)")
-    seed: int = _opt(0, "random seed; a CPU run with the same seed is reproducible bit for bit")
-    output_dir: str | None = _opt(None, "run folder (model.safetensors is written in it); default runs/MODEL-DATA")
-    resume: bool = _opt(False, "continue the run in --output-dir from its latest saved state")
-    save_every: int = _opt(0, "also save a resumable state every N optimizer steps (0: at each epoch end only)")
-    mixed_precision: str = _opt("auto", "auto (bf16 where the hardware runs it fast, else fp32), no, bf16, fp16; "
+    image_size: int = option(224, "training crop size in pixels (eval resizes to size*256/224, then center-crops)")
+    seed: int = option(0, "random seed; a CPU run with the same seed is reproducible bit for bit")
+    output_dir: str | None = option(None, "run folder (model.safetensors is written in it); default runs/MODEL-DATA")
+    resume: bool = option(False, "continue the run in --output-dir from its latest saved state")
+    save_every: int = option(0, "also save a resumable state every N optimizer steps (0: at each epoch end only)")
+    mixed_precision: str = option("auto", "auto (bf16 where the hardware runs it fast, else fp32), no, bf16, fp16; "
                                         "accelerate launch --mixed_precision also works",
                                 choices=PRECISIONS)
-    grad_accum_steps: int = _opt(1, "gradient accumulation steps per optimizer step")
-    num_workers: int = _opt(-1, "data-loading worker processes per process (-1: matched to the CPU cores)")
-    channels_last: bool = _opt(True, "use the channels-last memory format (faster convolutions)")
-    bad_data: str = _opt("fail", "what to do with images that cannot be decoded: fail or skip (and list them)",
+    grad_accum_steps: int = option(1, "gradient accumulation steps per optimizer step")
+    num_workers: int = option(-1, "data-loading worker processes per process (-1: matched to the CPU cores)")
+    channels_last: bool = option(True, "use the channels-last memory format (faster convolutions)")
+    bad_data: str = option("fail", "what to do with images that cannot be decoded: fail or skip (and list them)",
                          choices=BAD_DATA_POLICIES)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,108 @@
+"""Evaluate a checkpoint written by train.py on an ImageFolder.
+
+    python eval.py --ckpt runs/NAME/model.safetensors --data DATA/test
+
+Everything needed to rebuild the model and its preprocessing comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from finetune.checkpoint import atomic_write_text, load_checkpoint
+from finetune.config import PRECISIONS, option, parse_config
+from finetune.data import EVAL_SPLITS, Preprocessing, find_split, image_folder, make_eval_loader, missing_classes
+from finetune.engine import evaluate
+from finetune.errors import UserError, run_cli
+from finetune.metrics import summarise
+from finetune.models import build_for_checkpoint
+from finetune.reporting import Reporter, confusion_table, per_class_table
+from finetune.runtime import build_accelerator, default_num_workers
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors)")
+    data: str | None = option(None, "ImageFolder to evaluate (one sub-folder per class); "
+                                  "a dataset folder with test/ or val/ uses that split")
+    output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: beside the checkpoint)")
+    batch_size: int = option(64, "images per process per batch")
+    num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
+    mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
+    channels_last: bool = option(True, "use the channels-last memory format")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config: EvalConfig = parse_config(argv, EvalConfig, description=__doc__.splitlines()[0])
+    if not config.ckpt or not config.data:
+        raise UserError("eval.py needs --ckpt FILE and --data DIR")
+    state, meta = load_checkpoint(config.ckpt)
+    classes = meta["classes"]
+    net = build_for_checkpoint(meta["arch"], len(classes), meta)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{config.ckpt} does not fit a {meta['arch']} with {len(classes)} classes "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    accelerator = build_accelerator(config.mixed_precision)
+    report = Reporter(enabled=accelerator.is_main_process)
+
+    data_dir = Path(config.data)
+    if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):
+        data_dir = find_split(data_dir, EVAL_SPLITS)
+    dataset = image_folder(data_dir, classes)
+    for name in missing_classes(classes, dataset):
+        report.print(f"warning: class '{name}' has no images in {data_dir}")
+    pre = Preprocessing(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
+    loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model, loader = accelerator.prepare(net, loader)
+
+    preds = evaluate(accelerator, model, loader, len(classes), channels_last=config.channels_last)
+    metrics = {"checkpoint": str(config.ckpt), "data": str(data_dir),
+               **summarise(classes, preds.targets, preds.topk)}
+    out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
+    if accelerator.is_main_process:
+        show(report, classes, metrics)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_text(out_dir / "predictions.csv", predictions_csv(dataset, classes, preds))
+        report.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
+    accelerator.end_training()
+    return metrics
+
+
+def show(report: Reporter, classes: list[str], metrics: dict[str, Any]) -> None:
+    line = f"accuracy {metrics['accuracy']:.4f} on {metrics['num_samples']} images"
+    if "top5_accuracy" in metrics:
+        line += f"; top-5 accuracy {metrics['top5_accuracy']:.4f}"
+    report.print(line)
+    per_class = metrics["per_class"]
+    report.print(per_class_table(classes, [per_class[c]["precision"] for c in classes],
+                                 [per_class[c]["recall"] for c in classes], [per_class[c]["support"] for c in classes]))
+    table = confusion_table(classes, metrics["confusion_matrix"])
+    if table is not None:
+        report.print(table)
+
+
+def predictions_csv(dataset: Any, classes: list[str], preds: Any) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "true", "predicted", "confidence", "correct"])
+    for index, target, top, conf in zip(preds.indices.tolist(), preds.targets.tolist(),
+                                        preds.topk[:, 0].tolist(), preds.confidence.tolist()):
+        writer.writerow([dataset.samples[index][0], classes[target], classes[top], f"{conf:.6f}", int(target == top)])
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

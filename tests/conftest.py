@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny ImageFolder trees built in tmp_path, and helpers to run the commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Two cores: one thread per process keeps multi-process tests from fighting over them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size: int = 16, seed: int = 0,
+                       ext: str = ".png") -> Path:
+    """Write ``count`` images per class; each class has its own colour so a network can learn it."""
+    rng = np.random.default_rng(seed)
+    for c, (name, count) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array([(c * 97) % 256, (c * 181 + 60) % 256, (c * 53 + 120) % 256], dtype=np.float64)
+        for i in range(count):
+            noise = rng.normal(0, 25, (size, size, 3))
+            pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    """DATA/train and DATA/test, 3 classes, 16x16 colour images."""
+    data = tmp_path / "data"
+    write_image_folder(data / "train", {"cat": 12, "dog": 12, "hot dog": 12}, seed=0)
+    write_image_folder(data / "test", {"cat": 5, "dog": 5, "hot dog": 5}, seed=1)
+    return data
+
+
+# Small, fast settings shared by the end-to-end runs (flags are the public contract).
+FAST = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+        "--epochs", "1", "--num-workers", "0"]
+
+
+def run_cmd(args: list[str], env: dict[str, str] | None = None, timeout: int = 300,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run a command of the project as a user would, with a timeout."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def python_cmd(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / script), *args]

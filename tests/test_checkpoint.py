@@ -1,0 +1,61 @@
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from finetune.checkpoint import atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
+from finetune.errors import UserError
+
+META = {"arch": "resnet18", "classes": ["a", "b"], "image_size": 32, "resize_size": 37,
+        "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def test_round_trip_keeps_tensors_and_metadata(tmp_path: Path):
+    weight = torch.randn(3, 4)
+    tied = {"a.weight": weight, "b.weight": weight}  # shared memory, as tied weights are
+    save_checkpoint(tmp_path / "m.safetensors", tied, META)
+    tensors, meta = load_checkpoint(tmp_path / "m.safetensors")
+    assert torch.equal(tensors["a.weight"], weight) and torch.equal(tensors["b.weight"], weight)
+    assert meta == META
+
+
+def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path: Path):
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, "good")
+    with pytest.raises(RuntimeError):
+        from finetune.checkpoint import atomic_path
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "checkpoint not found"),
+    ("random", "not a readable safetensors checkpoint"),
+    ("pickle", "not a readable safetensors checkpoint"),
+    ("truncated", "not a readable safetensors checkpoint"),
+    ("no-meta", "without finetune metadata"),
+    ("bad-meta", "lacks arch"),
+])
+def test_bad_checkpoints_are_one_clear_error(tmp_path: Path, kind: str, message: str):
+    path = tmp_path / "model.safetensors"
+    if kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
+    elif kind == "truncated":
+        save_checkpoint(path, {"w": torch.randn(100, 100)}, META)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "no-meta":
+        save_file({"w": torch.zeros(2)}, str(path))
+    elif kind == "bad-meta":
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"finetune": json.dumps({"classes": ["a"]})})
+    with pytest.raises(UserError, match=message) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)

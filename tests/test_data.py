@@ -1,0 +1,128 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_image_folder
+from finetune.data import (EpochSampler, Preprocessing, SeededDataset, eval_transform, image_folder, load_rgb,
+                           load_splits, train_transform)
+from finetune.errors import UserError
+
+PRE = Preprocessing(image_size=16, resize_size=18, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def save_mode(path: Path, mode: str) -> Path:
+    gradient = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))
+    if mode == "I;16":
+        img = Image.fromarray(gradient.astype(np.uint16) * 257)  # 16-bit: full range is 0..65535
+    elif mode == "P-transparent":
+        img = Image.fromarray(gradient).convert("P")
+        img.info["transparency"] = 255  # an index the gradient does not use
+    elif mode == "CMYK":
+        img = Image.fromarray(np.stack([gradient] * 3, axis=-1)).convert("CMYK")
+    else:
+        img = Image.fromarray(gradient).convert(mode)
+    img.save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode, ext", [("L", ".png"), ("LA", ".png"), ("P-transparent", ".png"), ("RGBA", ".png"),
+                                       ("CMYK", ".jpg"), ("I;16", ".png"), ("RGB", ".JPG")])
+def test_every_mode_loads_as_8bit_rgb(tmp_path: Path, mode: str, ext: str):
+    img = load_rgb(str(save_mode(tmp_path / f"x{ext}", mode)))
+    assert img.mode == "RGB" and img.size == (16, 16)
+    arr = np.asarray(img)
+    # The gradient survives: dark on the left, bright on the right (16-bit is scaled, not clipped).
+    assert arr[:, 0].mean() < 40 and arr[:, -1].mean() > 200
+
+
+def test_transparency_is_white_not_hidden_colour(tmp_path: Path):
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)  # fully transparent black
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "t.png")
+    assert np.asarray(load_rgb(str(tmp_path / "t.png"))).min() == 255
+
+
+def test_undecodable_image_names_the_file(tmp_path: Path):
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(UserError, match=r"cannot decode image .*bad\.jpg"):
+        load_rgb(str(tmp_path / "bad.jpg"))
+
+
+def test_test_classes_are_indexed_by_the_train_list(tmp_path: Path):
+    write_image_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
+    write_image_folder(tmp_path / "test", {"a": 1, "c": 1})
+    splits = load_splits(tmp_path)
+    assert splits.classes == ["a", "b", "c"]
+    assert sorted(splits.test.targets) == [0, 2]  # 'c' keeps label 2 although test lacks 'b'
+    assert splits.warnings == [f"class 'b' has no images in {tmp_path / 'test'}"]
+
+
+def test_val_folder_is_used_when_there_is_no_test(tmp_path: Path):
+    write_image_folder(tmp_path / "train", {"a": 2, "b": 2})
+    write_image_folder(tmp_path / "val", {"a": 1, "b": 1})
+    assert load_splits(tmp_path).test.root == str(tmp_path / "val")
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "data folder not found"),
+    ("no-train", "has no train/ folder"),
+    ("no-test", r"has no test/ \(or val/\) folder"),
+    ("flat", "has no class sub-folders"),
+    ("empty-class", "class 'b' in .* has no images"),
+    ("extra-test-class", "classes the training set lacks: zebra"),
+])
+def test_bad_layouts_are_one_clear_error(tmp_path: Path, layout: str, message: str):
+    data = tmp_path / "data"
+    if layout != "missing":
+        write_image_folder(data / "train", {"a": 2, "b": 2})
+        write_image_folder(data / "test", {"a": 1, "b": 1})
+    if layout == "no-train":
+        (data / "train").rename(data / "training")
+    elif layout == "no-test":
+        (data / "test").rename(data / "testing")
+    elif layout == "flat":
+        for p in (data / "train").rglob("*.png"):
+            p.rename(data / "train" / f"{p.parent.name}{p.name}")
+        for d in ("a", "b"):
+            (data / "train" / d).rmdir()
+    elif layout == "empty-class":
+        for p in (data / "train" / "b").iterdir():
+            p.unlink()
+    elif layout == "extra-test-class":
+        write_image_folder(data / "test", {"zebra": 1})
+    with pytest.raises(UserError, match=message):
+        load_splits(data)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path: Path):
+    ds = image_folder(write_image_folder(tmp_path / "train", {"a": 3, "b": 3}, size=24))
+    seeded = SeededDataset(ds, train_transform(PRE), seed=1)
+    torch.manual_seed(123)
+    first = seeded[(0, 4)][0]
+    torch.manual_seed(999)  # the global RNG does not matter, and it is left alone
+    state = torch.get_rng_state()
+    assert torch.equal(seeded[(0, 4)][0], first)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(seeded[(1, 4)][0], first)
+    assert not torch.equal(SeededDataset(ds, train_transform(PRE), seed=2)[(0, 4)][0], first)
+
+
+def test_transforms_produce_normalised_crops(tmp_path: Path):
+    img = Image.fromarray(np.full((30, 40, 3), 128, dtype=np.uint8))
+    for transform in (train_transform(PRE), eval_transform(PRE)):
+        out = transform(img)
+        assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+        assert out.abs().max() < 0.05  # 128/255 normalised by mean 0.5 is about 0
+
+
+def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(2)
+    keys = list(s)
+    assert [e for e, _ in keys] == [2] * 10 and sorted(i for _, i in keys) == list(range(10))
+    again = EpochSampler(10, seed=3)
+    again.set_epoch(2)
+    assert list(again) == keys
+    assert s.order(2) != s.order(3)

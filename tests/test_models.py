@@ -1,0 +1,99 @@
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import get_model
+
+from finetune.checkpoint import save_checkpoint
+from finetune.data import Preprocessing, eval_transform
+from finetune.errors import UserError
+from finetune.models import build_classifier, build_pretrained, ensure_cached
+
+
+@pytest.fixture
+def hub_dir(tmp_path: Path, monkeypatch):
+    """An empty torch.hub cache, so nothing is found by accident."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_real_imagenet_weights_come_from_the_pip_mirror_and_see_a_cat(hub_dir: Path):
+    from skimage.data import chelsea
+
+    net, info = build_pretrained("mobilenet_v2", "IMAGENET1K_V1")
+    assert (hub_dir / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
+    assert info.name == "MobileNet_V2_Weights.IMAGENET1K_V1" and len(info.categories) == 1000
+    pre = Preprocessing(224, 256, info.mean, info.std)
+    net.eval()
+    with torch.no_grad():
+        top = net(eval_transform(pre)(Image.fromarray(chelsea()))[None]).argmax().item()
+    assert info.categories[top] in ("tabby", "tiger cat", "Egyptian cat")
+
+
+def test_unreachable_download_is_one_line_saying_how_to_get_the_weights(hub_dir: Path):
+    class Unreachable:
+        url = "http://127.0.0.1:9/resnet18-f37072fd.pth"  # port 9 refuses at once
+
+    with pytest.raises(UserError, match="cannot download pretrained weights.*python -m finetune.fetch") as err:
+        ensure_cached(Unreachable())
+    assert "\n" not in str(err.value) and str(hub_dir) in str(err.value)
+
+
+@pytest.mark.parametrize("model, weights, message", [
+    ("resnet99", "none", "unknown model 'resnet99'"),
+    ("resnet18", "IMAGENET9K", "has no weights 'IMAGENET9K'.*IMAGENET1K_V1"),
+    ("resnet18", "/nonexistent/w.pth", "weights file not found"),
+])
+def test_bad_model_or_weights_names(model, weights, message):
+    with pytest.raises(UserError, match=message):
+        build_pretrained(model, weights)
+
+
+class Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pth_holding_code_is_refused_and_never_run(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"fc.weight": Payload(str(marker))}, path)
+    with pytest.raises(UserError, match="nothing is unpickled"):
+        build_pretrained("resnet18", str(path))
+    assert not marker.exists()
+
+
+def test_local_pth_state_dict_loads(tmp_path: Path):
+    source = get_model("resnet18", weights=None, num_classes=7)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pth")
+    net, info = build_pretrained("resnet18", str(tmp_path / "w.pth"))
+    assert torch.equal(net.fc.weight, source.fc.weight) and info.pretrained and info.categories == []
+
+
+def test_own_checkpoint_as_weights_reuses_rows_of_shared_classes(tmp_path: Path):
+    source = get_model("resnet18", weights=None, num_classes=2)
+    meta = {"arch": "resnet18", "classes": ["cat", "dog"], "image_size": 32, "resize_size": 37,
+            "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_checkpoint(tmp_path / "m.safetensors", source.state_dict(), meta)
+    clf = build_classifier("resnet18", str(tmp_path / "m.safetensors"), ["bird", "Dog"], image_size=32)
+    assert clf.reused == {"Dog": "dog"}
+    assert torch.equal(clf.net.fc.weight[1], source.fc.weight[1])
+    assert clf.preprocessing == Preprocessing(32, 37, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_scratch_model_has_no_categories_and_imagenet_stats():
+    clf = build_classifier("resnet18", "none", ["a", "b"], image_size=64, freeze_spec="layer1")
+    assert not clf.weights.pretrained and clf.reused == {} and clf.frozen == ["conv1", "bn1", "layer1"]
+    assert clf.preprocessing.resize_size == 73 and clf.preprocessing.mean == (0.485, 0.456, 0.406)
+
+
+def test_bad_freeze_spec_is_a_user_error():
+    with pytest.raises(UserError, match="--freeze 'stage9'"):
+        build_classifier("resnet18", "none", ["a", "b"], image_size=64, freeze_spec="stage9")

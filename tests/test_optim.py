@@ -1,0 +1,61 @@
+import pytest
+import torch
+from torchvision.models import get_model
+
+from finetune.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
+from finetune.surgery import find_head, freeze, replace_head
+
+
+def groups_by_name(model, **kwargs):
+    groups = param_groups(model, find_head(model), **{"lr": 0.01, "lr_head_mult": 10, "weight_decay": 1e-4, **kwargs})
+    return {g["name"]: g for g in groups}
+
+
+def test_head_gets_lr_times_multiplier_and_no_decay_on_norm_and_bias():
+    model = replace_head(get_model("resnet18", weights=None), 2)
+    groups = groups_by_name(model)
+    assert groups["head"]["lr"] == pytest.approx(0.1) and groups["head"]["params"] == [model.fc.weight]
+    assert groups["head_no_decay"]["params"] == [model.fc.bias] and groups["head_no_decay"]["weight_decay"] == 0
+    assert groups["backbone"]["lr"] == 0.01 and groups["backbone"]["weight_decay"] == 1e-4
+    no_decay = {id(p) for p in groups["backbone_no_decay"]["params"]}
+    assert id(model.bn1.weight) in no_decay and id(model.conv1.weight) not in no_decay
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_decay_norm_and_bias_when_asked():
+    model = replace_head(get_model("resnet18", weights=None), 2)
+    groups = groups_by_name(model, decay_norm_and_bias=True)
+    assert set(groups) == {"backbone", "head"}
+
+
+def test_frozen_parameters_are_left_out():
+    model = replace_head(get_model("resnet18", weights=None), 2)
+    freeze(model, "backbone")
+    groups = groups_by_name(model)
+    assert set(groups) == {"head", "head_no_decay"}
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimizer_keeps_group_learning_rates(name, cls):
+    model = replace_head(get_model("resnet18", weights=None), 2)
+    opt = build_optimizer(name, param_groups(model, "fc", 0.01, 10, 1e-4), 0.01)
+    assert isinstance(opt, cls)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.01, 0.1])
+
+
+def test_warmup_then_cosine_to_zero():
+    factors = [warmup_cosine(s, 4, 20) for s in range(21)]
+    assert factors[0] == pytest.approx(0.2) and factors[3] == pytest.approx(0.8)
+    assert factors[4] == 1.0 and factors[12] == pytest.approx(0.5) and factors[20] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+def test_scheduler_scales_every_group():
+    model = replace_head(get_model("resnet18", weights=None), 2)
+    opt = build_optimizer("sgd", param_groups(model, "fc", 0.01, 10, 0), 0.01)
+    sched = build_scheduler(opt, 0, 10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    lrs = sorted(g["lr"] for g in opt.param_groups)
+    assert lrs[0] == pytest.approx(0.005) and lrs[-1] == pytest.approx(0.05)
