@@ -51,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
     optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
-    train_loader, sampler = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
-                                              seed=config.seed, num_workers=workers)
+    train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
+                                     seed=config.seed, num_workers=workers)
     test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size, num_workers=workers)
     model, optimizer, train_loader, test_loader = accelerator.prepare(clf.net, optimizer, train_loader, test_loader)
     steps_per_epoch = len(train_loader)  # batches per process, after Accelerate sharded them
@@ -93,14 +93,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             save_state(epoch, step + 1)
 
     for epoch in range(progress["epoch"], config.epochs):
-        sampler.set_epoch(epoch)
         start_step = progress["step"] if epoch == progress["epoch"] else 0
         loader = accelerator.skip_first_batches(train_loader, start_step) if start_step else train_loader
+        # Through Accelerate's loader: it would otherwise reset our sampler to its own iteration count.
+        loader.set_epoch(epoch)
         report.start_epoch(epoch, config.epochs, steps_per_epoch, start_step)
         try:
             stats = train_one_epoch(
                 accelerator, model, loader, optimizer, scheduler, torch.nn.CrossEntropyLoss(
-                    label_smoothing=config.label_smoothing), start_step=start_step,
+                    label_smoothing=config.label_smoothing), seed=config.seed, epoch=epoch, start_step=start_step,
                 channels_last=config.channels_last,
                 on_step=lambda s, loss, acc, ips: report.update(s, loss, acc, ips),
                 after_step=lambda s: after_step(epoch, s))
@@ -132,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  f"{final.get('test_acc', float('nan')):.4f}); evaluate it with:\n"
                  f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {splits.test.root}")
     accelerator.end_training()
-    return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes}
+    return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes,
+            "model": accelerator.unwrap_model(model)}
 
 
 if __name__ == "__main__":

@@ -254,12 +254,13 @@ def load_splits(data_dir: str | Path) -> Splits:
 
 
 def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int, seed: int,
-                      num_workers: int) -> tuple[DataLoader, EpochSampler]:
-    """The training DataLoader (classic augmentation, seeded per sample) and its epoch sampler."""
-    sampler = EpochSampler(len(ds), seed)
-    loader = DataLoader(SeededDataset(ds, train_transform(pre), seed), batch_size=batch_size, sampler=sampler,
-                        **_worker_options(num_workers))
-    return loader, sampler
+                      num_workers: int) -> DataLoader:
+    """The training DataLoader: classic augmentation seeded per sample, order fixed per epoch.
+
+    Call ``set_epoch`` on it (or on what Accelerate made of it) before each epoch.
+    """
+    return DataLoader(SeededDataset(ds, train_transform(pre), seed), batch_size=batch_size,
+                      sampler=EpochSampler(len(ds), seed), **_worker_options(num_workers))
 
 
 def make_eval_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int,

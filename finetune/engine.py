@@ -32,14 +32,24 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def step_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
+    """The seed of the model's own randomness (dropout, stochastic depth) at one step.
+
+    Re-seeding every step makes that randomness a function of the step alone, so a run resumed
+    mid-epoch draws what an uninterrupted run drew, whatever the data loaders consumed meanwhile.
+    """
+    return (seed * 1_000_003 + epoch * 100_003 + step) * 1_009 + process_index
+
+
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *,
-                    start_step: int = 0, channels_last: bool = False,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *, seed: int = 0,
+                    epoch: int = 0, start_step: int = 0, channels_last: bool = False,
                     on_step: Callable[[int, float, float, float], None] | None = None,
                     after_step: Callable[[int], None] | None = None) -> EpochStats:
     """One pass over ``loader`` (already skipped to ``start_step`` when resuming).
 
     Args:
+        seed, epoch: with the step index and process, they seed the model's randomness (``step_seed``).
         start_step: index of the first batch ``loader`` yields within the epoch.
         channels_last: convert each batch to the channels-last memory format.
         on_step: progress callback ``(steps_done, loss, accuracy, images_per_s)`` on sync steps.
@@ -59,6 +69,7 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
     for step, (images, targets) in enumerate(loader, start=start_step):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        torch.manual_seed(step_seed(seed, epoch, step, accelerator.process_index))
         with accelerator.accumulate(model):
             logits = model(images)
             loss = loss_fn(logits, targets)

@@ -18,9 +18,23 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     try:
         main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line.
+
+    A DataLoader worker re-raises its error in the main process wrapped in the worker's
+    traceback text; the original message is that text's last line, after ``module.Class: ``.
+    """
+    text = str(err).strip()
+    if "Traceback" in text:
+        last = text.splitlines()[-1]
+        head, sep, rest = last.partition(": ")
+        text = rest if sep and "." in head and " " not in head else last
+    return " ".join(text.split())

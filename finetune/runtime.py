@@ -8,6 +8,7 @@ import warnings
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import is_bf16_available
 
 from finetune.errors import UserError
@@ -53,6 +54,9 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Accele
         UserError: when several processes were launched but they did not join one group.
     """
     on_cpu = not torch.accelerator.is_available()
+    # main() may run several times in one Python process (tests, the Python API): let each
+    # run choose its own precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Accelerate warns about CPU fp16/bf16 details we handle
         accelerator = Accelerator(

@@ -1,0 +1,201 @@
+"""train.py and eval.py end to end: as subprocesses a user would run, and in-process for the flags."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import eval as eval_cmd
+import train
+from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder
+from finetune.checkpoint import read_metadata
+from finetune.errors import UserError
+
+
+def quiet_train(argv: list[str]) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.main(argv)
+
+
+def test_train_then_eval_as_a_user_would(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(run), *FAST, "--epochs", "2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "python eval.py --ckpt" in proc.stdout
+    for name in ("model.safetensors", "best.safetensors", "config.yaml", "state/progress.json"):
+        assert (run / name).is_file(), name
+    meta = read_metadata(run / "model.safetensors")
+    assert meta["arch"] == "mobilenet_v3_small" and meta["classes"] == ["cat", "dog", "hot dog"]
+    assert (meta["image_size"], meta["resize_size"]) == (32, 37)
+    assert meta["config"]["epochs"] == 2 and meta["weights"] == "none"
+    assert {"torch", "torchvision", "accelerate"} <= meta["versions"].keys()
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in f.keys())
+
+    out = tmp_path / "eval"
+    proc = run_cmd(python_cmd("eval.py", "--ckpt", str(run / "model.safetensors"), "--data", str(tiny_data / "test"),
+                              "--output-dir", str(out), "--num-workers", "0"))
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy" in proc.stdout and "confusion matrix" in proc.stdout and "precision" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 15 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["accuracy"] == pytest.approx(meta["metrics"]["test_accuracy"])
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 15 and {r["true"] for r in rows} == {"cat", "dog", "hot dog"}
+
+
+def test_top5_is_reported_with_more_than_five_classes(tmp_path: Path):
+    data = tmp_path / "data"
+    classes = {f"c{i}": 3 for i in range(7)}
+    write_image_folder(data / "train", classes)
+    write_image_folder(data / "test", {k: 1 for k in classes}, seed=1)
+    result = quiet_train(["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST])
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        metrics = eval_cmd.main(["--ckpt", str(result["run_dir"] / "model.safetensors"), "--data", str(data),
+                                 "--num-workers", "0"])
+    assert 0 <= metrics["top5_accuracy"] <= 1 and metrics["top5_accuracy"] >= metrics["accuracy"]
+    assert "top-5 accuracy" in out.getvalue()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/data"], "data folder not found: /nonexistent/data"),
+    (["--epochs", "zero"], "argument --epochs: invalid int value: 'zero'"),
+    (["--model", "resnet99"], "unknown model 'resnet99'"),
+])
+def test_train_bad_input_is_one_line_and_nonzero_exit(args: list[str], message: str):
+    proc = run_cmd(python_cmd("train.py", *args))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_image_is_named(tiny_data: Path, tmp_path: Path):
+    bad = tiny_data / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(tmp_path / "r"),
+                              *FAST, "--num-workers", "1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"cannot decode image {bad}" in proc.stderr
+
+
+def test_eval_refuses_other_classes_and_bad_checkpoints(tiny_data: Path, tmp_path: Path):
+    result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST])
+    ckpt = result["run_dir"] / "model.safetensors"
+    other = write_image_folder(tmp_path / "other", {"cat": 1, "zebra": 1})
+    proc = run_cmd(python_cmd("eval.py", "--ckpt", str(ckpt), "--data", str(other)))
+    assert proc.returncode == 2 and "classes the training set lacks: zebra" in proc.stderr
+    (tmp_path / "x.safetensors").write_bytes(os.urandom(1000))
+    proc = run_cmd(python_cmd("eval.py", "--ckpt", str(tmp_path / "x.safetensors"), "--data", str(other)))
+    assert proc.returncode == 2 and "not a readable safetensors checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_same_seed_reproduces_weights_bit_for_bit(tiny_data: Path, tmp_path: Path):
+    runs = [quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / f"r{i}"), *FAST, "--seed", "5",
+                         "--num-workers", str(i)]) for i in (0, 1)]  # workers or not: same data order
+    a, b = (load_file(str(r["run_dir"] / "model.safetensors")) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(str(quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "r2"), *FAST,
+                                   "--seed", "6"])["run_dir"] / "model.safetensors"))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_linear_probe_trains_only_the_head(tiny_data: Path, tmp_path: Path):
+    from finetune.models import build_pretrained
+
+    result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
+                          "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--freeze", "backbone"])
+    trained = load_file(str(result["run_dir"] / "model.safetensors"))
+    original = build_pretrained("mobilenet_v2", "IMAGENET1K_V1")[0].state_dict()
+    backbone = [k for k in trained if not k.startswith("classifier.1.")]
+    assert all(torch.equal(trained[k], original[k]) for k in backbone)  # running stats too: BN stayed in eval
+    assert not torch.equal(trained["classifier.1.weight"], original["classifier.1.weight"][:3])
+
+
+def test_freeze_stage_keeps_lower_blocks(tiny_data: Path, tmp_path: Path):
+    result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
+                          "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--freeze", "features.3"])
+    model = result["model"]
+    assert not any(p.requires_grad for p in model.features[:4].parameters())
+    assert all(p.requires_grad for p in model.features[4:].parameters())
+
+
+def test_reused_rows_are_reported(tmp_path: Path):
+    data = tmp_path / "data"
+    write_image_folder(data / "train", {"hotdog": 4, "Golden_Retriever": 4, "my thing": 4})
+    write_image_folder(data / "test", {"hotdog": 1, "Golden_Retriever": 1, "my thing": 1})
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST, "--model", "mobilenet_v2",
+                    "--weights", "IMAGENET1K_V1"])
+    assert "reused pretrained classifier rows: Golden_Retriever <- golden retriever, hotdog <- hotdog" in out.getvalue()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--mixed-precision", "no"], "precision no"),
+    (["--mixed-precision", "bf16"], "precision bf16"),
+    (["--mixed-precision", "fp16"], "precision bf16"),  # fp16 on CPU would silently be fp32
+])
+def test_mixed_precision_choices_on_cpu(tiny_data: Path, tmp_path: Path, flags, expected, capsys):
+    result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, *flags])
+    captured = capsys.readouterr()
+    assert expected in captured.out and result["history"][-1]["train_loss"] > 0
+    if "fp16" in flags:
+        assert "fp16 is not supported on the CPU" in captured.err
+
+
+def test_gradient_accumulation_and_adamw_run(tiny_data: Path, tmp_path: Path):
+    a = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "a"), *FAST, "--batch-size", "4",
+                     "--grad-accum-steps", "2", "--optimizer", "adamw", "--lr", "1e-3"])
+    # 36 images in batches of 4, two batches per optimizer step: 9 batches, 5 scheduler steps.
+    assert a["history"][-1]["train_loss"] > 0
+    assert a["model"] is not None
+
+
+def test_resume_without_state_starts_from_the_beginning(tiny_data: Path, tmp_path: Path):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--resume"])
+    assert "no saved state in" in out.getvalue() and "starting from the beginning" in out.getvalue()
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: Path):
+    args = ["--data", str(tiny_data), *FAST, "--epochs", "3", "--batch-size", "4", "--save-every", "2"]
+    reference = quiet_train([*args, "--output-dir", str(tmp_path / "ref")])
+    run = tmp_path / "run"
+    proc = subprocess.Popen(python_cmd("train.py", *args, "--output-dir", str(run)), cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "state" / "progress.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    progress = json.loads((run / "state" / "progress.json").read_text())
+    assert (progress["epoch"], progress["step"]) < (3, 0)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        resumed = train.main([*args, "--output-dir", str(run), "--resume"])
+    assert "resumed from" in out.getvalue()
+    a = load_file(str(reference["run_dir"] / "model.safetensors"))
+    b = load_file(str(resumed["run_dir"] / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["test_acc"] for r in resumed["history"]] == [r["test_acc"] for r in reference["history"]]
+
+
+def test_unwritable_output_dir_is_reported_before_training(tiny_data: Path, tmp_path: Path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(UserError, match="cannot write to output folder"):
+        train.main(["--data", str(tiny_data), "--output-dir", str(blocked / "run"), *FAST])
