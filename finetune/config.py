@@ -39,7 +39,7 @@ class TrainConfig:
                                          "a local .pth/.safetensors file, or 'none' to train from scratch")
     epochs: int = option(5, "passes over the training set")
     batch_size: int = option(32, "images per process per step (global batch = this x processes x accumulation)")
-    lr: float = option(0.01, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)")
+    lr: float = option(1e-3, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)")
     lr_head_mult: float = option(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)")
     weight_decay: float = option(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)")
     decay_norm_and_bias: bool = option(False, "also apply weight decay to norm-layer and bias parameters")

@@ -47,10 +47,11 @@ FAST = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "3
         "--epochs", "1", "--num-workers", "0"]
 
 
-def run_cmd(args: list[str], env: dict[str, str] | None = None, timeout: int = 300,
+def run_cmd(args: list[str], env: dict[str, str | None] | None = None, timeout: int = 300,
             cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run a command of the project as a user would, with a timeout."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None removes a variable
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,36 @@
+"""The point of the tool: real ImageNet weights fine-tuned beat training from scratch, with the
+default recipe, on data nobody tuned it for."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+
+import train
+from bench.datasets import FASHION_DIR, fashion_mnist
+from finetune.demo import demo_dataset
+
+
+def final_accuracy(argv: list[str]) -> float:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.main(argv)["history"][-1]["test_acc"]
+
+
+def test_pretrained_beats_scratch_on_the_demo_by_a_wide_margin(tmp_path: Path):
+    budget = ["--image-size", "64", "--epochs", "5", "--seed", "0"]
+    data = str(demo_dataset(tmp_path / "lfw"))
+    pretrained = final_accuracy(["--data", data, *budget, "--output-dir", str(tmp_path / "ft")])
+    scratch = final_accuracy(["--data", data, *budget, "--weights", "none", "--output-dir", str(tmp_path / "sc")])
+    assert pretrained >= 0.95
+    assert pretrained - scratch >= 0.25, (pretrained, scratch)
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt package dataset-fashion-mnist is not installed")
+def test_defaults_work_on_small_upscaled_images(tmp_path: Path):
+    data = fashion_mnist(tmp_path / "fashion", n_train=500, n_test=200)
+    accuracy = final_accuracy(["--data", str(data), "--image-size", "32", "--output-dir", str(tmp_path / "run")])
+    # 10 classes, chance 0.1. Measured here: defaults 0.64; the classic --lr 0.01 (head 0.1) gives 0.145.
+    assert accuracy >= 0.5
