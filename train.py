@@ -21,8 +21,9 @@ from finetune.config import TrainConfig, parse_config
 from finetune.data import load_splits, make_eval_loader, make_train_loader
 from finetune.demo import demo_dataset
 from finetune.engine import NonFiniteLossError, evaluate, train_one_epoch
-from finetune.errors import UserError, run_cli
+from finetune.errors import Stopped, UserError, run_cli
 from finetune.models import build_classifier, recorded_arch_kwargs
+from finetune.preemption import StopSignal
 from finetune.optim import build_optimizer, build_scheduler, param_groups
 from finetune.reporting import Reporter
 from finetune.rundir import prepare_run_dir
@@ -86,10 +87,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def save_state(epoch: int, step: int) -> None:
         save_training_state(accelerator, run_dir, {**progress, "epoch": epoch, "step": step})
 
+    stop = StopSignal()
+
     def after_step(epoch: int, step: int) -> None:
         global_batch = epoch * steps_per_epoch + step + 1
-        if config.save_every and global_batch % (config.save_every * config.grad_accum_steps) == 0 \
-                and step + 1 < steps_per_epoch:
+        at_boundary = global_batch % config.grad_accum_steps == 0 and step + 1 < steps_per_epoch
+        if at_boundary and stop.agreed(accelerator):
+            save_state(epoch, step + 1)
+            raise Stopped(f"stopped by {stop.received or 'a signal to another process'} at epoch "
+                                f"{epoch + 1}, step {step + 1}; state saved in {run_dir / 'state'}; "
+                                "continue with the same command and --resume")
+        if at_boundary and config.save_every and global_batch % (config.save_every * config.grad_accum_steps) == 0:
             save_state(epoch, step + 1)
 
     for epoch in range(progress["epoch"], config.epochs):
@@ -127,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accelerator.get_state_dict(model)  # a collective under some backends: every process takes part
         save_state(epoch + 1, 0)
 
+    stop.restore()
     accelerator.wait_for_everyone()
     final = progress["history"][-1] if progress["history"] else {}
     report.print(f"saved {run_dir / 'model.safetensors'} (test accuracy "

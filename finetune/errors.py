@@ -8,6 +8,12 @@ class UserError(Exception):
     """Bad input the user can fix: reported as one line, never as a traceback."""
 
 
+class Stopped(Exception):
+    """The run stopped on a signal after saving a resumable state: not an error, not a success."""
+
+    exit_code = 143  # 128 + SIGTERM, what a process killed by SIGTERM reports
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; a ``UserError`` becomes ``error: ...`` on stderr and exit status 2.
 
@@ -20,6 +26,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except UserError as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         return 2
+    except Stopped as err:
+        print(one_line(err), file=sys.stderr, flush=True)
+        return Stopped.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130

@@ -1,0 +1,168 @@
+"""Training images/s, side by side: the textbook PyTorch loop, this project's train.py, and pure compute.
+
+    cd /work/main && .venv/bin/python bench/throughput.py --images 64 --epochs 2 [--out bench/out/throughput.json]
+
+Writes a 2-class ImageFolder of photo-sized JPEGs (about 500x375, jittered crops of scikit-image
+photos), trains resnet18 from scratch on it both ways, and reports the last epoch's images/s
+(so worker start-up and first-step warm-up are left out) next to a compute-only ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage import data as skdata
+from torch import nn
+from torchvision import datasets, models, transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train  # noqa: E402
+from finetune.runtime import resolve_precision  # noqa: E402
+
+BATCH = 32
+CLASSES = {"cat_coffee": ("chelsea", "coffee"), "space": ("astronaut", "rocket")}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def write_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Jittered 500x375 JPEG crops of skimage photos, half the images in each of 2 classes."""
+    rng = np.random.default_rng(seed)
+    photos = {name: getattr(skdata, name)() for names in CLASSES.values() for name in names}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            cls = list(CLASSES)[i % len(CLASSES)]
+            src = photos[str(rng.choice(CLASSES[cls]))]
+            h, w = src.shape[:2]
+            ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            crop = src[y:y + ch, x:x + cw] * rng.uniform(0.8, 1.2, size=3)  # per-channel colour jitter
+            img = Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize((500, 375))
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            img.save(root / split / cls / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def classic(data: Path, epochs: int, lr: float = 5e-4) -> list[float]:
+    """(a) The d2l.ai fine-tuning chapter's loop, as a plain user writes it: fp32, default memory
+    format and thread settings, non-persistent workers, loss.item() every step. Images/s per epoch."""
+    augs = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    train_ds = datasets.ImageFolder(str(data / "train"), transform=augs)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=BATCH, shuffle=True, num_workers=2)
+    net = models.resnet18(weights=None)  # d2l loads ImageNet weights; no downloads here
+    net.fc = nn.Linear(512, len(train_ds.classes))
+    params_1x = [p for name, p in net.named_parameters() if name not in ("fc.weight", "fc.bias")]
+    optimizer = torch.optim.SGD([{"params": params_1x}, {"params": net.fc.parameters(), "lr": lr * 10}],
+                                lr=lr, weight_decay=0.001)
+    loss_fn = nn.CrossEntropyLoss()
+    rates = []
+    for _ in range(epochs):
+        net.train()
+        seen, start = 0, time.perf_counter()
+        for images, targets in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(net(images), targets)
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the classic loop reads the loss back every step
+            seen += targets.shape[0]
+        rates.append(seen / (time.perf_counter() - start))
+    return rates
+
+
+def finetune(data: Path, epochs: int, out_dir: Path) -> list[dict[str, Any]]:
+    """(b) This project's train.py with its defaults (bf16 + channels_last where the CPU runs bf16 fast,
+    persistent seeded workers, SGD + warmup/cosine), in-process. Its per-epoch history."""
+    argv = ["--data", str(data), "--model", "resnet18", "--weights", "none", "--batch-size", str(BATCH),
+            "--epochs", str(epochs), "--output-dir", str(out_dir)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return train.main(argv)["history"]
+
+
+def compute_only(steps: int, precision: str, warmup: int = 2) -> float:
+    """(c) The ceiling: resnet18 training steps on a batch already in memory, in the project's precision
+    and memory format (no decoding, augmentation or loader). Images/s."""
+    net = models.resnet18(weights=None, num_classes=len(CLASSES)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    images = torch.randn(BATCH, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, len(CLASSES), (BATCH,))
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(net(images), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def peak_rss_mib() -> dict[str, float]:
+    """Peak resident memory (Linux ru_maxrss is KiB): this process, and the largest finished child."""
+    return {who: resource.getrusage(flag).ru_maxrss / 1024
+            for who, flag in (("main", resource.RUSAGE_SELF), ("largest_child", resource.RUSAGE_CHILDREN))}
+
+
+def settings(precision: str) -> dict[str, Any]:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "interop_threads": torch.get_num_interop_threads(), "cores": len(os.sched_getaffinity(0)),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "project_precision": precision,
+            "batch": BATCH}
+
+
+def print_table(res: dict[str, Any]) -> None:
+    ips = res["img_per_s"]
+    print(f"\n{'side':14s} {'img/s':>8s}")
+    for side in ("classic", "finetune", "compute_only"):
+        print(f"{side:14s} {ips[side]:8.2f}")
+    print(f"finetune/classic      {res['finetune_over_classic']:.2f}x")
+    print(f"finetune/compute-only {res['finetune_over_compute']:.2f}")
+    print(f"peak RSS MiB: main {res['peak_rss_mib']['main']:.0f}, "
+          f"largest child {res['peak_rss_mib']['largest_child']:.0f}")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128, help="training images (test: a quarter, at least 32)")
+    parser.add_argument("--epochs", type=int, default=2, help="the last epoch's images/s is reported")
+    parser.add_argument("--out", default="bench/out/throughput.json")
+    args = parser.parse_args()
+    precision = resolve_precision("auto", on_cpu=not torch.accelerator.is_available())
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        data = write_dataset(Path(tmp) / "data", args.images, max(BATCH, args.images // 4))
+        thread_settings = settings(precision)  # as a plain user gets them, before any side runs
+        classic_rates = classic(data, args.epochs)
+        history = finetune(data, args.epochs, Path(tmp) / "run")
+        compute = compute_only(max(3, args.images // BATCH), precision)
+    ips = {"classic": classic_rates[-1], "finetune": history[-1]["img/s"], "compute_only": compute}
+    res = {"images": args.images, "epochs": args.epochs, "img_per_s": ips,
+           "finetune_over_classic": ips["finetune"] / ips["classic"],
+           "finetune_over_compute": ips["finetune"] / ips["compute_only"],
+           "classic_per_epoch": classic_rates, "finetune_history": history,
+           "peak_rss_mib": peak_rss_mib(), "settings": thread_settings}
+    print_table(res)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
