@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
     train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
                                      seed=config.seed, num_workers=workers)
+    epoch_sampler = train_loader.sampler
     test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size, num_workers=workers)
     model, optimizer, train_loader, test_loader = accelerator.prepare(clf.net, optimizer, train_loader, test_loader)
     steps_per_epoch = len(train_loader)  # batches per process, after Accelerate sharded them
@@ -103,8 +104,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for epoch in range(progress["epoch"], config.epochs):
         start_step = progress["step"] if epoch == progress["epoch"] else 0
         loader = accelerator.skip_first_batches(train_loader, start_step) if start_step else train_loader
-        # Through Accelerate's loader: it would otherwise reset our sampler to its own iteration count.
+        # Through Accelerate's loader (it would reset our sampler to its own iteration count) and
+        # directly (its skip wrapper does not pass the epoch on).
         loader.set_epoch(epoch)
+        epoch_sampler.set_epoch(epoch)
         report.start_epoch(epoch, config.epochs, steps_per_epoch, start_step)
         try:
             stats = train_one_epoch(

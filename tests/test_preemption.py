@@ -21,21 +21,20 @@ from conftest import FAST, ROOT, python_cmd
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_saves_state_and_resume_matches_uninterrupted(tiny_data: Path, tmp_path: Path, sig):
-    args = ["--data", str(tiny_data), *FAST, "--epochs", "2", "--batch-size", "2"]
+    args = ["--data", str(tiny_data), *FAST, "--epochs", "3", "--batch-size", "2"]
     run = tmp_path / "run"
     proc = subprocess.Popen(python_cmd("train.py", *args, "--output-dir", str(run)), cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (run / "config.yaml").exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(1.5)  # into the first epoch (18 steps)
+    for line in proc.stdout:  # into the second epoch (18 steps each)
+        if line.startswith("epoch 1 "):
+            break
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert f"stopped by {signal.Signals(sig).name}" in err and "--resume" in err and "Traceback" not in err
     progress = json.loads((run / "state" / "progress.json").read_text())
-    assert (progress["epoch"], progress["step"]) < (2, 0)
+    assert (1, 0) < (progress["epoch"], progress["step"]) < (3, 0)
 
     with contextlib.redirect_stdout(io.StringIO()):
         resumed = train.main([*args, "--output-dir", str(run), "--resume"])

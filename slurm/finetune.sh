@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Fine-tune on one or many SLURM nodes. Arguments after the script go to train.py:
+#   sbatch [sbatch options] slurm/finetune.sh --data /shared/DATA --model resnet18 --epochs 5
+#   sbatch --nodes=4 --gpus-per-node=8 slurm/finetune.sh --data /shared/DATA
+# One srun task per node runs `accelerate launch` with that node's rank. GPUs per node come from
+# what SLURM granted; CPU-only nodes run NPROC_PER_NODE processes (default 1) on gloo.
+# Preemption and time limits: SLURM sends USR1 two minutes before the end; the job requeues
+# itself, train.py saves its state on the SIGTERM that follows, and the restarted job resumes.
+#SBATCH --job-name=finetune
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=2
+#SBATCH --time=04:00:00
+#SBATCH --output=slurm-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+set -euo pipefail
+
+# sbatch runs a copy of this script from the spool folder: find the project from where it was submitted.
+PROJECT=${FINETUNE_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+cd "$PROJECT"
+[ -f train.py ] || { echo "error: no train.py in $PROJECT (submit from the project folder or set FINETUNE_HOME)" >&2; exit 2; }
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+
+# The rendezvous: the first node of the allocation, a port derived from the job id.
+FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# Node names need not resolve (emulated nodes, some clusters): ask SLURM for its address.
+MASTER_ADDR=$(scontrol show node "$FIRST_NODE" -o | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+
+# Processes per node: one per granted GPU, else NPROC_PER_NODE (default 1) CPU processes.
+GPUS=${SLURM_GPUS_ON_NODE:-0}
+if [ "$GPUS" -gt 0 ] 2>/dev/null; then
+  NPROC=${NPROC_PER_NODE:-$GPUS}
+else
+  NPROC=${NPROC_PER_NODE:-1}
+  export ACCELERATE_USE_CPU=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / NPROC > 0 ? ${SLURM_CPUS_PER_TASK:-1} / NPROC : 1 ))}
+fi
+WORLD=$((NPROC * SLURM_NNODES))
+
+# One run folder per job, stable across requeues, unless train.py flags name one.
+RUN_ARGS=("$@")
+case " $* " in *" --output-dir "*) ;; *) RUN_ARGS+=(--output-dir "runs/slurm-$SLURM_JOB_ID") ;; esac
+
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $NPROC process(es), main $MASTER_ADDR:$MASTER_PORT"
+
+# USR1 = the time limit or a preemption is near: requeue. SLURM then sends SIGTERM to every task;
+# train.py saves its state and exits; the requeued job starts again below, with --resume.
+requeue() {
+  echo "job $SLURM_JOB_ID: got USR1, requeueing"
+  scontrol requeue "$SLURM_JOB_ID"
+}
+trap requeue USR1
+
+export MASTER_ADDR MASTER_PORT NPROC WORLD PYTHON
+# Single quotes: each task expands its own SLURM_NODEID (else every node would claim rank 0).
+# --kill-on-bad-exit: a crash on one node ends the others at once instead of leaving them
+# waiting in a collective until the time limit.
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$SLURM_NNODES" bash -c '
+  echo "node $SLURM_NODEID ($(hostname -s)) starting $NPROC process(es)"
+  exec "$PYTHON" -m accelerate.commands.launch --multi_gpu \
+    --num_machines "$SLURM_NNODES" --num_processes "$WORLD" --machine_rank "$SLURM_NODEID" \
+    --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+    --rdzv_backend static --same_network --dynamo_backend no --mixed_precision no \
+    train.py --resume "$@"' finetune "${RUN_ARGS[@]}" &
+SRUN_PID=$!
+# wait returns early when a trapped signal arrives: wait again until srun has really finished.
+status=0
+while :; do
+  wait "$SRUN_PID" && status=0 || status=$?
+  kill -0 "$SRUN_PID" 2>/dev/null || break
+done
+exit "$status"

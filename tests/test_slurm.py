@@ -1,0 +1,110 @@
+"""slurm/finetune.sh on a real SLURM cluster: two emulated nodes on this host (tests/slurm_cluster.sh).
+
+Needs root and Debian's slurm-wlm and munge packages (scripts/test.sh installs them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, python_cmd, run_cmd, write_image_folder
+
+CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
+TRAIN_FLAGS = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--num-workers", "0"]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get") and not shutil.which("sbatch"),
+                                reason="a one-host SLURM cluster needs root and Debian packages")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    up = subprocess.run(["bash", str(CLUSTER), "up", "2"], capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        pytest.fail(f"SLURM cluster did not come up: {up.stderr[-2000:]}")
+    yield
+    subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def slurm_data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("slurm") / "data"
+    write_image_folder(data / "train", {"a": 10, "b": 10})
+    write_image_folder(data / "test", {"a": 7, "b": 6}, seed=1)
+    return data
+
+
+def sbatch(out_dir: Path, *train_args: str) -> int:
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={out_dir}/slurm-%j.out",
+                           f"--chdir={ROOT}", str(ROOT / "slurm" / "finetune.sh"), *train_args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().split(";")[0])
+
+
+def job_info(job: int) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(job: int, timeout: float, until=lambda info: info.get("JobState") not in
+             ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "SUSPENDED")) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job)
+        if until(info):
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(job)])
+    pytest.fail(f"job {job} did not finish in {timeout} s: {job_info(job)}")
+
+
+def log_of(out_dir: Path, job: int) -> str:
+    return (out_dir / f"slurm-{job}.out").read_text(errors="replace")
+
+
+def test_two_node_job_trains_evaluates_and_every_process_takes_part(cluster, slurm_data: Path, tmp_path: Path):
+    job = sbatch(tmp_path, "--data", str(slurm_data), *TRAIN_FLAGS, "--epochs", "2", "--batch-size", "4",
+                 "--output-dir", str(tmp_path / "run"))
+    info = wait_for(job, 300)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "node 0 " in log and "node 1 " in log and "2 process(es) on cpu" in log
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    proc = run_cmd(python_cmd("eval.py", "--ckpt", str(tmp_path / "run" / "model.safetensors"), "--data",
+                              str(slurm_data / "test"), "--output-dir", str(tmp_path / "eval"), "--num-workers", "0"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_samples"] == 13
+
+
+def test_preempted_job_requeues_resumes_and_ends_with_the_same_weights(cluster, slurm_data: Path, tmp_path: Path):
+    # Long enough (8 epochs of 5 steps) that the signal lands mid-training.
+    args = ["--data", str(slurm_data), *TRAIN_FLAGS, "--epochs", "8", "--batch-size", "2", "--image-size", "64"]
+    reference = sbatch(tmp_path, *args, "--output-dir", str(tmp_path / "ref"))
+    assert wait_for(reference, 300)["JobState"] == "COMPLETED", log_of(tmp_path, reference)[-3000:]
+
+    job = sbatch(tmp_path, *args, "--output-dir", str(tmp_path / "run"))
+    # The warning signal SLURM sends before the time limit (--signal=B:USR1@120), sent now: mid-training.
+    wait_for(job, 300, until=lambda _: re.search(r"^epoch 1 ", log_of(tmp_path, job) if
+                                                (tmp_path / f"slurm-{job}.out").exists() else "", re.M))
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+    wait_for(job, 120, until=lambda info: info.get("Restarts") == "1" and info.get("JobState") == "PENDING")
+    # SLURM holds a requeued job for a while before it may start again; release it now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    info = wait_for(job, 300)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "got USR1, requeueing" in log and "stopped by SIGTERM" in log
+    assert "(restart 1)" in log and "resumed from" in log
+    a = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
