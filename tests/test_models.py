@@ -1,4 +1,5 @@
 import os
+import sys
 import pickle
 from pathlib import Path
 
@@ -97,3 +98,15 @@ def test_scratch_model_has_no_categories_and_imagenet_stats():
 def test_bad_freeze_spec_is_a_user_error():
     with pytest.raises(UserError, match="--freeze 'stage9'"):
         build_classifier("resnet18", "none", ["a", "b"], image_size=64, freeze_spec="stage9")
+
+
+def test_fetch_command_puts_weights_in_the_hub_cache(tmp_path: Path):
+    from conftest import run_cmd
+
+    proc = run_cmd([sys.executable, "-m", "finetune.fetch", "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1"],
+                   env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
+    proc = run_cmd([sys.executable, "-m", "finetune.fetch", "--model", "resnet18", "--weights", "IMAGENET9K"],
+                   env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert proc.returncode == 2 and "has no weights 'IMAGENET9K'" in proc.stderr and "Traceback" not in proc.stderr

@@ -108,3 +108,19 @@ def test_preempted_job_requeues_resumes_and_ends_with_the_same_weights(cluster, 
     a = load_file(str(tmp_path / "ref" / "model.safetensors"))
     b = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crash_in_one_process_ends_the_whole_job_quickly(cluster, slurm_data: Path, tmp_path: Path):
+    data = tmp_path / "data"
+    shutil.copytree(slurm_data, data)
+    bad = data / "train" / "b" / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    start = time.monotonic()
+    job = sbatch(tmp_path, "--data", str(data), *TRAIN_FLAGS, "--epochs", "50", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "run"))
+    info = wait_for(job, 180)
+    elapsed = time.monotonic() - start
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED", log[-3000:]
+    assert f"cannot decode image {bad}" in log
+    assert elapsed < 90, f"the job took {elapsed:.0f} s to fail"  # start-up included; 50 epochs would take longer
