@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate.utils import set_seed
@@ -25,7 +25,8 @@ from finetune.errors import Stopped, UserError, run_cli
 from finetune.models import build_classifier, recorded_arch_kwargs
 from finetune.preemption import StopSignal
 from finetune.optim import build_optimizer, build_scheduler, param_groups
-from finetune.reporting import Reporter
+from finetune.preflight import apply_policy, check_dataset
+from finetune.reporting import Reporter, preflight_table
 from finetune.rundir import prepare_run_dir
 from finetune.runtime import build_accelerator, default_num_workers
 from finetune.state import latest_state, load_training_state, save_training_state
@@ -39,8 +40,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     with accelerator.main_process_first():
         data_dir = Path(config.data) if config.data else demo_dataset()
-        splits = load_splits(data_dir)
-    for note in splits.warnings:
+        load_splits(data_dir)  # the layout is sound: train/, test/, class folders
+    if config.check_data:
+        return check_data(data_dir, report)
+    exclude, notes = apply_policy(check_dataset(data_dir, full=False), config.bad_data)
+    splits = load_splits(data_dir, frozenset(exclude))
+    for note in notes + splits.warnings:
         report.print(f"warning: {note}")
     run_dir = prepare_run_dir(config, data_dir, accelerator.is_main_process)
 
@@ -90,15 +95,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     stop = StopSignal()
 
-    def after_step(epoch: int, step: int) -> None:
+    def after_step(epoch: int, step: int, check_finite: Callable[[], None]) -> None:
         global_batch = epoch * steps_per_epoch + step + 1
         at_boundary = global_batch % config.grad_accum_steps == 0 and step + 1 < steps_per_epoch
         if at_boundary and stop.agreed(accelerator):
+            check_finite()
             save_state(epoch, step + 1)
             raise Stopped(f"stopped by {stop.received or 'a signal to another process'} at epoch "
                                 f"{epoch + 1}, step {step + 1}; state saved in {run_dir / 'state'}; "
                                 "continue with the same command and --resume")
         if at_boundary and config.save_every and global_batch % (config.save_every * config.grad_accum_steps) == 0:
+            check_finite()
             save_state(epoch, step + 1)
 
     for epoch in range(progress["epoch"], config.epochs):
@@ -115,11 +122,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     label_smoothing=config.label_smoothing), seed=config.seed, epoch=epoch, start_step=start_step,
                 channels_last=config.channels_last,
                 on_step=lambda s, loss, acc, ips: report.update(s, loss, acc, ips),
-                after_step=lambda s: after_step(epoch, s))
+                after_step=lambda s, check: after_step(epoch, s, check))
         except NonFiniteLossError as err:
-            last = run_dir / "model.safetensors"
-            raise UserError(f"{err} in epoch {epoch + 1}; last good checkpoint: "
-                            f"{last if last.exists() else 'none'} (try a lower --lr)") from None
+            last = [str(p) for p in (run_dir / "model.safetensors", latest_state(run_dir)) if p and p.exists()]
+            raise UserError(f"{err}; last good checkpoint: {' and '.join(last) or 'none yet'}; "
+                            "try a lower --lr") from None
         preds = evaluate(accelerator, model, test_loader, len(splits.classes), channels_last=config.channels_last)
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
                "test_acc": preds.accuracy, "lr": scheduler.get_last_lr()[0], "img/s": stats.images_per_s,
@@ -147,6 +154,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator.end_training()
     return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes,
             "model": accelerator.unwrap_model(model)}
+
+
+def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
+    """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
+    found = check_dataset(data_dir, full=True)
+    report.print(preflight_table(found.counts))
+    for path, why in found.bad:
+        report.print(f"bad image: {path}: {why}")
+    for path, fmt in found.wrong_extension:
+        report.print(f"wrong extension: {path} holds {fmt}")
+    for train_path, test_path in found.duplicates:
+        report.print(f"duplicate: {test_path} is {train_path}")
+    for note in found.warnings:
+        report.print(f"warning: {note}")
+    problems = found.errors + ([f"{len(found.bad)} image(s) cannot be used"] if found.bad else [])
+    if problems:
+        raise UserError(f"{data_dir}: {'; '.join(problems)}")
+    report.print(f"{data_dir}: no problems that stop a run")
+    return {"report": found}
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class TrainConfig:
     grad_accum_steps: int = option(1, "gradient accumulation steps per optimizer step")
     num_workers: int = option(-1, "data-loading worker processes per process (-1: matched to the CPU cores)")
     channels_last: bool = option(True, "use the channels-last memory format (faster convolutions)")
+    check_data: bool = option(False, "check the dataset thoroughly (decode every image, find train/test duplicates), "
+                                     "print a report and exit")
     bad_data: str = option("fail", "what to do with images that cannot be decoded: fail or skip (and list them)",
                          choices=BAD_DATA_POLICIES)
 

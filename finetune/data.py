@@ -99,8 +99,13 @@ def find_split(data_dir: str | Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def check_image_folder(root: str | Path) -> list[str]:
-    """Class names of an ImageFolder tree, or a UserError naming what is wrong with it."""
+def check_image_folder(root: str | Path, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """Class names of an ImageFolder tree, or a UserError naming what is wrong with it.
+
+    Args:
+        root: the split folder.
+        exclude: paths of files to leave out (see ``preflight``).
+    """
     root = Path(root)
     if not root.exists():
         raise UserError(f"data folder not found: {root}")
@@ -112,7 +117,7 @@ def check_image_folder(root: str | Path) -> list[str]:
         hint = " (images must sit in one sub-folder per class)" if has_images else ""
         raise UserError(f"{root} has no class sub-folders{hint}")
     for name in classes:
-        if not any(_is_image(p) for p in (root / name).rglob("*")):
+        if not any(_is_image(p) and str(p) not in exclude for p in (root / name).rglob("*")):
             raise UserError(f"class '{name}' in {root} has no images")
     return classes
 
@@ -121,15 +126,18 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
-def image_folder(root: str | Path, classes: Sequence[str] | None = None) -> datasets.ImageFolder:
+def image_folder(root: str | Path, classes: Sequence[str] | None = None,
+                 exclude: frozenset[str] = frozenset()) -> datasets.ImageFolder:
     """A torchvision ImageFolder over ``root`` with RGB loading.
 
     Args:
         root: the split folder, one sub-folder per class.
         classes: the class list to index by (the train split's); ``root`` must not hold others.
+        exclude: paths of files to leave out.
     """
-    found = check_image_folder(root)
-    ds = datasets.ImageFolder(str(root), loader=load_rgb)
+    found = check_image_folder(root, exclude)
+    ds = datasets.ImageFolder(str(root), loader=load_rgb,
+                              is_valid_file=lambda p: Path(p).suffix.lower() in IMAGE_EXTENSIONS and p not in exclude)
     if classes is not None:
         extra = sorted(set(found) - set(classes))
         if extra:
@@ -234,7 +242,7 @@ class Splits:
     warnings: list[str]
 
 
-def load_splits(data_dir: str | Path) -> Splits:
+def load_splits(data_dir: str | Path, exclude: frozenset[str] = frozenset()) -> Splits:
     """``DATA/train`` and ``DATA/test`` (or ``DATA/val``); the class list is train's.
 
     A class in test that train lacks is an error; a train class missing from test a warning.
@@ -247,8 +255,8 @@ def load_splits(data_dir: str | Path) -> Splits:
     if train_dir is None or test_dir is None:
         missing = "train/" if train_dir is None else "test/ (or val/)"
         raise UserError(f"{data_dir} has no {missing} folder; expected DATA/train/CLASS/*.jpg and DATA/test/CLASS/*.jpg")
-    train = image_folder(train_dir)
-    test = image_folder(test_dir, train.classes)
+    train = image_folder(train_dir, exclude=exclude)
+    test = image_folder(test_dir, train.classes, exclude)
     notes = [f"class '{c}' has no images in {test_dir}" for c in missing_classes(train.classes, test)]
     return Splits(train, test, list(train.classes), notes)
 

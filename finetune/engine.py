@@ -14,6 +14,7 @@ from torch import nn
 from finetune.surgery import set_frozen_norm_eval
 
 SYNC_EVERY_STEPS = 10  # read loss back from the device this often: every step would stall the pipeline
+MAX_SKIPPED_STEPS = 50  # fp16 steps the loss scaler may skip in a row before the run stops
 
 
 @dataclass
@@ -45,7 +46,7 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *, seed: int = 0,
                     epoch: int = 0, start_step: int = 0, channels_last: bool = False,
                     on_step: Callable[[int, float, float, float], None] | None = None,
-                    after_step: Callable[[int], None] | None = None) -> EpochStats:
+                    after_step: Callable[[int, Callable[[], None]], None] | None = None) -> EpochStats:
     """One pass over ``loader`` (already skipped to ``start_step`` when resuming).
 
     Args:
@@ -53,7 +54,8 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
         start_step: index of the first batch ``loader`` yields within the epoch.
         channels_last: convert each batch to the channels-last memory format.
         on_step: progress callback ``(steps_done, loss, accuracy, images_per_s)`` on sync steps.
-        after_step: called with the step index after every batch (e.g. to save a state).
+        after_step: called after every batch with the step index and ``check_finite``, which raises
+            if a loss so far was not finite (call it before saving anything).
 
     Raises:
         NonFiniteLossError: naming the step, when the loss is NaN or infinite.
@@ -63,9 +65,20 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
     device = accelerator.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    # The first step whose loss was not finite, kept on the device: checking every step would
+    # stall the pipeline on a host sync.
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    seen = skipped_in_a_row = 0
     start = time.perf_counter()
-    step = start_step
+
+    def check_finite() -> None:
+        """Raise if any process met a non-finite loss (a collective with several processes)."""
+        bad = first_bad.clone()
+        if accelerator.num_processes > 1:
+            bad = accelerator.gather(bad[None]).max()
+        if bad.item() >= 0:
+            raise NonFiniteLossError(f"the loss became NaN or infinite at step {bad.item() + 1} of epoch {epoch + 1}")
+
     for step, (images, targets) in enumerate(loader, start=start_step):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -78,23 +91,27 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
             optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 scheduler.step()
+        if accelerator.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed
+            skipped_in_a_row = skipped_in_a_row + 1 if optimizer.step_was_skipped else 0
+            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise NonFiniteLossError(f"fp16 gradients overflowed {skipped_in_a_row} steps in a row (up to step "
+                                         f"{step + 1} of epoch {epoch + 1}); use --mixed-precision bf16 or no")
         n = targets.shape[0]
-        loss_sum += loss.detach().float() * n
+        loss = loss.detach().float()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        loss_sum += loss * n
         correct += (logits.detach().argmax(dim=1) == targets).sum()
         seen += n
         if (step + 1) % SYNC_EVERY_STEPS == 0 or step == start_step:
-            mean_loss = loss_sum.item() / seen
-            if not torch.isfinite(torch.tensor(mean_loss)):
-                raise NonFiniteLossError(f"loss became {mean_loss} at step {step} of the epoch")
+            check_finite()
             if on_step is not None:
-                on_step(step + 1, mean_loss, correct.item() / seen, seen / (time.perf_counter() - start))
+                on_step(step + 1, loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - start))
         if after_step is not None:
-            after_step(step)
+            after_step(step, check_finite)
+    check_finite()
     totals = accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
                                              torch.tensor(float(seen), device=device)]), reduction="sum")
     loss_total, correct_total, seen_total = totals.tolist()
-    if not torch.isfinite(torch.tensor(loss_total)):
-        raise NonFiniteLossError(f"loss became {loss_total} in the epoch's last {SYNC_EVERY_STEPS} steps")
     return EpochStats(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1), int(seen_total),
                       time.perf_counter() - start)
 

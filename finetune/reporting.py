@@ -95,3 +95,16 @@ def per_class_table(classes: Sequence[str], precision: Sequence[float], recall: 
     for c, p, r, n in zip(classes, precision, recall, support):
         table.add_row(escape(c), f"{p:.3f}", f"{r:.3f}", str(n))
     return table
+
+
+def preflight_table(counts: dict[str, dict[str, int]]) -> Table:
+    """Images per class and split."""
+    splits = list(counts)
+    table = Table(title="images per class")
+    table.add_column("class")
+    for split in splits:
+        table.add_column(split, justify="right")
+    classes = sorted({c for by_class in counts.values() for c in by_class})
+    for c in classes:
+        table.add_row(escape(c), *(str(counts[s].get(c, "-")) for s in splits))
+    return table

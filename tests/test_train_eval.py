@@ -82,9 +82,14 @@ def test_train_bad_input_is_one_line_and_nonzero_exit(args: list[str], message: 
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_unreadable_image_is_named(tiny_data: Path, tmp_path: Path):
+def test_image_that_fails_only_when_decoded_in_a_worker_is_named(tiny_data: Path, tmp_path: Path):
+    # Its header is intact, so the quick preflight passes it; the worker's decode fails.
+    import numpy as np
+    from PIL import Image
+
     bad = tiny_data / "train" / "cat" / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(bad, quality=90)
+    bad.write_bytes(bad.read_bytes()[:30000])
     proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(tmp_path / "r"),
                               *FAST, "--num-workers", "1"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -203,3 +208,15 @@ def test_unwritable_output_dir_is_reported_before_training(tiny_data: Path, tmp_
     blocked.write_text("not a folder")
     with pytest.raises(UserError, match="cannot write to output folder"):
         train.main(["--data", str(tiny_data), "--output-dir", str(blocked / "run"), *FAST])
+
+
+def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_broken(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(run), *FAST,
+                              "--epochs", "3", "--batch-size", "4", "--lr", "1e30", "--save-every", "1",
+                              "--warmup-epochs", "0", "--mixed-precision", "no"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the loss became NaN or infinite at step" in proc.stderr and "last good checkpoint" in proc.stderr
+    for path in (run / "state" / "model.safetensors", run / "model.safetensors"):
+        if path.exists():
+            assert all(torch.isfinite(t).all() for t in load_file(str(path)).values() if t.is_floating_point())
