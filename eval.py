@@ -23,7 +23,7 @@ from finetune.data import EVAL_SPLITS, Preprocessing, find_split, image_folder, 
 from finetune.engine import evaluate
 from finetune.errors import UserError, run_cli
 from finetune.metrics import summarise
-from finetune.models import build_for_checkpoint
+from finetune.models import build_for_checkpoint, load_exactly
 from finetune.reporting import Reporter, confusion_table, per_class_table
 from finetune.runtime import build_accelerator, default_num_workers
 
@@ -47,10 +47,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     state, meta = load_checkpoint(config.ckpt)
     classes = meta["classes"]
     net = build_for_checkpoint(meta["arch"], len(classes), meta)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{config.ckpt} does not fit a {meta['arch']} with {len(classes)} classes "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    load_exactly(net, state, f"{config.ckpt} does not fit a {meta['arch']} with {len(classes)} classes")
     accelerator = build_accelerator(config.mixed_precision)
     report = Reporter(enabled=accelerator.is_main_process)
 

@@ -60,8 +60,11 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot save {path}: {err.strerror or err}; the previous file, if any, is intact") from None
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -78,8 +81,12 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     # Separate contiguous copies: safetensors refuses tensors that share memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     metadata = {"format": FORMAT, METADATA_KEY: json.dumps(meta)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except (OSError, SafetensorError) as err:  # disk full, file too large: the old file is untouched
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).split("I/O error: ")[-1]
+        raise UserError(f"cannot save {path}: {reason}; the previous file, if any, is intact") from None
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -183,16 +183,29 @@ def _from_file(model: str, path: Path) -> tuple[nn.Module, WeightsInfo]:
     state = load_weights_file(path)
     meta = read_metadata_if_any(path)
     net = get_model(model, weights=None, num_classes=_num_outputs(state, meta), **arch_kwargs(model, meta))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path} does not fit {model}: {len(missing)} missing and {len(unexpected)} "
-                        f"unexpected keys (e.g. {(missing or unexpected)[0]})")
+    load_exactly(net, state, f"{path} does not fit {model}")
     info = WeightsInfo(name=str(path))
     if meta:  # one of our own checkpoints: its classes can seed the new head
         info.categories = list(meta["classes"])
         info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
         info.resize_ratio = meta["resize_size"] / meta["image_size"]
     return net, info
+
+
+def load_exactly(net: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
+    """Load ``state`` into ``net``: every tensor present, of the right shape, nothing extra.
+
+    Raises:
+        UserError: starting with ``problem``, naming the first mismatch.
+    """
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise UserError(f"{problem}: {detail.split(' from checkpoint')[0] or 'tensor shapes differ'}") from None
+    if missing or unexpected:
+        raise UserError(f"{problem}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+                        f"(e.g. {(missing or unexpected)[0]})")
 
 
 def _num_outputs(state: dict[str, torch.Tensor], meta: dict[str, Any] | None) -> int:

@@ -28,7 +28,12 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, progress: dict[
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot save the training state in {tmp}: {str(err).strip().splitlines()[0]}; "
+                        f"the previous state in {final} is intact") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / PROGRESS, json.dumps(progress, indent=1))
