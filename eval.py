@@ -19,12 +19,13 @@ import torch
 
 from finetune.checkpoint import atomic_write_text, load_checkpoint
 from finetune.config import PRECISIONS, option, parse_config
-from finetune.data import EVAL_SPLITS, Preprocessing, find_split, image_folder, make_eval_loader, missing_classes
+from finetune.data import EVAL_SPLITS, ModelInput, Preprocessing, find_split, image_folder, make_eval_loader, missing_classes
 from finetune.engine import evaluate
 from finetune.errors import UserError, run_cli
 from finetune.metrics import summarise
 from finetune.models import build_for_checkpoint, load_exactly
 from finetune.reporting import Reporter, confusion_table, per_class_table
+from finetune.rundir import ensure_writable
 from finetune.runtime import build_accelerator, default_num_workers
 
 
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_exactly(net, state, f"{config.ckpt} does not fit a {meta['arch']} with {len(classes)} classes")
     accelerator = build_accelerator(config.mixed_precision)
     report = Reporter(enabled=accelerator.is_main_process)
+    out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
+    if accelerator.is_main_process:
+        ensure_writable(out_dir)
 
     data_dir = Path(config.data)
     if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):
@@ -64,13 +68,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         net = net.to(memory_format=torch.channels_last)
     model, loader = accelerator.prepare(net, loader)
 
-    preds = evaluate(accelerator, model, loader, len(classes), channels_last=config.channels_last)
+    to_input = ModelInput(pre.mean, pre.std, config.channels_last)
+    preds = evaluate(accelerator, model, loader, len(classes), to_input=to_input)
     metrics = {"checkpoint": str(config.ckpt), "data": str(data_dir),
                **summarise(classes, preds.targets, preds.topk)}
-    out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
     if accelerator.is_main_process:
         show(report, classes, metrics)
-        out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
         atomic_write_text(out_dir / "predictions.csv", predictions_csv(dataset, classes, preds))
         report.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")

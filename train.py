@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 from finetune.checkpoint import describe_checkpoint, save_checkpoint
 from finetune.config import TrainConfig, parse_config
-from finetune.data import load_splits, make_eval_loader, make_train_loader
+from finetune.data import ModelInput, load_splits, make_eval_loader, make_train_loader
 from finetune.demo import demo_dataset
 from finetune.engine import NonFiniteLossError, evaluate, train_one_epoch
 from finetune.errors import Stopped, UserError, run_cli
@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
                                      seed=config.seed, num_workers=workers)
     epoch_sampler = train_loader.sampler
+    to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
     test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size, num_workers=workers)
     model, optimizer, train_loader, test_loader = accelerator.prepare(clf.net, optimizer, train_loader, test_loader)
     steps_per_epoch = len(train_loader)  # batches per process, after Accelerate sharded them
@@ -120,14 +121,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stats = train_one_epoch(
                 accelerator, model, loader, optimizer, scheduler, torch.nn.CrossEntropyLoss(
                     label_smoothing=config.label_smoothing), seed=config.seed, epoch=epoch, start_step=start_step,
-                channels_last=config.channels_last,
+                to_input=to_input,
                 on_step=lambda s, loss, acc, ips: report.update(s, loss, acc, ips),
                 after_step=lambda s, check: after_step(epoch, s, check))
         except NonFiniteLossError as err:
             last = [str(p) for p in (run_dir / "model.safetensors", latest_state(run_dir)) if p and p.exists()]
             raise UserError(f"{err}; last good checkpoint: {' and '.join(last) or 'none yet'}; "
                             "try a lower --lr") from None
-        preds = evaluate(accelerator, model, test_loader, len(splits.classes), channels_last=config.channels_last)
+        preds = evaluate(accelerator, model, test_loader, len(splits.classes), to_input=to_input)
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
                "test_acc": preds.accuracy, "lr": scheduler.get_last_lr()[0], "img/s": stats.images_per_s,
                "seconds": stats.seconds}

@@ -8,6 +8,7 @@ of processes or workers, and a run resumed mid-epoch sees exactly what an uninte
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
-from torchvision.transforms import v2
+from torchvision import transforms as v1
+from torchvision.transforms.v2 import functional as F
 
 from finetune.errors import UserError
 
@@ -30,16 +32,44 @@ class BadImageError(UserError):
     """An image that cannot be decoded, named by path."""
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str, reduce_to: tuple[int, int] | None = None) -> Image.Image:
     """Open any image as 8-bit RGB, whatever its mode (L, LA, P, RGBA, CMYK, 16-bit, float).
 
     EXIF orientation is applied; transparency is composited on white rather than dropped,
     which would expose whatever colour hides under transparent pixels.
+
+    Args:
+        path: the image file.
+        reduce_to: (width, height), in the oriented image's pixels, that the caller needs at
+            least: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale where that still covers it
+            (Pillow's draft mode), which makes large photos several times cheaper to decode.
     """
     try:
         with Image.open(path) as img:
+            if reduce_to is not None and img.format == "JPEG":
+                width, height = reduce_to
+                if _orientation(img) in (5, 6, 7, 8):  # stored rotated by 90 degrees
+                    width, height = height, width
+                img.draft(img.mode, (max(1, width), max(1, height)))
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"cannot decode image {path}: {err}") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except (ValueError, TypeError, SyntaxError):
+        return 1
+
+
+def oriented_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image as shown (EXIF rotation applied), from its header only."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot decode image {path}: {err}") from None
 
@@ -69,26 +99,68 @@ class Preprocessing:
     std: tuple[float, ...]
 
 
-def train_transform(pre: Preprocessing) -> v2.Compose:
-    """The classic recipe: RandomResizedCrop + horizontal flip + normalize."""
-    return v2.Compose([
-        v2.RandomResizedCrop(pre.image_size, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(pre.mean, pre.std),
-    ])
+class TrainPreset:
+    """The classic training recipe, RandomResizedCrop + horizontal flip, as a uint8 tensor.
+
+    The crop is drawn from the image's header size before decoding, so a JPEG is decoded only
+    at the scale the crop needs: on large photos the model sees the same crops, resampled.
+    Normalisation happens later, on whole batches (``ModelInput``).
+    """
+
+    def __init__(self, *, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip_prob: float = 0.5):
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip_prob = hflip_prob
+
+    def __call__(self, path: str) -> torch.Tensor:
+        width, height = oriented_size(path)
+        # torchvision's own sampler, on a zero-cost stand-in of the image's shape.
+        top, left, h, w = v1.RandomResizedCrop.get_params(
+            torch.zeros(1, 1, 1).expand(1, height, width), list(self.scale), list(self.ratio))
+        shrink = max(self.size / h, self.size / w)
+        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
+        factor = img.width / width  # 1, 1/2, 1/4 or 1/8 after draft decoding
+        img = F.resized_crop(img, round(top * factor), round(left * factor), max(1, round(h * factor)),
+                             max(1, round(w * factor)), [self.size, self.size], antialias=True)
+        if torch.rand(1).item() < self.hflip_prob:
+            img = F.horizontal_flip(img)
+        return F.pil_to_tensor(img)
 
 
-def eval_transform(pre: Preprocessing) -> v2.Compose:
-    """Resize the short side to ``resize_size``, then center-crop ``image_size``."""
-    return v2.Compose([
-        v2.Resize(pre.resize_size, antialias=True),
-        v2.CenterCrop(pre.image_size),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(pre.mean, pre.std),
-    ])
+class EvalPreset:
+    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor."""
+
+    def __init__(self, *, crop_size: int, resize_size: int):
+        self.crop_size = crop_size
+        self.resize_size = resize_size
+
+    def __call__(self, path: str) -> torch.Tensor:
+        width, height = oriented_size(path)
+        shrink = self.resize_size / min(width, height)
+        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
+        img = F.center_crop(F.resize(img, self.resize_size, antialias=True), [self.crop_size, self.crop_size])
+        return F.pil_to_tensor(img)
+
+
+class ModelInput:
+    """Turns a batch of uint8 images into the model's normalised float input, on the device.
+
+    Normalising whole batches where the model runs is cheaper than per image in the loader
+    workers, and uint8 batches cross from the workers with a quarter of the bytes.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def find_split(data_dir: str | Path, names: Sequence[str]) -> Path | None:
@@ -181,10 +253,9 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
         path, target = self.dataset.samples[index]
-        image = self.dataset.loader(path)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
-            return self.transform(image), target
+            return self.transform(path), target
 
 
 class IndexedDataset(Dataset):
@@ -199,7 +270,7 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         path, target = self.dataset.samples[index]
-        return self.transform(self.dataset.loader(path)), target, index
+        return self.transform(path), target, index
 
 
 class EpochSampler(Sampler):
@@ -267,14 +338,15 @@ def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_siz
 
     Call ``set_epoch`` on it (or on what Accelerate made of it) before each epoch.
     """
-    return DataLoader(SeededDataset(ds, train_transform(pre), seed), batch_size=batch_size,
+    return DataLoader(SeededDataset(ds, TrainPreset(size=pre.image_size), seed), batch_size=batch_size,
                       sampler=EpochSampler(len(ds), seed), **_worker_options(num_workers))
 
 
 def make_eval_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int,
                      num_workers: int) -> DataLoader:
     """An evaluation DataLoader yielding ``(images, targets, dataset indices)`` in order."""
-    return DataLoader(IndexedDataset(ds, eval_transform(pre)), batch_size=batch_size, shuffle=False,
+    return DataLoader(IndexedDataset(ds, EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)),
+                      batch_size=batch_size, shuffle=False,
                       **_worker_options(num_workers))
 
 

@@ -44,7 +44,8 @@ def step_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
 
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *, seed: int = 0,
-                    epoch: int = 0, start_step: int = 0, channels_last: bool = False,
+                    epoch: int = 0, start_step: int = 0,
+                    to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
                     on_step: Callable[[int, float, float, float], None] | None = None,
                     after_step: Callable[[int, Callable[[], None]], None] | None = None) -> EpochStats:
     """One pass over ``loader`` (already skipped to ``start_step`` when resuming).
@@ -52,7 +53,7 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
     Args:
         seed, epoch: with the step index and process, they seed the model's randomness (``step_seed``).
         start_step: index of the first batch ``loader`` yields within the epoch.
-        channels_last: convert each batch to the channels-last memory format.
+        to_input: turns a loader batch into the model's input (``data.ModelInput``).
         on_step: progress callback ``(steps_done, loss, accuracy, images_per_s)`` on sync steps.
         after_step: called after every batch with the step index and ``check_finite``, which raises
             if a loss so far was not finite (call it before saving anything).
@@ -80,8 +81,7 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
             raise NonFiniteLossError(f"the loss became NaN or infinite at step {bad.item() + 1} of epoch {epoch + 1}")
 
     for step, (images, targets) in enumerate(loader, start=start_step):
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = to_input(images)
         torch.manual_seed(step_seed(seed, epoch, step, accelerator.process_index))
         with accelerator.accumulate(model):
             logits = model(images)
@@ -136,15 +136,13 @@ class Predictions:
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_classes: int, *,
-             channels_last: bool = False, k: int = 5) -> Predictions:
+             to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, k: int = 5) -> Predictions:
     """Predictions for every image of ``loader``, gathered from all processes, each image once."""
     model.eval()
     k = min(k, num_classes)
     parts: dict[str, list[torch.Tensor]] = {"indices": [], "targets": [], "topk": [], "confidence": []}
     for images, targets, indices in loader:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        probs = model(images).float().softmax(dim=1)
+        probs = model(to_input(images)).float().softmax(dim=1)
         confidence, topk = probs.topk(k, dim=1)
         gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0]))
         for key, value in zip(parts, gathered):

@@ -28,11 +28,16 @@ def prepare_run_dir(config: TrainConfig, data_dir: Path, is_main: bool) -> Path:
     run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config, data_dir)
     if not is_main:
         return run_dir
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {run_dir}: {err.strerror or err}") from None
+    ensure_writable(run_dir)
     save_yaml(config, run_dir / "config.yaml")
     return run_dir
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and check a file can be written in it, before any long work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output folder {folder}: {err.strerror or err}") from None

@@ -57,3 +57,11 @@ def run_cmd(args: list[str], env: dict[str, str | None] | None = None, timeout: 
 
 def python_cmd(script: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / script), *args]
+
+
+def write_truncated_jpeg(path: Path) -> Path:
+    """A JPEG whose header is intact but whose scan data is cut: only a full decode fails."""
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[:30000])
+    return path

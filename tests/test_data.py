@@ -6,11 +6,10 @@ import torch
 from PIL import Image
 
 from conftest import write_image_folder
-from finetune.data import (EpochSampler, Preprocessing, SeededDataset, eval_transform, image_folder, load_rgb,
-                           load_splits, train_transform)
+from finetune.data import (EpochSampler, EvalPreset, ModelInput, SeededDataset, TrainPreset, image_folder, load_rgb,
+                           load_splits)
 from finetune.errors import UserError
 
-PRE = Preprocessing(image_size=16, resize_size=18, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
 def save_mode(path: Path, mode: str) -> Path:
@@ -98,7 +97,7 @@ def test_bad_layouts_are_one_clear_error(tmp_path: Path, layout: str, message: s
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path: Path):
     ds = image_folder(write_image_folder(tmp_path / "train", {"a": 3, "b": 3}, size=24))
-    seeded = SeededDataset(ds, train_transform(PRE), seed=1)
+    seeded = SeededDataset(ds, TrainPreset(size=16), seed=1)
     torch.manual_seed(123)
     first = seeded[(0, 4)][0]
     torch.manual_seed(999)  # the global RNG does not matter, and it is left alone
@@ -106,15 +105,49 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path: Path):
     assert torch.equal(seeded[(0, 4)][0], first)
     assert torch.equal(torch.get_rng_state(), state)
     assert not torch.equal(seeded[(1, 4)][0], first)
-    assert not torch.equal(SeededDataset(ds, train_transform(PRE), seed=2)[(0, 4)][0], first)
+    assert not torch.equal(SeededDataset(ds, TrainPreset(size=16), seed=2)[(0, 4)][0], first)
 
 
-def test_transforms_produce_normalised_crops(tmp_path: Path):
-    img = Image.fromarray(np.full((30, 40, 3), 128, dtype=np.uint8))
-    for transform in (train_transform(PRE), eval_transform(PRE)):
-        out = transform(img)
-        assert out.shape == (3, 16, 16) and out.dtype == torch.float32
-        assert out.abs().max() < 0.05  # 128/255 normalised by mean 0.5 is about 0
+def test_presets_produce_uint8_crops_and_model_input_normalises(tmp_path: Path):
+    Image.fromarray(np.full((30, 40, 3), 128, dtype=np.uint8)).save(tmp_path / "x.png")
+    for preset in (TrainPreset(size=16), EvalPreset(crop_size=16, resize_size=18)):
+        out = preset(str(tmp_path / "x.png"))
+        assert out.shape == (3, 16, 16) and out.dtype == torch.uint8 and (out == 128).all()
+    x = ModelInput((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), channels_last=True)(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8))
+    assert x.dtype == torch.float32 and torch.allclose(x, torch.full_like(x, 2.0))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def photo(path: Path, width: int, height: int, orientation: int = 1) -> Path:
+    """A smooth photo-like JPEG: gradients with a bright square near the top-left corner."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    rgb = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 255 // (width + height)], axis=-1)
+    rgb[height // 10:height // 4, width // 10:width // 4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb.astype(np.uint8)).save(path, quality=95, exif=exif)
+    return path
+
+
+def test_large_jpegs_decode_at_reduced_scale_and_look_the_same(tmp_path: Path):
+    big = photo(tmp_path / "big.jpg", 3000, 2000)
+    preset = EvalPreset(crop_size=224, resize_size=256)
+    fast = preset(str(big)).float()
+    # The reference: a full-size decode, then the same resize and crop.
+    from torchvision.transforms.v2 import functional as F
+    full = F.pil_to_tensor(F.center_crop(F.resize(load_rgb(str(big)), 256, antialias=True), [224, 224])).float()
+    assert (fast - full).abs().mean() < 2.0  # resampling differences only, on a 0-255 scale
+    assert load_rgb(str(big), reduce_to=(375, 250)).size == (375, 250)  # 1/8 scale covers it
+    assert load_rgb(str(big), reduce_to=(384, 256)).size == (750, 500)  # 1/8 would not: 1/4
+
+
+def test_exif_rotated_jpeg_keeps_its_orientation_under_reduced_decoding(tmp_path: Path):
+    rotated = photo(tmp_path / "r.jpg", 1200, 800, orientation=6)  # shown 800 wide, 1200 high
+    img = load_rgb(str(rotated), reduce_to=(200, 300))
+    assert img.size == (200, 300)
+    torch.manual_seed(0)
+    out = TrainPreset(size=64, scale=(1.0, 1.0), ratio=(2 / 3, 2 / 3), hflip_prob=0.0)(str(rotated))
+    assert out.shape == (3, 64, 64)
 
 
 def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():

@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision.models import get_model
 
 from finetune.checkpoint import save_checkpoint
-from finetune.data import Preprocessing, eval_transform
+from finetune.data import EvalPreset, ModelInput, Preprocessing
 from finetune.errors import UserError
 from finetune.models import build_classifier, build_pretrained, ensure_cached
 
@@ -28,10 +28,11 @@ def test_real_imagenet_weights_come_from_the_pip_mirror_and_see_a_cat(hub_dir: P
     net, info = build_pretrained("mobilenet_v2", "IMAGENET1K_V1")
     assert (hub_dir / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
     assert info.name == "MobileNet_V2_Weights.IMAGENET1K_V1" and len(info.categories) == 1000
-    pre = Preprocessing(224, 256, info.mean, info.std)
+    Image.fromarray(chelsea()).save(hub_dir.parent / "chelsea.png")
+    image = EvalPreset(crop_size=224, resize_size=256)(str(hub_dir.parent / "chelsea.png"))
     net.eval()
     with torch.no_grad():
-        top = net(eval_transform(pre)(Image.fromarray(chelsea()))[None]).argmax().item()
+        top = net(ModelInput(info.mean, info.std)(image[None])).argmax().item()
     assert info.categories[top] in ("tabby", "tiger cat", "Egyptian cat")
 
 

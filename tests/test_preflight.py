@@ -9,12 +9,11 @@ import struct
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 import train
-from conftest import FAST, python_cmd, run_cmd, write_image_folder
+from conftest import FAST, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 from finetune.errors import UserError
 from finetune.preflight import apply_policy, check_dataset
 
@@ -43,9 +42,7 @@ def messy(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     }
     bad["zero"].write_bytes(b"")
     bad["text"].write_text("this is not an image")
-    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(bad["truncated"], quality=90)
-    bad["truncated"].write_bytes(bad["truncated"].read_bytes()[:30000])  # header intact, scan data cut
+    write_truncated_jpeg(bad["truncated"])
     png_header_only(bad["bomb"], 30000, 30000)
     Image.open(good).save(data / "train" / "dog" / "really_a_png.jpg", format="PNG")
     shutil.copy(good, data / "test" / "cat" / "leaked.jpg")

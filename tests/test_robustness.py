@@ -214,3 +214,12 @@ def test_images_of_every_mode_and_unicode_class_names_round_trip(tmp_path: Path)
     assert metrics["num_samples"] == 24 and set(metrics["per_class"]) == set(classes)
     csv_text = (tmp_path / "eval" / "predictions.csv").read_text(encoding="utf-8")
     assert "日本 猫" in csv_text and "café crème" in csv_text
+
+
+def test_eval_reports_an_unwritable_output_folder_before_evaluating(tiny_data: Path, tmp_path: Path):
+    ckpt = _checkpoint(tmp_path, tiny_data)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    proc = run_cmd(python_cmd("eval.py", "--ckpt", str(ckpt), "--data", str(tiny_data / "test"),
+                              "--output-dir", str(blocked / "eval")))
+    assert proc.returncode == 2 and "cannot write to output folder" in proc.stderr and "Traceback" not in proc.stderr

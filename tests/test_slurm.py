@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, python_cmd, run_cmd, write_image_folder
+from conftest import ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
 TRAIN_FLAGS = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--num-workers", "0"]
@@ -113,8 +113,8 @@ def test_preempted_job_requeues_resumes_and_ends_with_the_same_weights(cluster, 
 def test_a_crash_in_one_process_ends_the_whole_job_quickly(cluster, slurm_data: Path, tmp_path: Path):
     data = tmp_path / "data"
     shutil.copytree(slurm_data, data)
-    bad = data / "train" / "b" / "corrupt.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    # Only the process whose batch holds it decodes it; the quick preflight passes it.
+    bad = write_truncated_jpeg(data / "train" / "b" / "corrupt.jpg")
     start = time.monotonic()
     job = sbatch(tmp_path, "--data", str(data), *TRAIN_FLAGS, "--epochs", "50", "--batch-size", "2",
                  "--output-dir", str(tmp_path / "run"))

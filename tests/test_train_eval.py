@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import eval as eval_cmd
 import train
-from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder
+from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 from finetune.checkpoint import read_metadata
 from finetune.errors import UserError
 
@@ -84,12 +84,7 @@ def test_train_bad_input_is_one_line_and_nonzero_exit(args: list[str], message: 
 
 def test_image_that_fails_only_when_decoded_in_a_worker_is_named(tiny_data: Path, tmp_path: Path):
     # Its header is intact, so the quick preflight passes it; the worker's decode fails.
-    import numpy as np
-    from PIL import Image
-
-    bad = tiny_data / "train" / "cat" / "broken.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(bad, quality=90)
-    bad.write_bytes(bad.read_bytes()[:30000])
+    bad = write_truncated_jpeg(tiny_data / "train" / "cat" / "broken.jpg")
     proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(tmp_path / "r"),
                               *FAST, "--num-workers", "1"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
