@@ -23,7 +23,7 @@ from finetune.data import EVAL_SPLITS, ModelInput, Preprocessing, find_split, im
 from finetune.engine import evaluate
 from finetune.errors import UserError, run_cli
 from finetune.metrics import summarise
-from finetune.models import build_for_checkpoint, load_exactly
+from finetune.models import build_for_checkpoint, fuse_for_inference, load_exactly
 from finetune.reporting import Reporter, confusion_table, per_class_table
 from finetune.rundir import ensure_writable
 from finetune.runtime import build_accelerator, default_num_workers
@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pre = Preprocessing(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
     loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers)
+    net = fuse_for_inference(net)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model, loader = accelerator.prepare(net, loader)

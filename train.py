@@ -28,7 +28,7 @@ from finetune.optim import build_optimizer, build_scheduler, param_groups
 from finetune.preflight import apply_policy, check_dataset
 from finetune.reporting import Reporter, preflight_table
 from finetune.rundir import prepare_run_dir
-from finetune.runtime import build_accelerator, default_num_workers
+from finetune.runtime import build_accelerator, default_num_workers, rss_mib
 from finetune.state import latest_state, load_training_state, save_training_state
 
 
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         preds = evaluate(accelerator, model, test_loader, len(splits.classes), to_input=to_input)
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
                "test_acc": preds.accuracy, "lr": scheduler.get_last_lr()[0], "img/s": stats.images_per_s,
-               "seconds": stats.seconds}
+               "seconds": stats.seconds, "rss_mib": rss_mib()}
         report.end_epoch(row)
         progress["history"].append(row)
         metrics = {"epoch": epoch + 1, "test_accuracy": preds.accuracy, "train_loss": stats.loss,

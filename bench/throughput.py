@@ -38,8 +38,8 @@ CLASSES = {"cat_coffee": ("chelsea", "coffee"), "space": ("astronaut", "rocket")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def write_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Jittered 500x375 JPEG crops of skimage photos, half the images in each of 2 classes."""
+def write_dataset(root: Path, n_train: int, n_test: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> Path:
+    """Jittered JPEG crops of skimage photos (``size`` pixels), half the images in each of 2 classes."""
     rng = np.random.default_rng(seed)
     photos = {name: getattr(skdata, name)() for names in CLASSES.values() for name in names}
     for split, n in (("train", n_train), ("test", n_test)):
@@ -50,13 +50,13 @@ def write_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
             ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
             y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
             crop = src[y:y + ch, x:x + cw] * rng.uniform(0.8, 1.2, size=3)  # per-channel colour jitter
-            img = Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize((500, 375))
+            img = Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize(size)
             (root / split / cls).mkdir(parents=True, exist_ok=True)
             img.save(root / split / cls / f"{i:05d}.jpg", quality=90)
     return root
 
 
-def classic(data: Path, epochs: int, lr: float = 5e-4) -> list[float]:
+def classic(data: Path, epochs: int, lr: float = 5e-4) -> tuple[list[float], float]:
     """(a) The d2l.ai fine-tuning chapter's loop, as a plain user writes it: fp32, default memory
     format and thread settings, non-persistent workers, loss.item() every step. Images/s per epoch."""
     augs = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
@@ -81,7 +81,22 @@ def classic(data: Path, epochs: int, lr: float = 5e-4) -> list[float]:
             loss.item()  # the classic loop reads the loss back every step
             seen += targets.shape[0]
         rates.append(seen / (time.perf_counter() - start))
-    return rates
+    return rates, test_accuracy(net, data / "test")
+
+
+def test_accuracy(net: nn.Module, folder: Path) -> float:
+    """The classic chapter's evaluation: Resize(256) + CenterCrop(224), fp32."""
+    augs = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=augs), batch_size=BATCH,
+                                         num_workers=2)
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, targets in loader:
+            correct += (net(images).argmax(dim=1) == targets).sum().item()
+            total += targets.shape[0]
+    return correct / total
 
 
 def finetune(data: Path, epochs: int, out_dir: Path) -> list[dict[str, Any]]:
@@ -132,8 +147,15 @@ def print_table(res: dict[str, Any]) -> None:
     print(f"\n{'side':14s} {'img/s':>8s}")
     for side in ("classic", "finetune", "compute_only"):
         print(f"{side:14s} {ips[side]:8.2f}")
+    if "finetune_3000x2000" in ips:
+        print(f"{'finetune 3000x2000':14s} {ips['finetune_3000x2000']:8.2f}")
     print(f"finetune/classic      {res['finetune_over_classic']:.2f}x")
     print(f"finetune/compute-only {res['finetune_over_compute']:.2f}")
+    if res["large_over_photo"] is not None:
+        print(f"3000x2000 / 500x375   {res['large_over_photo']:.2f}")
+    acc = res["test_accuracy"]
+    print(f"test accuracy after {res['epochs']} epochs: classic {acc['classic']:.3f}, finetune {acc['finetune']:.3f}")
+    print("finetune RSS MiB per epoch: " + ", ".join(f"{r:.0f}" for r in res["rss_mib_per_epoch"] if r))
     print(f"peak RSS MiB: main {res['peak_rss_mib']['main']:.0f}, "
           f"largest child {res['peak_rss_mib']['largest_child']:.0f}")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()))
@@ -144,18 +166,28 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128, help="training images (test: a quarter, at least 32)")
     parser.add_argument("--epochs", type=int, default=2, help="the last epoch's images/s is reported")
     parser.add_argument("--out", default="bench/out/throughput.json")
+    parser.add_argument("--large", action="store_true", help="also train on 3000x2000 photos")
     args = parser.parse_args()
     precision = resolve_precision("auto", on_cpu=not torch.accelerator.is_available())
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         data = write_dataset(Path(tmp) / "data", args.images, max(BATCH, args.images // 4))
         thread_settings = settings(precision)  # as a plain user gets them, before any side runs
-        classic_rates = classic(data, args.epochs)
+        classic_rates, classic_acc = classic(data, args.epochs)
         history = finetune(data, args.epochs, Path(tmp) / "run")
         compute = compute_only(max(3, args.images // BATCH), precision)
+        large = None
+        if args.large:  # the same run on 3000x2000 photos: reduced-scale JPEG decoding should hide the size
+            big = write_dataset(Path(tmp) / "big", args.images, max(BATCH, args.images // 4), size=(3000, 2000))
+            large = finetune(big, args.epochs, Path(tmp) / "run-big")
     ips = {"classic": classic_rates[-1], "finetune": history[-1]["img/s"], "compute_only": compute}
+    if large:
+        ips["finetune_3000x2000"] = large[-1]["img/s"]
     res = {"images": args.images, "epochs": args.epochs, "img_per_s": ips,
            "finetune_over_classic": ips["finetune"] / ips["classic"],
            "finetune_over_compute": ips["finetune"] / ips["compute_only"],
+           "large_over_photo": ips["finetune_3000x2000"] / ips["finetune"] if large else None,
+           "test_accuracy": {"classic": classic_acc, "finetune": history[-1]["test_acc"]},
+           "rss_mib_per_epoch": [row.get("rss_mib") for row in history],
            "classic_per_epoch": classic_rates, "finetune_history": history,
            "peak_rss_mib": peak_rss_mib(), "settings": thread_settings}
     print_table(res)

@@ -134,7 +134,7 @@ class Predictions:
         return hits.float().mean().item() if len(self.targets) else 0.0
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_classes: int, *,
              to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, k: int = 5) -> Predictions:
     """Predictions for every image of ``loader``, gathered from all processes, each image once."""

@@ -79,3 +79,10 @@ def default_num_workers(num_processes: int) -> int:
     except AttributeError:
         cores = os.cpu_count() or 1
     return max(1, min(8, cores // max(1, num_processes)))
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, in MiB (to see growth from epoch to epoch)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20

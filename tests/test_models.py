@@ -111,3 +111,21 @@ def test_fetch_command_puts_weights_in_the_hub_cache(tmp_path: Path):
     proc = run_cmd([sys.executable, "-m", "finetune.fetch", "--model", "resnet18", "--weights", "IMAGENET9K"],
                    env={"TORCH_HOME": str(tmp_path / "torch")})
     assert proc.returncode == 2 and "has no weights 'IMAGENET9K'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "regnet_x_400mf",
+                                  "googlenet", "convnext_tiny"])
+def test_fusing_for_inference_keeps_the_outputs(name):
+    from finetune.models import build_for_checkpoint, fuse_for_inference
+
+    torch.manual_seed(0)
+    net = build_for_checkpoint(name, 5).eval()
+    for m in net.modules():  # non-trivial BatchNorm statistics, so folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = net(x)
+        fused = fuse_for_inference(net)
+        assert torch.allclose(fused(x), expected, atol=1e-4, rtol=1e-3)
