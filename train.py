@@ -20,6 +20,7 @@ from finetune.checkpoint import describe_checkpoint, save_checkpoint
 from finetune.config import TrainConfig, parse_config
 from finetune.data import ModelInput, load_splits, make_eval_loader, make_train_loader
 from finetune.demo import demo_dataset
+from finetune.features import cached_loaders, probe_module
 from finetune.engine import NonFiniteLossError, evaluate, train_one_epoch
 from finetune.errors import Stopped, UserError, run_cli
 from finetune.models import build_classifier, recorded_arch_kwargs
@@ -57,12 +58,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
     optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
     workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
-    train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
-                                     seed=config.seed, num_workers=workers)
-    epoch_sampler = train_loader.sampler
     to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
-    test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size, num_workers=workers)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(clf.net, optimizer, train_loader, test_loader)
+    trainable, probe = clf.net, None
+    if config.freeze == "backbone" and config.augment == "none" and config.cache_features:
+        probe = probe_module(clf.net, clf.head, to_input(torch.zeros(1, 3, config.image_size, config.image_size,
+                                                                     dtype=torch.uint8)))
+    if probe is not None:  # the backbone's output never changes: compute it once, train the head alone
+        train_loader, test_loader = cached_loaders(
+            accelerator, clf.net, clf.head, splits.train, splits.test, clf.preprocessing, to_input,
+            batch_size=config.batch_size, seed=config.seed, num_workers=workers)
+        trainable, to_input = probe, (lambda features: features)
+        report.print(f"linear probe on cached features ({train_loader.dataset.features.shape[1]} per image)")
+    else:
+        train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
+                                         seed=config.seed, num_workers=workers, augment=config.augment == "classic")
+        test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size,
+                                       num_workers=workers)
+    epoch_sampler = train_loader.sampler
+    model, optimizer, train_loader, test_loader = accelerator.prepare(trainable, optimizer, train_loader, test_loader)
     steps_per_epoch = len(train_loader)  # batches per process, after Accelerate sharded them
     optimizer_steps = math.ceil(steps_per_epoch / config.grad_accum_steps)
     scheduler = accelerator.prepare(build_scheduler(optimizer, round(config.warmup_epochs * optimizer_steps),
@@ -76,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report.print("reused pretrained classifier rows: "
                      + ", ".join(f"{t} <- {s}" for t, s in clf.reused.items()))
     if clf.frozen:
-        report.print(f"frozen: {', '.join(clf.frozen)}")
+        report.print("frozen: " + ("the whole backbone" if config.freeze == "backbone" else ", ".join(clf.frozen)))
 
     progress = {"epoch": 0, "step": 0, "history": [], "best_accuracy": -1.0}
     if config.resume:
@@ -89,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def checkpoint_meta(metrics: dict[str, Any]) -> dict[str, Any]:
         return describe_checkpoint(config, clf, splits.classes, metrics,
-                                   recorded_arch_kwargs(accelerator.unwrap_model(model)))
+                                   recorded_arch_kwargs(clf.net))
 
     def save_state(epoch: int, step: int) -> None:
         save_training_state(accelerator, run_dir, {**progress, "epoch": epoch, "step": step})
@@ -137,13 +150,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         metrics = {"epoch": epoch + 1, "test_accuracy": preds.accuracy, "train_loss": stats.loss,
                    "num_test_samples": len(preds.targets)}
         if accelerator.is_main_process:
-            state_dict = accelerator.get_state_dict(model)
+            state_dict = clf.net.state_dict()  # the whole model, also when only its head was prepared
             save_checkpoint(run_dir / "model.safetensors", state_dict, checkpoint_meta(metrics))
             if preds.accuracy > progress["best_accuracy"]:
-                progress["best_accuracy"] = preds.accuracy
                 save_checkpoint(run_dir / "best.safetensors", state_dict, checkpoint_meta(metrics))
-        else:
-            accelerator.get_state_dict(model)  # a collective under some backends: every process takes part
+        progress["best_accuracy"] = max(progress["best_accuracy"], preds.accuracy)
         save_state(epoch + 1, 0)
 
     stop.restore()

@@ -50,6 +50,10 @@ class TrainConfig:
     freeze: str = option("none", "freeze the lower backbone: 'none', 'backbone' (linear probe: only the head trains), "
                                "a block name such as layer2 or features.7 (frozen up to and including it), "
                                "or a fraction of the blocks such as 0.5")
+    augment: str = option("classic", "training augmentation: classic (RandomResizedCrop + flip) or none "
+                                      "(the eval resize + center crop)", choices=("classic", "none"))
+    cache_features: bool = option(True, "with --freeze backbone and --augment none, compute the backbone's "
+                                        "features once and train the head on them")
     reuse_classifier: bool = option(True, "initialise head rows of classes whose names match a pretrained category "
                                         "from that category's row")
     image_size: int = option(224, "training crop size in pixels (eval resizes to size*256/224, then center-crops)")

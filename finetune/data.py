@@ -333,12 +333,17 @@ def load_splits(data_dir: str | Path, exclude: frozenset[str] = frozenset()) -> 
 
 
 def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int, seed: int,
-                      num_workers: int) -> DataLoader:
+                      num_workers: int, augment: bool = True) -> DataLoader:
     """The training DataLoader: classic augmentation seeded per sample, order fixed per epoch.
 
     Call ``set_epoch`` on it (or on what Accelerate made of it) before each epoch.
+
+    Args:
+        augment: the classic random augmentation; False: the eval preprocessing.
     """
-    return DataLoader(SeededDataset(ds, TrainPreset(size=pre.image_size), seed), batch_size=batch_size,
+    preset = TrainPreset(size=pre.image_size) if augment else \
+        EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)
+    return DataLoader(SeededDataset(ds, preset, seed), batch_size=batch_size,
                       sampler=EpochSampler(len(ds), seed), **_worker_options(num_workers))
 
 
