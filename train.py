@@ -35,7 +35,7 @@ from finetune.state import latest_state, load_training_state, save_training_stat
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config: TrainConfig = parse_config(argv, TrainConfig, description=__doc__.splitlines()[0])
-    accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps)
+    accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile)
     report = Reporter(enabled=accelerator.is_main_process)
     set_seed(config.seed)
 
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {splits.test.root}")
     accelerator.end_training()
     return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes,
-            "model": accelerator.unwrap_model(model)}
+            "model": clf.net}
 
 
 def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def resolve_precision(requested: str, on_cpu: bool, env: dict[str, str] | None =
     return requested
 
 
-def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Accelerator:
+def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: bool = False) -> Accelerator:
     """An Accelerator for this machine: the GPU when there is one, else (many) CPU processes on gloo.
 
     Raises:
@@ -64,6 +64,7 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1) -> Accele
             mixed_precision=resolve_precision(mixed_precision, on_cpu),
             gradient_accumulation_steps=grad_accum_steps,
             step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+            dynamo_backend="inductor" if compile else "no",
         )
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched_world != accelerator.num_processes:

@@ -215,3 +215,12 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_broken(tiny_dat
     for path in (run / "state" / "model.safetensors", run / "model.safetensors"):
         if path.exists():
             assert all(torch.isfinite(t).all() for t in load_file(str(path)).values() if t.is_floating_point())
+
+
+def test_compile_option_trains_and_saves_clean_keys(tiny_data: Path, tmp_path: Path):
+    result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--compile",
+                          "--model", "resnet18"])
+    with safe_open(str(result["run_dir"] / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "fc.weight" in keys and not any("_orig_mod" in k for k in keys)
+    assert result["history"][-1]["train_loss"] > 0
