@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune.checkpoint import atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
+from finetune.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from finetune.errors import UserError
 
 META = {"arch": "resnet18", "classes": ["a", "b"], "image_size": 32, "resize_size": 37,

@@ -1,9 +1,7 @@
 import os
 import sys
-import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -1,0 +1,151 @@
+"""A training run once its pieces exist: what trains on which loaders, and the epoch loop with
+its checkpoints, resumable states, stop signals and numerical checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from finetune.checkpoint import describe_checkpoint, save_checkpoint
+from finetune.config import TrainConfig
+from finetune.data import ModelInput, Splits, make_eval_loader, make_train_loader
+from finetune.engine import NonFiniteLossError, evaluate, train_one_epoch
+from finetune.errors import Stopped, UserError
+from finetune.features import cached_loaders, probe_module
+from finetune.models import Classifier, recorded_arch_kwargs
+from finetune.optim import build_optimizer, build_scheduler, param_groups
+from finetune.preemption import StopSignal
+from finetune.reporting import Reporter
+from finetune.runtime import default_num_workers, rss_mib
+from finetune.state import latest_state, save_training_state
+
+
+@dataclass
+class Session:
+    """The prepared pieces of a run."""
+
+    accelerator: Accelerator
+    model: nn.Module  # what trains (Accelerate-wrapped): the classifier, or only its head on cached features
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    test_loader: Any
+    epoch_sampler: Any  # the sampler behind train_loader (Accelerate's skip wrapper hides it)
+    to_input: Callable[[torch.Tensor], torch.Tensor]
+    cached_features: int | None  # features per image when the head trains on cached features
+
+
+def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifier, splits: Splits) -> Session:
+    """Optimizer, loaders and schedule for ``clf``, prepared by Accelerate.
+
+    With the backbone frozen and no random augmentation, the backbone's features are computed
+    once and only the head trains (``features``).
+    """
+    if config.channels_last:
+        clf.net = clf.net.to(memory_format=torch.channels_last)
+    head_mult = config.lr_head_mult if clf.weights.pretrained else 1.0  # from scratch: one learning rate
+    groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
+    optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
+    workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
+    to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
+    probe = None
+    if config.freeze == "backbone" and config.augment == "none" and config.cache_features:
+        blank = torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8)
+        probe = probe_module(clf.net, clf.head, to_input(blank))
+    if probe is not None:
+        train_loader, test_loader = cached_loaders(
+            accelerator, clf.net, clf.head, splits.train, splits.test, clf.preprocessing, to_input,
+            batch_size=config.batch_size, seed=config.seed, num_workers=workers)
+        trainable, to_input = probe, (lambda features: features)
+    else:
+        trainable = clf.net
+        train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
+                                         seed=config.seed, num_workers=workers, augment=config.augment == "classic")
+        test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size,
+                                       num_workers=workers)
+    epoch_sampler = train_loader.sampler
+    model, optimizer, train_loader, test_loader = accelerator.prepare(trainable, optimizer, train_loader, test_loader)
+    optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process
+    scheduler = accelerator.prepare(build_scheduler(optimizer, round(config.warmup_epochs * optimizer_steps),
+                                                    config.epochs * optimizer_steps))
+    features = train_loader.dataset.features.shape[1] if probe is not None else None
+    return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, epoch_sampler, to_input,
+                   features)
+
+
+def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[str], run_dir: Path,
+        report: Reporter, progress: dict[str, Any]) -> dict[str, Any]:
+    """Train from ``progress`` (epoch, step, history) to the last epoch; return the final progress.
+
+    Saves ``model.safetensors`` (and ``best.safetensors``) after every epoch, a resumable state
+    after every epoch and every ``--save-every`` steps, and stops cleanly on SIGTERM/SIGUSR1.
+
+    Raises:
+        Stopped: after saving a state, when a stop signal arrived.
+        UserError: when the loss became NaN or infinite, naming the step and the last good files.
+    """
+    acc, s = session.accelerator, session
+    steps_per_epoch = len(s.train_loader)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    stop = StopSignal()
+
+    def save_state(epoch: int, step: int) -> None:
+        save_training_state(acc, run_dir, {**progress, "epoch": epoch, "step": step})
+
+    def after_step(epoch: int, step: int, check_finite: Callable[[], None]) -> None:
+        global_batch = epoch * steps_per_epoch + step + 1
+        at_boundary = global_batch % config.grad_accum_steps == 0 and step + 1 < steps_per_epoch
+        if at_boundary and stop.agreed(acc):
+            check_finite()
+            save_state(epoch, step + 1)
+            raise Stopped(f"stopped by {stop.received or 'a signal to another process'} at epoch {epoch + 1}, "
+                          f"step {step + 1}; state saved in {run_dir / 'state'}; "
+                          "continue with the same command and --resume")
+        if at_boundary and config.save_every and global_batch % (config.save_every * config.grad_accum_steps) == 0:
+            check_finite()
+            save_state(epoch, step + 1)
+
+    try:
+        for epoch in range(progress["epoch"], config.epochs):
+            start_step = progress["step"] if epoch == progress["epoch"] else 0
+            loader = acc.skip_first_batches(s.train_loader, start_step) if start_step else s.train_loader
+            # Through Accelerate's loader (it would reset our sampler to its own iteration count)
+            # and directly (its skip wrapper does not pass the epoch on).
+            loader.set_epoch(epoch)
+            s.epoch_sampler.set_epoch(epoch)
+            report.start_epoch(epoch, config.epochs, steps_per_epoch, start_step)
+            try:
+                stats = train_one_epoch(
+                    acc, s.model, loader, s.optimizer, s.scheduler, loss_fn, seed=config.seed, epoch=epoch,
+                    start_step=start_step, to_input=s.to_input,
+                    on_step=lambda step, loss, accuracy, ips: report.update(step, loss, accuracy, ips),
+                    after_step=lambda step, check: after_step(epoch, step, check))
+            except NonFiniteLossError as err:
+                last = [str(p) for p in (run_dir / "model.safetensors", latest_state(run_dir)) if p and p.exists()]
+                raise UserError(f"{err}; last good checkpoint: {' and '.join(last) or 'none yet'}; "
+                                "try a lower --lr") from None
+            preds = evaluate(acc, s.model, s.test_loader, len(classes), to_input=s.to_input)
+            row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
+                   "test_acc": preds.accuracy, "lr": s.scheduler.get_last_lr()[0], "img/s": stats.images_per_s,
+                   "seconds": stats.seconds, "rss_mib": rss_mib()}
+            report.end_epoch(row)
+            progress["history"].append(row)
+            if acc.is_main_process:
+                metrics = {"epoch": epoch + 1, "test_accuracy": preds.accuracy, "train_loss": stats.loss,
+                           "num_test_samples": len(preds.targets)}
+                meta = describe_checkpoint(config, clf, classes, metrics, recorded_arch_kwargs(clf.net))
+                state_dict = clf.net.state_dict()  # the whole model, also when only its head trained
+                save_checkpoint(run_dir / "model.safetensors", state_dict, meta)
+                if preds.accuracy > progress["best_accuracy"]:
+                    save_checkpoint(run_dir / "best.safetensors", state_dict, meta)
+            progress["best_accuracy"] = max(progress["best_accuracy"], preds.accuracy)
+            save_state(epoch + 1, 0)
+    finally:
+        stop.restore()
+    return progress
