@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
-from bench.throughput import write_dataset  # noqa: E402
+from bench.datasets import photo_folder as write_dataset  # noqa: E402
 
 
 def run(data: Path, out: Path, epochs: int, size: int, *extra: str) -> list[dict]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# Two classes of photo-sized JPEGs cut from scikit-image's sample photos.
+PHOTO_CLASSES = {"cat_coffee": ("chelsea", "coffee"), "space": ("astronaut", "rocket")}
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                    "ankle_boot")
@@ -55,4 +57,24 @@ def digits(root: Path, seed: int = 0) -> Path:
     names = [str(i) for i in range(10)]
     write_folder(root, "train", images[order[:cut]], d.target[order[:cut]], names)
     write_folder(root, "test", images[order[cut:]], d.target[order[cut:]], names)
+    return root
+
+
+def photo_folder(root: Path, n_train: int, n_test: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> Path:
+    """Jittered JPEG crops of skimage photos (``size`` pixels), half the images in each of 2 classes."""
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    photos = {name: getattr(skdata, name)() for names in PHOTO_CLASSES.values() for name in names}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            cls = list(PHOTO_CLASSES)[i % len(PHOTO_CLASSES)]
+            src = photos[str(rng.choice(PHOTO_CLASSES[cls]))]
+            h, w = src.shape[:2]
+            ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            crop = src[y:y + ch, x:x + cw] * rng.uniform(0.8, 1.2, size=3)  # per-channel colour jitter
+            img = Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize(size)
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            img.save(root / split / cls / f"{i:05d}.jpg", quality=90)
     return root

@@ -23,39 +23,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file
-from skimage import data as skdata
 from torchvision import datasets, models, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as eval_cmd  # noqa: E402
 import train  # noqa: E402
+from bench.datasets import photo_folder as write_dataset  # noqa: E402
 from finetune.checkpoint import read_metadata  # noqa: E402
 
-CLASSES = {"cat_coffee": ("chelsea", "coffee"), "space": ("astronaut", "rocket")}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-def write_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Jittered 500x375 JPEG crops of skimage photos, alternating between the 2 classes."""
-    rng = np.random.default_rng(seed)
-    photos = {name: getattr(skdata, name)() for names in CLASSES.values() for name in names}
-    for split, n in (("train", n_train), ("test", n_test)):
-        for i in range(n):
-            cls = list(CLASSES)[i % len(CLASSES)]
-            src = photos[str(rng.choice(CLASSES[cls]))]
-            h, w = src.shape[:2]
-            ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
-            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            crop = src[y:y + ch, x:x + cw] * rng.uniform(0.8, 1.2, size=3)  # per-channel colour jitter
-            img = Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize((500, 375))
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            img.save(root / split / cls / f"{i:05d}.jpg", quality=90)
-    return root
 
 
 def make_checkpoint(data: Path, run: Path) -> Path:

@@ -21,39 +21,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
-from skimage import data as skdata
 from torch import nn
 from torchvision import datasets, models, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_dataset  # noqa: E402
 from finetune.runtime import resolve_precision  # noqa: E402
 
 BATCH = 32
-CLASSES = {"cat_coffee": ("chelsea", "coffee"), "space": ("astronaut", "rocket")}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-def write_dataset(root: Path, n_train: int, n_test: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> Path:
-    """Jittered JPEG crops of skimage photos (``size`` pixels), half the images in each of 2 classes."""
-    rng = np.random.default_rng(seed)
-    photos = {name: getattr(skdata, name)() for names in CLASSES.values() for name in names}
-    for split, n in (("train", n_train), ("test", n_test)):
-        for i in range(n):
-            cls = list(CLASSES)[i % len(CLASSES)]
-            src = photos[str(rng.choice(CLASSES[cls]))]
-            h, w = src.shape[:2]
-            ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
-            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            crop = src[y:y + ch, x:x + cw] * rng.uniform(0.8, 1.2, size=3)  # per-channel colour jitter
-            img = Image.fromarray(crop.clip(0, 255).astype(np.uint8)).resize(size)
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            img.save(root / split / cls / f"{i:05d}.jpg", quality=90)
-    return root
 
 
 def classic(data: Path, epochs: int, lr: float = 5e-4) -> tuple[list[float], float]:
