@@ -37,6 +37,7 @@ class EvalConfig:
     output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: beside the checkpoint)")
     batch_size: int = option(64, "images per process per batch")
     num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
+    threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)")
     mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
     channels_last: bool = option(True, "use the channels-last memory format")
 
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     classes = meta["classes"]
     net = build_for_checkpoint(meta["arch"], len(classes), meta)
     load_exactly(net, state, f"{config.ckpt} does not fit a {meta['arch']} with {len(classes)} classes")
-    accelerator = build_accelerator(config.mixed_precision)
+    accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads)
     report = Reporter(enabled=accelerator.is_main_process)
     out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
     if accelerator.is_main_process:

@@ -29,7 +29,7 @@ from finetune.state import latest_state, load_training_state
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config: TrainConfig = parse_config(argv, TrainConfig, description=__doc__.splitlines()[0])
-    accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile)
+    accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile, config.threads)
     report = Reporter(enabled=accelerator.is_main_process)
     set_seed(config.seed)
 

@@ -66,6 +66,8 @@ class TrainConfig:
                                 choices=PRECISIONS)
     grad_accum_steps: int = option(1, "gradient accumulation steps per optimizer step")
     num_workers: int = option(-1, "data-loading worker processes per process (-1: matched to the CPU cores)")
+    threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's "
+                              "processes, whatever OMP_NUM_THREADS says)")
     compile: bool = option(False, "torch.compile the model (inductor): pays for its compile time only on long "
                                   "runs; see bench/compile_speed.py")
     channels_last: bool = option(True, "use the channels-last memory format (faster convolutions)")

@@ -7,22 +7,26 @@ Compute nodes that share the home folder (or TORCH_HOME) then find the file with
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from typing import Sequence
 
+from finetune.config import option, parse_config
 from finetune.errors import run_cli
 from finetune.models import check_model_name, ensure_cached, torchvision_weights
 
 
+@dataclass
+class FetchConfig:
+    model: str = option("mobilenet_v2", "torchvision model name")
+    weights: str = option("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mobilenet_v2", help="torchvision model name")
-    parser.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weights name")
-    args = parser.parse_args(argv)
-    check_model_name(args.model)
-    path = ensure_cached(torchvision_weights(args.model, args.weights))
-    print(f"{args.model} {args.weights}: {path}")
+    config: FetchConfig = parse_config(argv, FetchConfig, description=__doc__.splitlines()[0])
+    check_model_name(config.model)
+    path = ensure_cached(torchvision_weights(config.model, config.weights))
+    print(f"{config.model} {config.weights}: {path}")
 
 
 if __name__ == "__main__":

@@ -47,8 +47,12 @@ def resolve_precision(requested: str, on_cpu: bool, env: dict[str, str] | None =
     return requested
 
 
-def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: bool = False) -> Accelerator:
+def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: bool = False,
+                      cpu_threads: int = -1) -> Accelerator:
     """An Accelerator for this machine: the GPU when there is one, else (many) CPU processes on gloo.
+
+    Args:
+        cpu_threads: compute threads per process on the CPU (``set_cpu_threads``).
 
     Raises:
         UserError: when several processes were launched but they did not join one group.
@@ -66,6 +70,8 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
             step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
             dynamo_backend="inductor" if compile else "no",
         )
+    if on_cpu:
+        set_cpu_threads(cpu_threads)
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched_world != accelerator.num_processes:
         raise UserError(f"launched {launched_world} processes but they did not form one group "
@@ -73,13 +79,28 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
     return accelerator
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def default_num_workers(num_processes: int) -> int:
     """Data-loading workers per process: the cores this process may use, shared among processes."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores // max(1, num_processes)))
+    return max(1, min(8, _cores() // max(1, num_processes)))
+
+
+def set_cpu_threads(threads: int) -> int:
+    """Set the compute threads of a CPU run; ``-1``: the cores shared among this machine's processes.
+
+    ``accelerate launch`` without ``--cpu`` sets OMP_NUM_THREADS=1 on CPU-only machines, which
+    halves the speed of a one-process run on two cores; ``-1`` therefore ignores OMP_NUM_THREADS.
+    """
+    if threads < 1:
+        threads = max(1, _cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def rss_mib() -> float:
