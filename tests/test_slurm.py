@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from conftest import ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
-TRAIN_FLAGS = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--num-workers", "0"]
+# One thread each: the emulated nodes share this host's two cores.
+TRAIN_FLAGS = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--num-workers", "0",
+               "--threads", "1"]
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get") and not shutil.which("sbatch"),
                                 reason="a one-host SLURM cluster needs root and Debian packages")
@@ -43,10 +45,10 @@ def slurm_data(tmp_path_factory) -> Path:
     return data
 
 
-def sbatch(out_dir: Path, *train_args: str) -> int:
+def sbatch(out_dir: Path, *train_args: str, env: dict[str, str] | None = None) -> int:
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={out_dir}/slurm-%j.out",
                            f"--chdir={ROOT}", str(ROOT / "slurm" / "finetune.sh"), *train_args],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip().split(";")[0])
 
@@ -72,13 +74,15 @@ def log_of(out_dir: Path, job: int) -> str:
     return (out_dir / f"slurm-{job}.out").read_text(errors="replace")
 
 
-def test_two_node_job_trains_evaluates_and_every_process_takes_part(cluster, slurm_data: Path, tmp_path: Path):
-    job = sbatch(tmp_path, "--data", str(slurm_data), *TRAIN_FLAGS, "--epochs", "2", "--batch-size", "4",
-                 "--output-dir", str(tmp_path / "run"))
+def test_two_node_job_of_four_processes_trains_evaluates_and_every_process_takes_part(cluster, slurm_data: Path, tmp_path: Path):
+    # Two CPU processes on each of the two nodes: four ranks in one gloo group.
+    job = sbatch(tmp_path, "--data", str(slurm_data), *TRAIN_FLAGS, "--epochs", "2", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "run"), env={"NPROC_PER_NODE": "2"})
     info = wait_for(job, 300)
     log = log_of(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
-    assert "node 0 " in log and "node 1 " in log and "2 process(es) on cpu" in log
+    assert "node 0 (" in log and "node 1 (" in log and "starting 2 process(es)" in log
+    assert "4 process(es) on cpu" in log
     assert (tmp_path / "run" / "model.safetensors").is_file()
     proc = run_cmd(python_cmd("eval.py", "--ckpt", str(tmp_path / "run" / "model.safetensors"), "--data",
                               str(slurm_data / "test"), "--output-dir", str(tmp_path / "eval"), "--num-workers", "0"))

@@ -223,3 +223,19 @@ def test_compile_option_trains_and_saves_clean_keys(tiny_data: Path, tmp_path: P
         keys = list(f.keys())
     assert "fc.weight" in keys and not any("_orig_mod" in k for k in keys)
     assert result["history"][-1]["train_loss"] > 0
+
+
+def optimizer_groups(run: Path) -> dict[str, dict]:
+    state = torch.load(run / "state" / "optimizer.bin", weights_only=True)
+    names = {i: g["name"] for i, g in enumerate(state["param_groups"])}
+    return {names[i]: g for i, g in enumerate(state["param_groups"])}
+
+
+def test_head_learning_rate_multiplier_and_one_rate_from_scratch(tiny_data: Path, tmp_path: Path):
+    common = ["--data", str(tiny_data), *FAST, "--model", "mobilenet_v2", "--lr", "0.002", "--weight-decay", "0.001"]
+    quiet_train([*common, "--weights", "IMAGENET1K_V1", "--lr-head-mult", "5", "--output-dir", str(tmp_path / "ft")])
+    groups = optimizer_groups(tmp_path / "ft")
+    assert groups["head"]["initial_lr"] == pytest.approx(0.01) and groups["backbone"]["initial_lr"] == 0.002
+    assert groups["backbone_no_decay"]["weight_decay"] == 0 and groups["backbone"]["weight_decay"] == 0.001
+    quiet_train([*common, "--weights", "none", "--lr-head-mult", "5", "--output-dir", str(tmp_path / "sc")])
+    assert {g["initial_lr"] for g in optimizer_groups(tmp_path / "sc").values()} == {0.002}
