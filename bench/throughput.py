@@ -32,6 +32,8 @@ from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_datas
 from finetune.runtime import resolve_precision  # noqa: E402
 
 BATCH = 32
+# The GPU when there is one (train.py picks it by itself), else the CPU.
+DEVICE = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -44,6 +46,7 @@ def classic(data: Path, epochs: int, lr: float = 5e-4) -> tuple[list[float], flo
     loader = torch.utils.data.DataLoader(train_ds, batch_size=BATCH, shuffle=True, num_workers=2)
     net = models.resnet18(weights=None)  # d2l loads ImageNet weights; no downloads here
     net.fc = nn.Linear(512, len(train_ds.classes))
+    net = net.to(DEVICE)  # the chapter trains on its GPUs when there are any
     params_1x = [p for name, p in net.named_parameters() if name not in ("fc.weight", "fc.bias")]
     optimizer = torch.optim.SGD([{"params": params_1x}, {"params": net.fc.parameters(), "lr": lr * 10}],
                                 lr=lr, weight_decay=0.001)
@@ -53,6 +56,7 @@ def classic(data: Path, epochs: int, lr: float = 5e-4) -> tuple[list[float], flo
         net.train()
         seen, start = 0, time.perf_counter()
         for images, targets in loader:
+            images, targets = images.to(DEVICE), targets.to(DEVICE)
             optimizer.zero_grad()
             loss = loss_fn(net(images), targets)
             loss.backward()
@@ -73,7 +77,7 @@ def test_accuracy(net: nn.Module, folder: Path) -> float:
     correct = total = 0
     with torch.no_grad():
         for images, targets in loader:
-            correct += (net(images).argmax(dim=1) == targets).sum().item()
+            correct += (net(images.to(DEVICE)).argmax(dim=1).cpu() == targets).sum().item()
             total += targets.shape[0]
     return correct / total
 
@@ -90,21 +94,22 @@ def finetune(data: Path, epochs: int, out_dir: Path) -> list[dict[str, Any]]:
 def compute_only(steps: int, precision: str, warmup: int = 2) -> float:
     """(c) The ceiling: resnet18 training steps on a batch already in memory, in the project's precision
     and memory format (no decoding, augmentation or loader). Images/s."""
-    net = models.resnet18(weights=None, num_classes=len(CLASSES)).to(memory_format=torch.channels_last)
+    net = models.resnet18(weights=None, num_classes=len(CLASSES)).to(DEVICE, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    images = torch.randn(BATCH, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    targets = torch.randint(0, len(CLASSES), (BATCH,))
+    images = torch.randn(BATCH, 3, 224, 224, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, len(CLASSES), (BATCH,), device=DEVICE)
     loss_fn = nn.CrossEntropyLoss()
     net.train()
     start = 0.0
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn(net(images), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    loss.item()  # wait for the device to finish before reading the clock
     return steps * BATCH / (time.perf_counter() - start)
 
 
@@ -118,7 +123,7 @@ def settings(precision: str) -> dict[str, Any]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(), "cores": len(os.sched_getaffinity(0)),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "project_precision": precision,
-            "batch": BATCH}
+            "batch": BATCH, "device": str(DEVICE)}
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -147,7 +152,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out/throughput.json")
     parser.add_argument("--large", action="store_true", help="also train on 3000x2000 photos")
     args = parser.parse_args()
-    precision = resolve_precision("auto", on_cpu=not torch.accelerator.is_available())
+    precision = resolve_precision("auto", on_cpu=DEVICE.type == "cpu")
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         data = write_dataset(Path(tmp) / "data", args.images, max(BATCH, args.images // 4))
         thread_settings = settings(precision)  # as a plain user gets them, before any side runs
