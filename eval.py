@@ -26,7 +26,7 @@ from finetune.metrics import summarise
 from finetune.models import build_for_checkpoint, fuse_for_inference, load_exactly
 from finetune.reporting import Reporter, confusion_table, per_class_table
 from finetune.rundir import ensure_writable
-from finetune.runtime import build_accelerator, default_num_workers
+from finetune.runtime import build_accelerator, num_workers
 
 
 @dataclass
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in missing_classes(classes, dataset):
         report.print(f"warning: class '{name}' has no images in {data_dir}")
     pre = Preprocessing(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
-    workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
+    workers = num_workers(config.num_workers, accelerator.num_processes)
     loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers)
     net = fuse_for_inference(net)
     if config.channels_last:

@@ -86,9 +86,9 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_num_workers(num_processes: int) -> int:
-    """Data-loading workers per process: the cores this process may use, shared among processes."""
-    return max(1, min(8, _cores() // max(1, num_processes)))
+def num_workers(requested: int, num_processes: int) -> int:
+    """Data-loading workers per process: ``requested``, or for ``-1`` the cores shared among processes."""
+    return requested if requested >= 0 else max(1, min(8, _cores() // max(1, num_processes)))
 
 
 def set_cpu_threads(threads: int) -> int:

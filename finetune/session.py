@@ -22,7 +22,7 @@ from finetune.models import Classifier, recorded_arch_kwargs
 from finetune.optim import build_optimizer, build_scheduler, param_groups
 from finetune.preemption import StopSignal
 from finetune.reporting import Reporter
-from finetune.runtime import default_num_workers, rss_mib
+from finetune.runtime import num_workers, rss_mib
 from finetune.state import latest_state, save_training_state
 
 
@@ -52,7 +52,7 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     head_mult = config.lr_head_mult if clf.weights.pretrained else 1.0  # from scratch: one learning rate
     groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
     optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
-    workers = config.num_workers if config.num_workers >= 0 else default_num_workers(accelerator.num_processes)
+    workers = num_workers(config.num_workers, accelerator.num_processes)
     to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
     probe = None
     if config.freeze == "backbone" and config.augment == "none" and config.cache_features:
