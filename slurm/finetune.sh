@@ -56,15 +56,14 @@ requeue() {
 trap requeue USR1
 
 export MASTER_ADDR MASTER_PORT NPROC WORLD PYTHON
-# Single quotes: each task expands its own SLURM_NODEID (else every node would claim rank 0).
+# launch/multi_node.yaml is the template; each node fills in its rank and the rendezvous. Single quotes: each task expands its own SLURM_NODEID (else every node would claim rank 0).
 # --kill-on-bad-exit: a crash on one node ends the others at once instead of leaving them
 # waiting in a collective until the time limit.
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$SLURM_NNODES" bash -c '
   echo "node $SLURM_NODEID ($(hostname -s)) starting $NPROC process(es)"
-  exec "$PYTHON" -m accelerate.commands.launch --multi_gpu \
+  exec "$PYTHON" -m accelerate.commands.launch --config_file launch/multi_node.yaml \
     --num_machines "$SLURM_NNODES" --num_processes "$WORLD" --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-    --rdzv_backend static --same_network --dynamo_backend no --mixed_precision no \
     train.py --resume "$@"' finetune "${RUN_ARGS[@]}" &
 SRUN_PID=$!
 # wait returns early when a trapped signal arrives: wait again until srun has really finished.
