@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from finetune.checkpoint import atomic_write_text, load_checkpoint
+from finetune.checkpoint import load_checkpoint
+from finetune.files import atomic_write_text
 from finetune.config import PRECISIONS, option, parse_config
 from finetune.data import EVAL_SPLITS, ModelInput, Preprocessing, find_split, image_folder, make_eval_loader, missing_classes
 from finetune.engine import evaluate

@@ -1,4 +1,4 @@
-"""Self-describing safetensors checkpoints and atomic file writes.
+"""Self-describing safetensors checkpoints.
 
 A checkpoint is ``model.safetensors``: the unwrapped model's tensors, plus one metadata entry
 ``finetune`` holding JSON with everything eval.py needs to rebuild the model and its
@@ -8,63 +8,19 @@ preprocessing. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from finetune.errors import UserError
+from finetune.files import atomic_path
 
 FORMAT = "finetune.checkpoint/1"
 METADATA_KEY = "finetune"
 REQUIRED = ("arch", "classes", "image_size", "resize_size", "mean", "std")
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
-
-    A kill at any instant leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot save {path}: {err.strerror or err}; the previous file, if any, is intact") from None
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -192,6 +192,6 @@ def parse_config(argv: Sequence[str] | None = None, cls: type = TrainConfig, des
 
 def save_yaml(config: Any, path: str | Path) -> None:
     """Write the resolved configuration as YAML (atomically)."""
-    from finetune.checkpoint import atomic_write_text
+    from finetune.files import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

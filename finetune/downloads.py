@@ -8,7 +8,6 @@ final place and renamed, so an interrupted download leaves nothing half-made.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -22,6 +21,7 @@ from typing import Sequence
 from finetune.config import option, parse_config
 from finetune.demo import cache_dir
 from finetune.errors import UserError, run_cli
+from finetune.files import file_digest
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,6 @@ ARCHIVES = {
     "hotdog": Archive("http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip",
                       "fba480ffa8aa7e0febbb511d181409f899b9baa5", "hotdog"),
 }
-
-
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_dataset(name: str, root: Path | None = None, archive: Archive | None = None) -> Path:
@@ -75,7 +67,7 @@ def download_dataset(name: str, root: Path | None = None, archive: Archive | Non
         except Exception as err:  # URLError, socket and SSL errors: all mean "cannot download"
             raise UserError(f"cannot download {archive.url} ({type(err).__name__}); on a machine with internet "
                             f"run `python -m finetune.downloads {name}` and copy {target} here") from None
-        if _sha1(zip_path) != archive.sha1:
+        if file_digest(zip_path, "sha1") != archive.sha1:
             raise UserError(f"{archive.url} downloaded damaged (SHA-1 mismatch); try again")
         try:
             with zipfile.ZipFile(zip_path) as zf:

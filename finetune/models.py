@@ -8,7 +8,6 @@ that works the user gets one line saying how to get them.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -23,6 +22,7 @@ from torchvision.models import get_model, get_model_weights, list_models
 
 from finetune.data import Preprocessing
 from finetune.errors import UserError
+from finetune.files import file_digest
 from finetune.surgery import find_head, freeze, match_classes, replace_head
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,14 +82,6 @@ def _hash_prefix(filename: str) -> str | None:
     return tail if len(tail) >= 8 and all(c in "0123456789abcdef" for c in tail) else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _from_mirror(target: Path) -> bool:
     mirror = OFFLINE_MIRRORS.get(target.name)
     if mirror is None:
@@ -100,7 +92,7 @@ def _from_mirror(target: Path) -> bool:
         return False
     source = Path(list(spec.submodule_search_locations)[0]) / inner
     prefix = _hash_prefix(target.name)
-    if not source.is_file() or (prefix and not _sha256(source).startswith(prefix)):
+    if not source.is_file() or (prefix and not file_digest(source).startswith(prefix)):
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial")

@@ -8,7 +8,6 @@ hashes every file to find images shared between train and test.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.data import EVAL_SPLITS, IMAGE_EXTENSIONS, find_split
+from finetune.files import file_digest
 
 IMBALANCE_RATIO = 10  # largest class / smallest class above this is reported
 # What each extension should hold (Pillow's format names).
@@ -72,7 +72,7 @@ def _check_file(path: Path, full: bool) -> tuple[str | None, str | None, str | N
         return f"cannot be decoded ({err})", None, None
     expected = EXPECTED_FORMATS.get(path.suffix.lower())
     wrong = fmt if expected and fmt and fmt != expected else None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if full else None
+    digest = file_digest(path) if full else None
     return None, wrong, digest
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from finetune.checkpoint import atomic_write_text
+from finetune.files import atomic_write_text
 from finetune.errors import UserError
 
 STATE = "state"

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from finetune.checkpoint import load_checkpoint, save_checkpoint
+from finetune.files import atomic_path, atomic_write_text
 from finetune.errors import UserError
 
 META = {"arch": "resnet18", "classes": ["a", "b"], "image_size": 32, "resize_size": 37,
@@ -27,7 +28,6 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path: Path):
     path = tmp_path / "metrics.json"
     atomic_write_text(path, "good")
     with pytest.raises(RuntimeError):
-        from finetune.checkpoint import atomic_path
         with atomic_path(path) as tmp:
             tmp.write_text("half")
             raise RuntimeError("disk full")
