@@ -19,7 +19,7 @@ import torch
 
 from finetune.checkpoint import load_checkpoint
 from finetune.files import atomic_write_text
-from finetune.config import PRECISIONS, option, parse_config
+from finetune.config import PRECISIONS, check_values, option, parse_config
 from finetune.data import EVAL_SPLITS, ModelInput, Preprocessing, find_split, image_folder, make_eval_loader, missing_classes
 from finetune.engine import evaluate
 from finetune.errors import UserError, run_cli
@@ -34,13 +34,16 @@ from finetune.runtime import build_accelerator, num_workers
 class EvalConfig:
     ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors)")
     data: str | None = option(None, "ImageFolder to evaluate (one sub-folder per class); "
-                                  "a dataset folder with test/ or val/ uses that split")
+                                  "a dataset folder with train/ and test/ (or val/) uses its test split")
     output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: beside the checkpoint)")
-    batch_size: int = option(64, "images per process per batch")
+    batch_size: int = option(64, "images per process per batch", minimum=1)
     num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
     threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)")
     mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
     channels_last: bool = option(True, "use the channels-last memory format")
+
+    def __post_init__(self) -> None:
+        check_values(self)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -64,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in missing_classes(classes, dataset):
         report.print(f"warning: class '{name}' has no images in {data_dir}")
     pre = Preprocessing(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
-    workers = num_workers(config.num_workers, accelerator.num_processes)
+    workers = num_workers(config.num_workers)
     loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers)
     net = fuse_for_inference(net)
     if config.channels_last:

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 from finetune.files import atomic_path
 
 FORMAT = "finetune.checkpoint/1"
@@ -54,7 +54,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path} is not a readable safetensors checkpoint ({_first_line(err)})") from None
+        raise UserError(f"{path} is not a readable safetensors checkpoint ({first_line(err)})") from None
     if METADATA_KEY not in raw:
         raise UserError(f"{path} is a safetensors file without finetune metadata (not written by train.py)")
     try:
@@ -91,7 +91,7 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
+        raise UserError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -99,10 +99,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     meta = read_metadata(path)
     return load_safetensors(path), meta
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def library_versions() -> dict[str, str]:

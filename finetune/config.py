@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -37,15 +37,15 @@ class TrainConfig:
     model: str = option("mobilenet_v2", "any torchvision classification model name, e.g. resnet18")
     weights: str = option("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), "
                                          "a local .pth/.safetensors file, or 'none' to train from scratch")
-    epochs: int = option(5, "passes over the training set")
-    batch_size: int = option(32, "images per process per step (global batch = this x processes x accumulation)")
-    lr: float = option(1e-3, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)")
-    lr_head_mult: float = option(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)")
-    weight_decay: float = option(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)")
+    epochs: int = option(5, "passes over the training set", minimum=1)
+    batch_size: int = option(32, "images per process per step (global batch = this x processes x accumulation)", minimum=1)
+    lr: float = option(1e-3, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)", minimum=0)
+    lr_head_mult: float = option(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)", minimum=0)
+    weight_decay: float = option(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)", minimum=0)
     decay_norm_and_bias: bool = option(False, "also apply weight decay to norm-layer and bias parameters")
     optimizer: str = option("sgd", "sgd (momentum 0.9, nesterov) or adamw", choices=OPTIMIZERS)
-    momentum: float = option(0.9, "SGD momentum")
-    warmup_epochs: float = option(1.0, "linear learning-rate warmup, in epochs, before the cosine decay")
+    momentum: float = option(0.9, "SGD momentum", minimum=0)
+    warmup_epochs: float = option(1.0, "linear learning-rate warmup, in epochs, before the cosine decay", minimum=0)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
     freeze: str = option("none", "freeze the lower backbone: 'none', 'backbone' (linear probe: only the head trains), "
                                "a block name such as layer2 or features.7 (frozen up to and including it), "
@@ -56,15 +56,15 @@ class TrainConfig:
                                         "features once and train the head on them")
     reuse_classifier: bool = option(True, "initialise head rows of classes whose names match a pretrained category "
                                         "from that category's row")
-    image_size: int = option(224, "training crop size in pixels (eval resizes to size*256/224, then center-crops)")
+    image_size: int = option(224, "training crop size in pixels (eval resizes to size*256/224, then center-crops)", minimum=1)
     seed: int = option(0, "random seed; a CPU run with the same seed is reproducible bit for bit")
     output_dir: str | None = option(None, "run folder (model.safetensors is written in it); default runs/MODEL-DATA")
     resume: bool = option(False, "continue the run in --output-dir from its latest saved state")
-    save_every: int = option(0, "also save a resumable state every N optimizer steps (0: at each epoch end only)")
+    save_every: int = option(0, "also save a resumable state every N optimizer steps (0: at each epoch end only)", minimum=0)
     mixed_precision: str = option("auto", "auto (bf16 where the hardware runs it fast, else fp32), no, bf16, fp16; "
                                         "accelerate launch --mixed_precision also works",
                                 choices=PRECISIONS)
-    grad_accum_steps: int = option(1, "gradient accumulation steps per optimizer step")
+    grad_accum_steps: int = option(1, "gradient accumulation steps per optimizer step", minimum=1)
     num_workers: int = option(-1, "data-loading worker processes per process (-1: matched to the CPU cores)")
     threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's "
                               "processes, whatever OMP_NUM_THREADS says)")
@@ -77,23 +77,21 @@ class TrainConfig:
                          choices=BAD_DATA_POLICIES)
 
     def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size,
-                    "grad_accum_steps": self.grad_accum_steps}
-        for name, value in positive.items():
-            if value < 1:
-                raise UserError(f"--{_flag(name)} must be at least 1, got {value}")
-        for name in ("lr", "lr_head_mult", "weight_decay", "warmup_epochs", "save_every", "momentum"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        check_values(self)
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+def check_values(config: Any) -> None:
+    """Each field's ``choices`` and ``minimum`` (from ``option``); a UserError names the flag."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+        if choices and value not in choices:
+            raise UserError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+        if minimum is not None and value is not None and value < minimum:
+            bound = "not be negative" if minimum == 0 else f"be at least {minimum}"
+            raise UserError(f"--{_flag(f.name)} must {bound}, got {value}")
 
 
 def _flag(name: str) -> str:
@@ -159,7 +157,7 @@ def read_yaml(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read config file {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read config file {path}: {first_line(err)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -91,7 +91,7 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
             optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 scheduler.step()
-        if accelerator.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed
+        if accelerator.scaler is not None and accelerator.sync_gradients:  # fp16: the scaler skips overflowing steps
             skipped_in_a_row = skipped_in_a_row + 1 if optimizer.step_was_skipped else 0
             if skipped_in_a_row >= MAX_SKIPPED_STEPS:
                 raise NonFiniteLossError(f"fp16 gradients overflowed {skipped_in_a_row} steps in a row (up to step "
@@ -128,10 +128,6 @@ class Predictions:
     @property
     def accuracy(self) -> float:
         return (self.topk[:, 0] == self.targets).float().mean().item() if len(self.targets) else 0.0
-
-    def topk_accuracy(self, k: int) -> float:
-        hits = (self.topk[:, :k] == self.targets[:, None]).any(dim=1)
-        return hits.float().mean().item() if len(self.targets) else 0.0
 
 
 @torch.inference_mode()

@@ -47,3 +47,9 @@ def one_line(err: BaseException) -> str:
         head, sep, rest = last.partition(": ")
         text = rest if sep and "." in head and " " not in head else last
     return " ".join(text.split())
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type where it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -24,12 +24,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes files private; a run's files are not
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file below ``folder`` and the folder itself, before it is renamed into place."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torchvision
@@ -21,8 +23,8 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
 from finetune.data import Preprocessing
-from finetune.errors import UserError
-from finetune.files import file_digest
+from finetune.errors import UserError, first_line
+from finetune.files import atomic_path, file_digest
 from finetune.surgery import find_head, freeze, match_classes, replace_head
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,6 +63,20 @@ def check_model_name(name: str) -> None:
                         "resnet18, mobilenet_v2, efficientnet_b0, convnext_tiny, vit_b_16")
 
 
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Make every ``torch.load`` in this block load tensors only, whatever its caller asked for."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
 def torchvision_weights(model: str, weights: str) -> Any:
     """The torchvision weights enum member named ``weights`` for ``model``."""
     enum = get_model_weights(model)
@@ -95,9 +111,8 @@ def _from_mirror(target: Path) -> bool:
     if not source.is_file() or (prefix and not file_digest(source).startswith(prefix)):
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:  # a unique temporary name: several processes may copy at once
+        shutil.copyfile(source, tmp)
     return True
 
 
@@ -135,7 +150,7 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UserError(f"{path} is not a plain weights file (only tensors are loaded, nothing is "
-                        f"unpickled): {str(err).strip().splitlines()[0]}") from None
+                        f"unpickled): {first_line(err)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -157,8 +172,13 @@ def build_pretrained(model: str, weights: str) -> tuple[nn.Module, WeightsInfo]:
     if weights.lower().endswith((".pth", ".pt", ".safetensors")) or os.sep in weights:
         return _from_file(model, Path(weights))
     enum = torchvision_weights(model, weights)
-    ensure_cached(enum)
-    net = get_model(model, weights=enum)
+    path = ensure_cached(enum)
+    try:
+        with weights_only_loads():  # torchvision's loader would unpickle the cached file in full
+            net = get_model(model, weights=enum)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"{path} is not a plain weights file for {model} (only tensors are loaded, nothing "
+                        f"is unpickled): {first_line(err)}; delete it to download it again") from None
     transforms = enum.transforms()
     info = WeightsInfo(
         name=f"{type(enum).__name__}.{enum.name}",
@@ -204,8 +224,10 @@ def _num_outputs(state: dict[str, torch.Tensor], meta: dict[str, Any] | None) ->
     if meta:
         return len(meta["classes"])
     # The last 2-D/4-D weight in the file is the classifier's in every torchvision family.
-    last = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)][-1]
-    return last.shape[0]
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
+    if not weights:
+        raise UserError("the weights file holds no layer weights (no 2-D or 4-D '*.weight' tensor)")
+    return weights[-1].shape[0]
 
 
 def arch_kwargs(arch: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:

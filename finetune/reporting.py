@@ -31,7 +31,8 @@ class Reporter:
 
     def print(self, *objects: Any) -> None:
         if self.enabled:
-            self.console.print(*objects, highlight=False, soft_wrap=True)
+            # markup=False: messages hold user paths and class names, where [brackets] are literal.
+            self.console.print(*objects, highlight=False, soft_wrap=True, markup=False)
 
     def start_epoch(self, epoch: int, epochs: int, total_steps: int, done_steps: int = 0) -> None:
         if not self.live:

@@ -86,9 +86,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def num_workers(requested: int, num_processes: int) -> int:
-    """Data-loading workers per process: ``requested``, or for ``-1`` the cores shared among processes."""
-    return requested if requested >= 0 else max(1, min(8, _cores() // max(1, num_processes)))
+def cores_per_process() -> int:
+    """This machine's cores shared among the processes running on it (``LOCAL_WORLD_SIZE``)."""
+    return max(1, _cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def num_workers(requested: int) -> int:
+    """Data-loading workers per process: ``requested``, or for ``-1`` this process's share of the cores."""
+    return requested if requested >= 0 else min(8, cores_per_process())
 
 
 def set_cpu_threads(threads: int) -> int:
@@ -98,7 +103,7 @@ def set_cpu_threads(threads: int) -> int:
     halves the speed of a one-process run on two cores; ``-1`` therefore ignores OMP_NUM_THREADS.
     """
     if threads < 1:
-        threads = max(1, _cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        threads = cores_per_process()
     torch.set_num_threads(threads)
     return threads
 

@@ -52,7 +52,7 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     head_mult = config.lr_head_mult if clf.weights.pretrained else 1.0  # from scratch: one learning rate
     groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
     optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
-    workers = num_workers(config.num_workers, accelerator.num_processes)
+    workers = num_workers(config.num_workers)
     to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
     probe = None
     if config.freeze == "backbone" and config.augment == "none" and config.cache_features:
@@ -79,6 +79,11 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
                    features)
 
 
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite (one host sync: call it where a save happens anyway)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
 def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[str], run_dir: Path,
         report: Reporter, progress: dict[str, Any]) -> dict[str, Any]:
     """Train from ``progress`` (epoch, step, history) to the last epoch; return the final progress.
@@ -95,20 +100,29 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     stop = StopSignal()
 
+    optimizer_steps_per_epoch = math.ceil(steps_per_epoch / config.grad_accum_steps)
+
     def save_state(epoch: int, step: int) -> None:
+        if not weights_finite(s.model):  # the last update may have broken weights whose loss was fine
+            raise UserError(f"the weights became NaN or infinite in epoch {epoch + 1} before step {step + 1}; "
+                            f"last good checkpoint: {latest_state(run_dir) or 'none yet'}; try a lower --lr")
         save_training_state(acc, run_dir, {**progress, "epoch": epoch, "step": step})
 
-    def after_step(epoch: int, step: int, check_finite: Callable[[], None]) -> None:
-        global_batch = epoch * steps_per_epoch + step + 1
-        at_boundary = global_batch % config.grad_accum_steps == 0 and step + 1 < steps_per_epoch
-        if at_boundary and stop.agreed(acc):
-            check_finite()
-            save_state(epoch, step + 1)
+    def stop_if_asked(epoch: int, step: int) -> None:
+        if stop.agreed(acc):
+            save_state(epoch, step)
             raise Stopped(f"stopped by {stop.received or 'a signal to another process'} at epoch {epoch + 1}, "
-                          f"step {step + 1}; state saved in {run_dir / 'state'}; "
+                          f"step {step}; state saved in {run_dir / 'state'}; "
                           "continue with the same command and --resume")
-        if at_boundary and config.save_every and global_batch % (config.save_every * config.grad_accum_steps) == 0:
-            check_finite()
+
+    def after_step(epoch: int, step: int, check_finite: Callable[[], None]) -> None:
+        # Only between optimizer steps: Accelerate counts accumulation within each epoch.
+        if (step + 1) % config.grad_accum_steps or step + 1 >= steps_per_epoch:
+            return
+        check_finite()  # before any save: no state of a run that has gone NaN
+        stop_if_asked(epoch, step + 1)
+        optimizer_step = epoch * optimizer_steps_per_epoch + (step + 1) // config.grad_accum_steps
+        if config.save_every and optimizer_step % config.save_every == 0:
             save_state(epoch, step + 1)
 
     try:
@@ -136,6 +150,9 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
                    "seconds": stats.seconds, "rss_mib": rss_mib()}
             report.end_epoch(row)
             progress["history"].append(row)
+            if not weights_finite(s.model):
+                raise UserError(f"the weights became NaN or infinite in epoch {epoch + 1}; last good checkpoint: "
+                                f"{latest_state(run_dir) or 'none yet'}; try a lower --lr")
             if acc.is_main_process:
                 metrics = {"epoch": epoch + 1, "test_accuracy": preds.accuracy, "train_loss": stats.loss,
                            "num_test_samples": len(preds.targets)}
@@ -146,6 +163,8 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
                     save_checkpoint(run_dir / "best.safetensors", state_dict, meta)
             progress["best_accuracy"] = max(progress["best_accuracy"], preds.accuracy)
             save_state(epoch + 1, 0)
+            if epoch + 1 < config.epochs:
+                stop_if_asked(epoch + 1, 0)  # a signal that came during evaluation or saving
     finally:
         stop.restore()
     return progress

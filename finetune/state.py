@@ -15,8 +15,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from finetune.files import atomic_write_text
-from finetune.errors import UserError
+from finetune.files import atomic_write_text, fsync_tree
+from finetune.errors import UserError, first_line
 
 STATE = "state"
 PROGRESS = "progress.json"
@@ -32,11 +32,12 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, progress: dict[
         accelerator.save_state(str(tmp))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot save the training state in {tmp}: {str(err).strip().splitlines()[0]}; "
+        raise UserError(f"cannot save the training state in {tmp}: {first_line(err)}; "
                         f"the previous state in {final} is intact") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / PROGRESS, json.dumps(progress, indent=1))
+        fsync_tree(tmp)  # Accelerate writes without fsync: make the state durable before it replaces the last
         # state -> state.old, state.tmp -> state, drop state.old: one of them is whole at any instant.
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -66,6 +67,5 @@ def load_training_state(accelerator: Accelerator, folder: Path) -> dict[str, Any
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # a state of another model, a truncated file, a pickle we refuse to run
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot resume from {folder}: {first[:300]}") from None
+        raise UserError(f"cannot resume from {folder}: {first_line(err)[:300]}") from None
     return progress

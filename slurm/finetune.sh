@@ -36,14 +36,13 @@ if [ "$GPUS" -gt 0 ] 2>/dev/null; then
   NPROC=${NPROC_PER_NODE:-$GPUS}
 else
   NPROC=${NPROC_PER_NODE:-1}
-  export ACCELERATE_USE_CPU=1
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / NPROC > 0 ? ${SLURM_CPUS_PER_TASK:-1} / NPROC : 1 ))}
+  export ACCELERATE_USE_CPU=1  # train.py gives each process its share of the cores SLURM bound the task to
 fi
 WORLD=$((NPROC * SLURM_NNODES))
 
 # One run folder per job, stable across requeues, unless train.py flags name one.
 RUN_ARGS=("$@")
-case " $* " in *" --output-dir "*) ;; *) RUN_ARGS+=(--output-dir "runs/slurm-$SLURM_JOB_ID") ;; esac
+case " $* " in *" --output-dir "* | *" --output-dir="*) ;; *) RUN_ARGS+=(--output-dir "runs/slurm-$SLURM_JOB_ID") ;; esac
 
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $NPROC process(es), main $MASTER_ADDR:$MASTER_PORT"
 

@@ -33,7 +33,7 @@ def test_signal_saves_state_and_resume_matches_uninterrupted(tiny_data: Path, tm
     assert proc.returncode == 143, err
     assert f"stopped by {signal.Signals(sig).name}" in err and "--resume" in err and "Traceback" not in err
     progress = json.loads((run / "state" / "progress.json").read_text())
-    assert (1, 0) < (progress["epoch"], progress["step"]) < (3, 0)
+    assert (1, 0) <= (progress["epoch"], progress["step"]) < (3, 0)  # in or right after epoch 1
 
     with contextlib.redirect_stdout(io.StringIO()):
         resumed = train.main([*args, "--output-dir", str(run), "--resume"])

@@ -223,3 +223,20 @@ def test_eval_reports_an_unwritable_output_folder_before_evaluating(tiny_data: P
     proc = run_cmd(python_cmd("eval.py", "--ckpt", str(ckpt), "--data", str(tiny_data / "test"),
                               "--output-dir", str(blocked / "eval")))
     assert proc.returncode == 2 and "cannot write to output folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_files_are_readable_by_others_and_paths_with_brackets_print_literally(tmp_path: Path):
+    data = tmp_path / "data[/draft]"
+    write_image_folder(data / "train", {"a": 3, "b": 3})
+    write_image_folder(data / "test", {"a": 1, "b": 1})
+    run = tmp_path / "run"
+    proc = run_cmd(python_cmd("train.py", "--data", str(data), "--output-dir", str(run), *FAST))
+    assert proc.returncode == 0, proc.stderr
+    assert "data[/draft]" in proc.stdout
+    for name in ("model.safetensors", "config.yaml"):
+        assert (run / name).stat().st_mode & 0o044 == 0o044  # group and others may read
+
+
+def test_bad_eval_flags_are_one_line(tmp_path: Path):
+    proc = run_cmd(python_cmd("eval.py", "--ckpt", "x", "--data", "y", "--batch-size", "0"))
+    assert proc.returncode == 2 and "--batch-size must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
