@@ -18,7 +18,7 @@ from finetune.config import TrainConfig, parse_config
 from finetune.data import load_splits
 from finetune.demo import demo_dataset
 from finetune.errors import UserError, run_cli
-from finetune.models import build_classifier
+from finetune.models import build_classifier, check_model_name
 from finetune.preflight import apply_policy, check_dataset
 from finetune.reporting import Reporter, preflight_table
 from finetune.rundir import prepare_run_dir
@@ -29,6 +29,7 @@ from finetune.state import latest_state, load_training_state
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config: TrainConfig = parse_config(argv, TrainConfig, description=__doc__.splitlines()[0])
+    check_model_name(config.model)  # before anything is written
     accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile, config.threads)
     report = Reporter(enabled=accelerator.is_main_process)
     set_seed(config.seed)
@@ -44,8 +45,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report.print(f"warning: {note}")
     run_dir = prepare_run_dir(config, data_dir, accelerator.is_main_process)
 
-    clf = build_classifier(config.model, config.weights, splits.classes, image_size=config.image_size,
-                           freeze_spec=config.freeze, reuse_classifier=config.reuse_classifier)
+    with accelerator.main_process_first():  # one process downloads or copies the weights, the others reuse them
+        clf = build_classifier(config.model, config.weights, splits.classes, image_size=config.image_size,
+                               freeze_spec=config.freeze, reuse_classifier=config.reuse_classifier)
     session = prepare_session(config, accelerator, clf, splits)
 
     report.print(f"{config.model} from {clf.weights.name}: {len(splits.classes)} classes, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -19,9 +19,9 @@ MAX_SKIPPED_STEPS = 50  # fp16 steps the loss scaler may skip in a row before th
 
 @dataclass
 class EpochStats:
-    loss: float
+    loss: float  # mean over the whole epoch, also when it was resumed part-way
     accuracy: float
-    images: int
+    images: int  # trained in this process's run of the epoch (for speed)
     seconds: float
 
     @property
@@ -47,7 +47,8 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
                     epoch: int = 0, start_step: int = 0,
                     to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
                     on_step: Callable[[int, float, float, float], None] | None = None,
-                    after_step: Callable[[int, Callable[[], None]], None] | None = None) -> EpochStats:
+                    after_step: Callable[[int, Callable[[], None], Callable[[], list[float]]], None] | None = None,
+                    sums: Sequence[float] = (0.0, 0.0, 0.0)) -> EpochStats:
     """One pass over ``loader`` (already skipped to ``start_step`` when resuming).
 
     Args:
@@ -55,8 +56,12 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
         start_step: index of the first batch ``loader`` yields within the epoch.
         to_input: turns a loader batch into the model's input (``data.ModelInput``).
         on_step: progress callback ``(steps_done, loss, accuracy, images_per_s)`` on sync steps.
-        after_step: called after every batch with the step index and ``check_finite``, which raises
-            if a loss so far was not finite (call it before saving anything).
+        after_step: called after every batch with the step index, ``check_finite``, which raises
+            if a loss so far was not finite (call it before saving anything), and ``epoch_sums``,
+            the epoch's loss sum, correct predictions and images so far, over all processes (both
+            are collectives: every process must call them at the same step).
+        sums: ``epoch_sums`` saved before a resume mid-epoch (give them to one process only), so
+            the epoch's figures cover all of it.
 
     Raises:
         NonFiniteLossError: naming the step, when the loss is NaN or infinite.
@@ -64,13 +69,18 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
     model.train()
     set_frozen_norm_eval(accelerator.unwrap_model(model))
     device = accelerator.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.tensor(float(sums[0]), device=device)
+    correct = torch.tensor(int(sums[1]), device=device, dtype=torch.long)
     # The first step whose loss was not finite, kept on the device: checking every step would
     # stall the pipeline on a host sync.
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    seen = skipped_in_a_row = 0
+    seen, skipped_in_a_row = int(sums[2]), 0
+    seen_before = seen
     start = time.perf_counter()
+
+    def epoch_sums() -> list[float]:
+        return accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
+                                               torch.tensor(float(seen), device=device)]), reduction="sum").tolist()
 
     def check_finite() -> None:
         """Raise if any process met a non-finite loss (a collective with several processes)."""
@@ -105,14 +115,15 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
         if (step + 1) % SYNC_EVERY_STEPS == 0 or step == start_step:
             check_finite()
             if on_step is not None:
-                on_step(step + 1, loss_sum.item() / seen, correct.item() / seen, seen / (time.perf_counter() - start))
+                on_step(step + 1, loss_sum.item() / seen, correct.item() / seen,
+                        (seen - seen_before) / (time.perf_counter() - start))
         if after_step is not None:
-            after_step(step, check_finite)
+            after_step(step, check_finite, epoch_sums)
     check_finite()
-    totals = accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
-                                             torch.tensor(float(seen), device=device)]), reduction="sum")
-    loss_total, correct_total, seen_total = totals.tolist()
-    return EpochStats(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1), int(seen_total),
+    totals = accelerator.reduce(torch.tensor([loss_sum.item(), correct.item(), seen, seen - seen_before],
+                                             device=device, dtype=torch.float64), reduction="sum")
+    loss_total, correct_total, seen_total, seen_now = totals.tolist()
+    return EpochStats(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1), int(seen_now),
                       time.perf_counter() - start)
 
 

@@ -102,32 +102,36 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
 
     optimizer_steps_per_epoch = math.ceil(steps_per_epoch / config.grad_accum_steps)
 
-    def save_state(epoch: int, step: int) -> None:
+    def save_state(epoch: int, step: int, epoch_sums: Callable[[], list[float]] | None = None) -> None:
         if not weights_finite(s.model):  # the last update may have broken weights whose loss was fine
             raise UserError(f"the weights became NaN or infinite in epoch {epoch + 1} before step {step + 1}; "
                             f"last good checkpoint: {latest_state(run_dir) or 'none yet'}; try a lower --lr")
-        save_training_state(acc, run_dir, {**progress, "epoch": epoch, "step": step})
+        sums = epoch_sums() if epoch_sums else None  # a resumed epoch still reports all of its batches
+        save_training_state(acc, run_dir, {**progress, "epoch": epoch, "step": step, "epoch_sums": sums})
 
-    def stop_if_asked(epoch: int, step: int) -> None:
+    def stop_if_asked(epoch: int, step: int, epoch_sums: Callable[[], list[float]] | None = None) -> None:
         if stop.agreed(acc):
-            save_state(epoch, step)
+            save_state(epoch, step, epoch_sums)
             raise Stopped(f"stopped by {stop.received or 'a signal to another process'} at epoch {epoch + 1}, "
                           f"step {step}; state saved in {run_dir / 'state'}; "
                           "continue with the same command and --resume")
 
-    def after_step(epoch: int, step: int, check_finite: Callable[[], None]) -> None:
+    def after_step(epoch: int, step: int, check_finite: Callable[[], None],
+                   epoch_sums: Callable[[], list[float]]) -> None:
         # Only between optimizer steps: Accelerate counts accumulation within each epoch.
         if (step + 1) % config.grad_accum_steps or step + 1 >= steps_per_epoch:
             return
         check_finite()  # before any save: no state of a run that has gone NaN
-        stop_if_asked(epoch, step + 1)
+        stop_if_asked(epoch, step + 1, epoch_sums)
         optimizer_step = epoch * optimizer_steps_per_epoch + (step + 1) // config.grad_accum_steps
         if config.save_every and optimizer_step % config.save_every == 0:
-            save_state(epoch, step + 1)
+            save_state(epoch, step + 1, epoch_sums)
 
     try:
         for epoch in range(progress["epoch"], config.epochs):
             start_step = progress["step"] if epoch == progress["epoch"] else 0
+            # The resumed epoch's sums so far, added once (on the main process) to the final reduction.
+            sums = progress.get("epoch_sums") if start_step and acc.is_main_process else None
             loader = acc.skip_first_batches(s.train_loader, start_step) if start_step else s.train_loader
             # Through Accelerate's loader (it would reset our sampler to its own iteration count)
             # and directly (its skip wrapper does not pass the epoch on).
@@ -139,7 +143,8 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
                     acc, s.model, loader, s.optimizer, s.scheduler, loss_fn, seed=config.seed, epoch=epoch,
                     start_step=start_step, to_input=s.to_input,
                     on_step=lambda step, loss, accuracy, ips: report.update(step, loss, accuracy, ips),
-                    after_step=lambda step, check: after_step(epoch, step, check))
+                    after_step=lambda step, check, sums_now: after_step(epoch, step, check, sums_now),
+                    sums=sums or (0.0, 0.0, 0.0))
             except NonFiniteLossError as err:
                 last = [str(p) for p in (run_dir / "model.safetensors", latest_state(run_dir)) if p and p.exists()]
                 raise UserError(f"{err}; last good checkpoint: {' and '.join(last) or 'none yet'}; "
