@@ -183,19 +183,25 @@ def check_image_folder(root: str | Path, exclude: frozenset[str] = frozenset()) 
         raise UserError(f"data folder not found: {root}")
     if not root.is_dir():
         raise UserError(f"not a folder: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = class_folders(root)
     if not classes:
         has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
         hint = " (images must sit in one sub-folder per class)" if has_images else ""
         raise UserError(f"{root} has no class sub-folders{hint}")
     for name in classes:
-        if not any(_is_image(p) and str(p) not in exclude for p in (root / name).rglob("*")):
+        if not any(str(p) not in exclude for p in image_files(root / name)):
             raise UserError(f"class '{name}' in {root} has no images")
     return classes
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+def class_folders(root: Path) -> list[str]:
+    """Names of the class sub-folders of an ImageFolder split, sorted (hidden folders left out)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (by extension, any case), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def image_folder(root: str | Path, classes: Sequence[str] | None = None,

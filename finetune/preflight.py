@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from finetune.data import EVAL_SPLITS, IMAGE_EXTENSIONS, find_split
+from finetune.data import EVAL_SPLITS, class_folders, find_split, image_files
 from finetune.files import file_digest
 
 IMBALANCE_RATIO = 10  # largest class / smallest class above this is reported
@@ -46,10 +46,6 @@ class Report:
 
     def bad_paths(self) -> set[str]:
         return {p for p, _ in self.bad}
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def _check_file(path: Path, full: bool) -> tuple[str | None, str | None, str | None]:
@@ -91,8 +87,7 @@ def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None 
     for split, folder in splits.items():
         if folder is None or not folder.is_dir():
             continue
-        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-        files[split] = {c: _images(folder / c) for c in classes}
+        files[split] = {c: image_files(folder / c) for c in class_folders(folder)}
     train_classes = set(files.get("train", {}))
     report.unknown_test_classes = sorted(set(files.get("test", {})) - train_classes)
 
