@@ -31,19 +31,19 @@ import train  # noqa: E402
 from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_dataset  # noqa: E402
 from finetune.runtime import resolve_precision  # noqa: E402
 
-BATCH = 32
+BATCH = 32  # the issue's CPU figure; the GPU check also runs the chapter's 128
 # The GPU when there is one (train.py picks it by itself), else the CPU.
 DEVICE = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def classic(data: Path, epochs: int, lr: float = 5e-4) -> tuple[list[float], float]:
+def classic(data: Path, epochs: int, batch: int, lr: float = 5e-4) -> tuple[list[float], float]:
     """(a) The d2l.ai fine-tuning chapter's loop, as a plain user writes it: fp32, default memory
     format and thread settings, non-persistent workers, loss.item() every step. Images/s per epoch."""
     augs = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     train_ds = datasets.ImageFolder(str(data / "train"), transform=augs)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=BATCH, shuffle=True, num_workers=2)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=batch, shuffle=True, num_workers=2)
     net = models.resnet18(weights=None)  # d2l loads ImageNet weights; no downloads here
     net.fc = nn.Linear(512, len(train_ds.classes))
     net = net.to(DEVICE)  # the chapter trains on its GPUs when there are any
@@ -64,14 +64,14 @@ def classic(data: Path, epochs: int, lr: float = 5e-4) -> tuple[list[float], flo
             loss.item()  # the classic loop reads the loss back every step
             seen += targets.shape[0]
         rates.append(seen / (time.perf_counter() - start))
-    return rates, test_accuracy(net, data / "test")
+    return rates, test_accuracy(net, data / "test", batch)
 
 
-def test_accuracy(net: nn.Module, folder: Path) -> float:
+def test_accuracy(net: nn.Module, folder: Path, batch: int) -> float:
     """The classic chapter's evaluation: Resize(256) + CenterCrop(224), fp32."""
     augs = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=augs), batch_size=BATCH,
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=augs), batch_size=batch,
                                          num_workers=2)
     net.eval()
     correct = total = 0
@@ -82,22 +82,22 @@ def test_accuracy(net: nn.Module, folder: Path) -> float:
     return correct / total
 
 
-def finetune(data: Path, epochs: int, out_dir: Path) -> list[dict[str, Any]]:
+def finetune(data: Path, epochs: int, batch: int, out_dir: Path) -> list[dict[str, Any]]:
     """(b) This project's train.py with its defaults (bf16 + channels_last where the CPU runs bf16 fast,
     persistent seeded workers, SGD + warmup/cosine), in-process. Its per-epoch history."""
-    argv = ["--data", str(data), "--model", "resnet18", "--weights", "none", "--batch-size", str(BATCH),
+    argv = ["--data", str(data), "--model", "resnet18", "--weights", "none", "--batch-size", str(batch),
             "--epochs", str(epochs), "--output-dir", str(out_dir)]
     with contextlib.redirect_stdout(io.StringIO()):
         return train.main(argv)["history"]
 
 
-def compute_only(steps: int, precision: str, warmup: int = 2) -> float:
+def compute_only(steps: int, precision: str, batch: int, warmup: int = 2) -> float:
     """(c) The ceiling: resnet18 training steps on a batch already in memory, in the project's precision
     and memory format (no decoding, augmentation or loader). Images/s."""
     net = models.resnet18(weights=None, num_classes=len(CLASSES)).to(DEVICE, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    images = torch.randn(BATCH, 3, 224, 224, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    targets = torch.randint(0, len(CLASSES), (BATCH,), device=DEVICE)
+    images = torch.randn(batch, 3, 224, 224, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, len(CLASSES), (batch,), device=DEVICE)
     loss_fn = nn.CrossEntropyLoss()
     net.train()
     start = 0.0
@@ -110,7 +110,7 @@ def compute_only(steps: int, precision: str, warmup: int = 2) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     loss.item()  # wait for the device to finish before reading the clock
-    return steps * BATCH / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start)
 
 
 def peak_rss_mib() -> dict[str, float]:
@@ -119,11 +119,11 @@ def peak_rss_mib() -> dict[str, float]:
             for who, flag in (("main", resource.RUSAGE_SELF), ("largest_child", resource.RUSAGE_CHILDREN))}
 
 
-def settings(precision: str) -> dict[str, Any]:
+def settings(precision: str, batch: int) -> dict[str, Any]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(), "cores": len(os.sched_getaffinity(0)),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "project_precision": precision,
-            "batch": BATCH, "device": str(DEVICE)}
+            "batch": batch, "device": str(DEVICE)}
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -151,18 +151,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="the last epoch's images/s is reported")
     parser.add_argument("--out", default="bench/out/throughput.json")
     parser.add_argument("--large", action="store_true", help="also train on 3000x2000 photos")
+    parser.add_argument("--batch", type=int, default=BATCH, help="images per step, both sides")
     args = parser.parse_args()
     precision = resolve_precision("auto", on_cpu=DEVICE.type == "cpu")
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        data = write_dataset(Path(tmp) / "data", args.images, max(BATCH, args.images // 4))
-        thread_settings = settings(precision)  # as a plain user gets them, before any side runs
-        classic_rates, classic_acc = classic(data, args.epochs)
-        history = finetune(data, args.epochs, Path(tmp) / "run")
-        compute = compute_only(max(3, args.images // BATCH), precision)
+        data = write_dataset(Path(tmp) / "data", args.images, max(args.batch, args.images // 4))
+        thread_settings = settings(precision, args.batch)  # as a plain user gets them, before any side runs
+        classic_rates, classic_acc = classic(data, args.epochs, args.batch)
+        history = finetune(data, args.epochs, args.batch, Path(tmp) / "run")
+        compute = compute_only(max(3, args.images // args.batch), precision, args.batch)
         large = None
         if args.large:  # the same run on 3000x2000 photos: reduced-scale JPEG decoding should hide the size
-            big = write_dataset(Path(tmp) / "big", args.images, max(BATCH, args.images // 4), size=(3000, 2000))
-            large = finetune(big, args.epochs, Path(tmp) / "run-big")
+            big = write_dataset(Path(tmp) / "big", args.images, max(args.batch, args.images // 4), size=(3000, 2000))
+            large = finetune(big, args.epochs, args.batch, Path(tmp) / "run-big")
     ips = {"classic": classic_rates[-1], "finetune": history[-1]["img/s"], "compute_only": compute}
     if large:
         ips["finetune_3000x2000"] = large[-1]["img/s"]

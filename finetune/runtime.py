@@ -7,11 +7,11 @@ import sys
 import warnings
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import is_bf16_available
 
-from finetune.errors import UserError
+from finetune.errors import UserError, first_line
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -55,7 +55,8 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
         cpu_threads: compute threads per process on the CPU (``set_cpu_threads``).
 
     Raises:
-        UserError: when several processes were launched but they did not join one group.
+        UserError: when the launch environment cannot start a process group, or several
+            processes were launched but they did not join one group.
     """
     on_cpu = not torch.accelerator.is_available()
     # main() may run several times in one Python process (tests, the Python API): let each
@@ -63,13 +64,21 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
     AcceleratorState._reset_state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Accelerate warns about CPU fp16/bf16 details we handle
-        accelerator = Accelerator(
-            cpu=on_cpu,
-            mixed_precision=resolve_precision(mixed_precision, on_cpu),
-            gradient_accumulation_steps=grad_accum_steps,
-            step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
-            dynamo_backend="inductor" if compile else "no",
-        )
+        try:
+            accelerator = Accelerator(
+                cpu=on_cpu,
+                mixed_precision=resolve_precision(mixed_precision, on_cpu),
+                gradient_accumulation_steps=grad_accum_steps,
+                step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+                dynamo_backend="inductor" if compile else "no",
+                dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+            )
+        except (ValueError, RuntimeError) as err:  # a launch environment (WORLD_SIZE, MASTER_ADDR, ...) that does not work
+            PartialState._reset_state()  # nothing joined: let a later attempt start afresh
+            raise UserError(f"cannot start the run's processes: {first_line(err)}") from None
+    if torch.cuda.is_available():
+        # Fixed input shapes: let cuDNN time its convolution algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     if on_cpu:
         set_cpu_threads(cpu_threads)
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,8 +101,14 @@ def cores_per_process() -> int:
 
 
 def num_workers(requested: int) -> int:
-    """Data-loading workers per process: ``requested``, or for ``-1`` this process's share of the cores."""
-    return requested if requested >= 0 else min(8, cores_per_process())
+    """Data-loading workers per process: ``requested``, or for ``-1`` this process's share of the cores.
+
+    A GPU computes thousands of images/s while a worker decodes a few hundred, so GPU runs may
+    use up to 16; CPU runs stop at 8, since there the workers take cores from the compute threads.
+    """
+    if requested >= 0:
+        return requested
+    return min(16 if torch.cuda.is_available() else 8, cores_per_process())
 
 
 def set_cpu_threads(threads: int) -> int:

@@ -1,0 +1,111 @@
+"""The run's device settings: mixed precision, threads, loader workers and pinned memory."""
+
+import contextlib
+import os
+import types
+
+import pytest
+import torch
+
+from finetune import data, runtime
+from finetune.errors import UserError
+
+
+@pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "no")])
+def test_auto_precision_on_cpu_follows_bf16_units(monkeypatch, fast_bf16, expected):
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert runtime.resolve_precision("auto", on_cpu=True, env={}) == expected
+
+
+def test_auto_precision_honours_accelerate_launch(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", on_cpu=True, env={"ACCELERATE_MIXED_PRECISION": "bf16"}) == "bf16"
+    assert runtime.resolve_precision("auto", on_cpu=False, env={"ACCELERATE_MIXED_PRECISION": "fp16"}) == "fp16"
+    # An explicit flag wins over the launcher.
+    assert runtime.resolve_precision("no", on_cpu=True, env={"ACCELERATE_MIXED_PRECISION": "bf16"}) == "no"
+
+
+def test_fp16_on_cpu_becomes_bf16_with_a_note(capsys):
+    assert runtime.resolve_precision("fp16", on_cpu=True, env={}) == "bf16"
+    assert "fp16 is not supported on the CPU" in capsys.readouterr().err
+
+
+def test_cores_are_shared_among_local_processes(monkeypatch):
+    monkeypatch.setattr(runtime, "_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert runtime.cores_per_process() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert runtime.cores_per_process() == 1
+
+
+@pytest.mark.parametrize("cuda, cores, expected", [(False, 2, 2), (False, 32, 8), (True, 32, 16), (True, 4, 4)])
+def test_default_workers_match_cores_and_device(monkeypatch, cuda, cores, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(runtime, "_cores", lambda: cores)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert runtime.num_workers(-1) == expected
+    assert runtime.num_workers(3) == 3
+    assert runtime.num_workers(0) == 0
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_pinned_only_for_cuda(monkeypatch, cuda, workers):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    options = data._worker_options(workers)
+    assert options["pin_memory"] is cuda
+    assert options["num_workers"] == workers
+
+
+def test_set_cpu_threads_ignores_launchers_single_thread(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(runtime, "_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        assert runtime.set_cpu_threads(-1) == 2
+        assert torch.get_num_threads() == 2
+        assert runtime.set_cpu_threads(1) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def environment(**changes):
+    """Run with these environment variables (None: unset), then restore all of it: Accelerate
+    writes RANK, WORLD_SIZE and others into os.environ while it starts."""
+    saved = dict(os.environ)
+    try:
+        for key, value in changes.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_a_broken_launch_environment_is_one_line():
+    # As a launcher sets it, but without MASTER_ADDR.
+    with environment(WORLD_SIZE="2", RANK="0", MASTER_ADDR=None), \
+            pytest.raises(UserError, match="cannot start the run's processes: .*MASTER_ADDR"):
+        runtime.build_accelerator("no")
+    # Nothing half-started stays behind.
+    assert runtime.build_accelerator("no", cpu_threads=torch.get_num_threads()).num_processes == 1
+
+
+def test_processes_that_did_not_join_one_group_are_an_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched as two, but this process runs alone
+    monkeypatch.setattr(runtime, "Accelerator", lambda **kwargs: types.SimpleNamespace(num_processes=1))
+    monkeypatch.setattr(runtime, "set_cpu_threads", lambda threads: threads)
+    with pytest.raises(UserError, match="launched 2 processes but they did not form one group"):
+        runtime.build_accelerator("no")
+
+
+def test_cpu_accelerator_uses_blocking_copies():
+    accelerator = runtime.build_accelerator("no", cpu_threads=torch.get_num_threads())
+    assert accelerator.device.type == "cpu"
+    assert accelerator.dataloader_config.non_blocking is False
