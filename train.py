@@ -93,9 +93,8 @@ def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
         report.print(f"duplicate: {test_path} is {train_path}")
     for note in found.warnings:
         report.print(f"warning: {note}")
-    problems = found.errors + ([f"{len(found.bad)} image(s) cannot be used"] if found.bad else [])
-    if problems:
-        raise UserError(f"{data_dir}: {'; '.join(problems)}")
+    if found.bad:
+        raise UserError(f"{data_dir}: {len(found.bad)} image(s) cannot be used")
     report.print(f"{data_dir}: no problems that stop a run")
     return {"report": found}
 

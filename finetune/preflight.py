@@ -4,6 +4,9 @@ Two depths. ``quick`` (at the start of every run) reads each file's header: zero
 files that are not images, decompression bombs, files whose content does not match their
 extension. ``full`` (``train.py --check-data``) also decodes every image (truncated files) and
 hashes every file to find images shared between train and test.
+
+The folder layout itself (splits, class folders, classes with no images left once bad files are
+skipped) is ``data.load_splits``'s to check: the preflight reports on files.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.data import EVAL_SPLITS, class_folders, find_split, image_files
+from finetune.errors import UserError
 from finetune.files import file_digest
 
 IMBALANCE_RATIO = 10  # largest class / smallest class above this is reported
@@ -31,18 +35,8 @@ class Report:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     wrong_extension: list[tuple[str, str]] = field(default_factory=list)
-    empty_classes: list[str] = field(default_factory=list)  # "split/class"
-    unknown_test_classes: list[str] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (train path, test path)
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def errors(self) -> list[str]:
-        """Problems that stop a run (with ``--bad-data fail``, bad files too)."""
-        out = [f"class '{c}' has no images" for c in self.empty_classes]
-        if self.unknown_test_classes:
-            out.append(f"test has classes the training set lacks: {', '.join(self.unknown_test_classes)}")
-        return out
 
     def bad_paths(self) -> set[str]:
         return {p for p, _ in self.bad}
@@ -88,8 +82,6 @@ def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None 
         if folder is None or not folder.is_dir():
             continue
         files[split] = {c: image_files(folder / c) for c in class_folders(folder)}
-    train_classes = set(files.get("train", {}))
-    report.unknown_test_classes = sorted(set(files.get("test", {})) - train_classes)
 
     jobs = [(split, c, p) for split, by_class in files.items() for c, paths in by_class.items() for p in paths]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
@@ -108,12 +100,6 @@ def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None 
 
     for split, by_class in files.items():
         report.counts[split] = {c: sum(p not in bad for p in paths) for c, paths in by_class.items()}
-        for c, n in report.counts[split].items():
-            if n == 0 and (split == "train" or c in train_classes):
-                if split == "train":
-                    report.empty_classes.append(f"{split}/{c}")
-                else:
-                    report.warnings.append(f"class '{c}' has no usable images in test")
     train_counts = [n for n in report.counts.get("train", {}).values() if n > 0]
     if train_counts and max(train_counts) > IMBALANCE_RATIO * min(train_counts):
         report.warnings.append(f"classes are very imbalanced in train: {max(train_counts)} vs {min(train_counts)} "
@@ -137,12 +123,8 @@ def apply_policy(report: Report, policy: str) -> tuple[set[str], list[str]]:
     """The files to leave out of the run and the lines to print, under ``--bad-data fail|skip``.
 
     Raises:
-        UserError: on a structural error, or on bad files when the policy is ``fail``.
+        UserError: on bad files when the policy is ``fail``.
     """
-    from finetune.errors import UserError
-
-    if report.errors:
-        raise UserError(report.errors[0])
     notes = list(report.warnings)
     if report.bad:
         if policy == "fail":

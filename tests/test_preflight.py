@@ -14,6 +14,7 @@ from PIL import Image
 
 import train
 from conftest import FAST, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
+from finetune.data import load_splits
 from finetune.errors import UserError
 from finetune.preflight import apply_policy, check_dataset
 
@@ -78,8 +79,15 @@ def test_imbalance_and_empty_classes(tmp_path: Path):
     assert any("very imbalanced in train: 22 vs 2" in w for w in check_dataset(data).warnings)
     (data / "train" / "few" / "000.png").write_bytes(b"")
     (data / "train" / "few" / "001.png").write_bytes(b"")
-    with pytest.raises(UserError, match="class 'train/few' has no images"):
-        apply_policy(check_dataset(data), "skip")
+    # Skipping the bad files leaves the class empty: the layout check says so before a run starts.
+    exclude, notes = apply_policy(check_dataset(data), "skip")
+    assert len(exclude) == 2 and "skipping 2 image(s)" in notes[0]
+    with pytest.raises(UserError, match="class 'few' in .*train has no images"):
+        load_splits(data, frozenset(exclude))
+    proc = run_cmd(python_cmd("train.py", "--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST,
+                              "--bad-data", "skip"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: class 'few' in" in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_fail_policy_names_the_files_and_skip_policy_trains_without_them(messy, tmp_path: Path):
