@@ -1,5 +1,5 @@
 """The benchmarks still run (tiny smoke runs: no figure is checked here, only that each side ran
-and the ratios were written)."""
+and the ratios were written). bench/throughput.py runs inside the GPU check's smoke run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from conftest import ROOT, run_cmd
 
 
 @pytest.mark.parametrize("script, args, keys", [
-    ("throughput.py", ["--images", "32", "--epochs", "1"], ["finetune_over_classic", "finetune_over_compute"]),
     ("eval_speed.py", ["--images", "32"], ["finetune_over_plain", "agreement"]),
     ("linear_probe.py", ["--epochs", "2", "--image-size", "64"], ["full_over_cached"]),
 ])
@@ -24,3 +23,20 @@ def test_benchmark_smoke_run(script: str, args: list[str], keys: list[str], tmp_
     result = json.loads(out.read_text())
     for key in keys:
         assert result[key] > 0, key
+
+
+def test_gpu_check_script_smoke_run(tmp_path: Path):
+    """The script a GPU lease runs, at tiny sizes on this machine: every step runs and passes, and what
+    it leaves fits what a device run can bring back (at most 8 files)."""
+    out = tmp_path / "out"
+    proc = run_cmd(["bash", str(ROOT / "bench" / "gpu_check.sh")],
+                   env={"SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    log = (out / "gpu_check.log").read_text()
+    for step in ("train-bf16", "eval-bf16", "train-fp16", "eval-fp16", "train-no", "eval-no", "throughput-16"):
+        assert f"== {step}: " in log, step
+    assert "FAILED" not in log and "all GPU checks passed" in log
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "throughput-gpu-16.json"]
+    result = json.loads((out / "throughput-gpu-16.json").read_text())
+    assert result["finetune_over_classic"] > 0 and result["finetune_over_compute"] > 0
+    assert result["settings"]["batch"] == 16
