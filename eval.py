@@ -72,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     net = fuse_for_inference(net)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    model, loader = accelerator.prepare(net, loader)
+    # Evaluation mode: mixed precision and device placement without a DDP wrapper, which only
+    # inference has no use for (no gradients to reduce; no parameter broadcast at start).
+    model = accelerator.prepare_model(net, evaluation_mode=True)
+    loader = accelerator.prepare_data_loader(loader)
 
     to_input = ModelInput(pre.mean, pre.std, config.channels_last)
     preds = evaluate(accelerator, model, loader, len(classes), to_input=to_input)

@@ -9,9 +9,9 @@ import sys
 from typing import Any, Sequence
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 
 class Reporter:
@@ -75,6 +75,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# Cells are rich Text, not strings: the Reporter prints with markup off, so class names with
+# [brackets] show as they are and styles must not be written as markup.
 def confusion_table(classes: Sequence[str], matrix: Sequence[Sequence[int]], max_classes: int = 30) -> Table | None:
     """A rich table of the confusion matrix (rows: true class, columns: predicted); None if too wide."""
     if len(classes) > max_classes:
@@ -82,9 +84,9 @@ def confusion_table(classes: Sequence[str], matrix: Sequence[Sequence[int]], max
     table = Table(title="confusion matrix (rows: true, columns: predicted)")
     table.add_column("true \\ pred")
     for c in classes:
-        table.add_column(escape(c), justify="right")
+        table.add_column(Text(c), justify="right")
     for i, (c, row) in enumerate(zip(classes, matrix)):
-        table.add_row(escape(c), *(f"[bold]{v}[/bold]" if i == j else str(v) for j, v in enumerate(row)))
+        table.add_row(Text(c), *(Text(str(v), style="bold" if i == j else "") for j, v in enumerate(row)))
     return table
 
 
@@ -94,7 +96,7 @@ def per_class_table(classes: Sequence[str], precision: Sequence[float], recall: 
     for name, justify in (("class", "left"), ("precision", "right"), ("recall", "right"), ("images", "right")):
         table.add_column(name, justify=justify)
     for c, p, r, n in zip(classes, precision, recall, support):
-        table.add_row(escape(c), f"{p:.3f}", f"{r:.3f}", str(n))
+        table.add_row(Text(c), f"{p:.3f}", f"{r:.3f}", str(n))
     return table
 
 
@@ -107,5 +109,5 @@ def preflight_table(counts: dict[str, dict[str, int]]) -> Table:
         table.add_column(split, justify="right")
     classes = sorted({c for by_class in counts.values() for c in by_class})
     for c in classes:
-        table.add_row(escape(c), *(str(counts[s].get(c, "-")) for s in splits))
+        table.add_row(Text(c), *(str(counts[s].get(c, "-")) for s in splits))
     return table

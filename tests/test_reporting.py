@@ -1,4 +1,7 @@
 import io
+import re
+
+import pytest
 
 from rich.console import Console
 
@@ -39,8 +42,17 @@ def test_pipe_gets_one_plain_line_per_epoch_and_other_processes_nothing():
     assert silent.getvalue() == ""
 
 
-def test_metric_tables_escape_markup_in_class_names():
-    classes = ["[bold]cat", "dog"]
-    out = render(confusion_table(classes, [[3, 1], [0, 4]]))
-    assert "[bold]cat" in out and "confusion matrix" in out
-    assert "[bold]cat" in render(per_class_table(classes, [1.0, 0.8], [0.75, 1.0], [4, 4]))
+@pytest.mark.parametrize("through_reporter", [True, False])
+def test_metric_tables_show_class_names_as_they_are(through_reporter: bool):
+    """eval.py prints through the Reporter, whose markup is off: names with [brackets] stay as they
+    are (no escaping backslashes), and the diagonal is bold by style, not by literal tags."""
+    classes = ["[bold]cat", "dog [x]"]
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=120, color_system="standard")
+    for table in (confusion_table(classes, [[3, 1], [0, 4]]), per_class_table(classes, [1.0, 0.8], [0.75, 1.0], [4, 4])):
+        Reporter(console=console).print(table) if through_reporter else console.print(table)
+    out = buffer.getvalue()
+    assert out.count("[bold]cat") == 3 and out.count("dog [x]") == 3  # column header and two rows
+    assert "\\[" not in out and "[/bold]" not in out
+    bold = re.findall(r"\x1b\[1m *(\d+)\x1b\[0m", out)
+    assert bold == ["3", "4"]  # the diagonal only

@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+from accelerate.state import PartialState
 
 from finetune import data, runtime
 from finetune.errors import UserError
@@ -89,6 +90,7 @@ def environment(**changes):
 
 
 def test_a_broken_launch_environment_is_one_line():
+    PartialState._reset_state()  # read the environment afresh, as a new process does
     # As a launcher sets it, but without MASTER_ADDR.
     with environment(WORLD_SIZE="2", RANK="0", MASTER_ADDR=None), \
             pytest.raises(UserError, match="cannot start the run's processes: .*MASTER_ADDR"):
