@@ -23,10 +23,10 @@ else
 fi
 failed=()
 
-step() {  # step NAME COMMAND...: run it, log it, remember a failure and go on
+step() {  # step NAME COMMAND...: run it (4 minutes at most), log it, remember a failure and go on
   local name=$1; shift
   echo "== $name: $*" | tee -a "$LOG"
-  "$@" 2>&1 | tee -a "$LOG"
+  timeout -k 10 240 "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)" | tee -a "$LOG"; failed+=("$name"); }
 }
@@ -35,6 +35,8 @@ step env "$PYTHON" -c "import torch, torchvision, accelerate; assert torch.cuda.
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'accelerate', accelerate.__version__)"
 [ ${#failed[@]} -eq 0 ] || exit 1
+# Loader workers pass batches through shared memory; a small /dev/shm would crash them.
+step machine bash -c "nproc; df -h /dev/shm | tail -n 1; ulimit -n"
 
 DATA=$(mktemp -d)
 step data "$PYTHON" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; \

@@ -103,6 +103,8 @@ def compute_only(steps: int, precision: str, batch: int, warmup: int = 2) -> flo
     start = 0.0
     for step in range(warmup + steps):
         if step == warmup:
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()  # let the warm-up steps finish on the device before the clock starts
             start = time.perf_counter()
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn(net(images), targets)

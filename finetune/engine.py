@@ -153,10 +153,10 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_c
         confidence, topk = probs.topk(k, dim=1)
         gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0]))
         for key, value in zip(parts, gathered):
-            parts[key].append(value.cpu())
+            parts[key].append(value)  # kept on the device: one copy back at the end, not four a batch
     if not parts["indices"]:
         empty = torch.zeros(0, dtype=torch.long)
         return Predictions(empty, empty, torch.zeros(0, k, dtype=torch.long), torch.zeros(0))
-    result = {key: torch.cat(values) for key, values in parts.items()}
+    result = {key: torch.cat(values).cpu() for key, values in parts.items()}
     order = result["indices"].argsort()
     return Predictions(**{key: value[order] for key, value in result.items()})

@@ -104,11 +104,14 @@ def num_workers(requested: int) -> int:
     """Data-loading workers per process: ``requested``, or for ``-1`` this process's share of the cores.
 
     A GPU computes thousands of images/s while a worker decodes a few hundred, so GPU runs may
-    use up to 16; CPU runs stop at 8, since there the workers take cores from the compute threads.
+    use up to 16, leaving one core to the process that feeds the GPU; CPU runs stop at 8, since
+    there the workers take cores from the compute threads.
     """
     if requested >= 0:
         return requested
-    return min(16 if torch.cuda.is_available() else 8, cores_per_process())
+    if torch.cuda.is_available():
+        return min(16, max(1, cores_per_process() - 1))
+    return min(8, cores_per_process())
 
 
 def set_cpu_threads(threads: int) -> int:

@@ -15,7 +15,7 @@ from torch import nn
 from finetune.checkpoint import describe_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
 from finetune.data import ModelInput, Splits, make_eval_loader, make_train_loader
-from finetune.engine import NonFiniteLossError, evaluate, train_one_epoch
+from finetune.engine import SYNC_EVERY_STEPS, NonFiniteLossError, evaluate, train_one_epoch
 from finetune.errors import Stopped, UserError
 from finetune.features import cached_loaders, probe_module
 from finetune.models import Classifier, recorded_arch_kwargs
@@ -109,23 +109,27 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
         sums = epoch_sums() if epoch_sums else None  # a resumed epoch still reports all of its batches
         save_training_state(acc, run_dir, {**progress, "epoch": epoch, "step": step, "epoch_sums": sums})
 
-    def stop_if_asked(epoch: int, step: int, epoch_sums: Callable[[], list[float]] | None = None) -> None:
-        if stop.agreed(acc):
-            save_state(epoch, step, epoch_sums)
-            raise Stopped(f"stopped by {stop.received or 'a signal to another process'} at epoch {epoch + 1}, "
-                          f"step {step}; state saved in {run_dir / 'state'}; "
-                          "continue with the same command and --resume")
+    def stopped(epoch: int, step: int) -> Stopped:
+        return Stopped(f"stopped by {stop.received or 'a signal to another process'} at epoch {epoch + 1}, "
+                       f"step {step}; state saved in {run_dir / 'state'}; "
+                       "continue with the same command and --resume")
+
+    # Agreeing on a stop across processes reads a flag back from the device: a host sync, which
+    # on a GPU would stall the queue of work every step, so there it happens every few steps.
+    stop_check_every = 1 if acc.device.type == "cpu" or acc.num_processes == 1 else SYNC_EVERY_STEPS
 
     def after_step(epoch: int, step: int, check_finite: Callable[[], None],
                    epoch_sums: Callable[[], list[float]]) -> None:
         # Only between optimizer steps: Accelerate counts accumulation within each epoch.
         if (step + 1) % config.grad_accum_steps or step + 1 >= steps_per_epoch:
             return
-        check_finite()  # before any save: no state of a run that has gone NaN
-        stop_if_asked(epoch, step + 1, epoch_sums)
         optimizer_step = epoch * optimizer_steps_per_epoch + (step + 1) // config.grad_accum_steps
-        if config.save_every and optimizer_step % config.save_every == 0:
+        stopping = optimizer_step % stop_check_every == 0 and stop.agreed(acc)
+        if stopping or (config.save_every and optimizer_step % config.save_every == 0):
+            check_finite()  # before any save: no state of a run that has gone NaN (a host sync: only here)
             save_state(epoch, step + 1, epoch_sums)
+        if stopping:
+            raise stopped(epoch, step + 1)
 
     try:
         for epoch in range(progress["epoch"], config.epochs):
@@ -142,7 +146,7 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
                 stats = train_one_epoch(
                     acc, s.model, loader, s.optimizer, s.scheduler, loss_fn, seed=config.seed, epoch=epoch,
                     start_step=start_step, to_input=s.to_input,
-                    on_step=lambda step, loss, accuracy, ips: report.update(step, loss, accuracy, ips),
+                    on_step=report.update if report.live else None,  # no reads for a bar nobody sees
                     after_step=lambda step, check, sums_now: after_step(epoch, step, check, sums_now),
                     sums=sums or (0.0, 0.0, 0.0))
             except NonFiniteLossError as err:
@@ -168,8 +172,8 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
                     save_checkpoint(run_dir / "best.safetensors", state_dict, meta)
             progress["best_accuracy"] = max(progress["best_accuracy"], preds.accuracy)
             save_state(epoch + 1, 0)
-            if epoch + 1 < config.epochs:
-                stop_if_asked(epoch + 1, 0)  # a signal that came during evaluation or saving
+            if epoch + 1 < config.epochs and stop.agreed(acc):  # a signal during evaluation or saving
+                raise stopped(epoch + 1, 0)  # the state of the epoch's end is saved just above
     finally:
         stop.restore()
     return progress

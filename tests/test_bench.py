@@ -33,7 +33,9 @@ def test_gpu_check_script_smoke_run(tmp_path: Path):
                    env={"SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:]
     log = (out / "gpu_check.log").read_text()
-    for step in ("train-bf16", "eval-bf16", "train-fp16", "eval-fp16", "train-no", "eval-no", "throughput-16"):
+    steps = ("env", "machine", "data", "train-bf16", "eval-bf16", "train-fp16", "eval-fp16", "train-no", "eval-no",
+             "throughput-16")
+    for step in steps:
         assert f"== {step}: " in log, step
     assert "FAILED" not in log and "all GPU checks passed" in log
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "throughput-gpu-16.json"]

@@ -39,7 +39,7 @@ def test_cores_are_shared_among_local_processes(monkeypatch):
     assert runtime.cores_per_process() == 1
 
 
-@pytest.mark.parametrize("cuda, cores, expected", [(False, 2, 2), (False, 32, 8), (True, 32, 16), (True, 4, 4)])
+@pytest.mark.parametrize("cuda, cores, expected", [(False, 2, 2), (False, 32, 8), (True, 32, 16), (True, 16, 15), (True, 1, 1)])
 def test_default_workers_match_cores_and_device(monkeypatch, cuda, cores, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(runtime, "_cores", lambda: cores)
