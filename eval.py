@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report.print(f"warning: class '{name}' has no images in {data_dir}")
     pre = Preprocessing(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
     workers = num_workers(config.num_workers)
-    loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers)
+    loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers,
+                              pin_memory=accelerator.device.type == "cuda")
     net = fuse_for_inference(net)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -339,32 +339,33 @@ def load_splits(data_dir: str | Path, exclude: frozenset[str] = frozenset()) -> 
 
 
 def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int, seed: int,
-                      num_workers: int, augment: bool = True) -> DataLoader:
+                      num_workers: int, augment: bool = True, pin_memory: bool = False) -> DataLoader:
     """The training DataLoader: classic augmentation seeded per sample, order fixed per epoch.
 
     Call ``set_epoch`` on it (or on what Accelerate made of it) before each epoch.
 
     Args:
         augment: the classic random augmentation; False: the eval preprocessing.
+        pin_memory: batches in page-locked memory, for a CUDA device to copy in while it computes
+            (with Accelerate's non_blocking, see runtime.build_accelerator); CPUs have nothing to overlap.
     """
     preset = TrainPreset(size=pre.image_size) if augment else \
         EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)
     return DataLoader(SeededDataset(ds, preset, seed), batch_size=batch_size,
-                      sampler=EpochSampler(len(ds), seed), **_worker_options(num_workers))
+                      sampler=EpochSampler(len(ds), seed), **_worker_options(num_workers, pin_memory))
 
 
 def make_eval_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int,
-                     num_workers: int) -> DataLoader:
-    """An evaluation DataLoader yielding ``(images, targets, dataset indices)`` in order."""
+                     num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """An evaluation DataLoader yielding ``(images, targets, dataset indices)`` in order (``pin_memory``:
+    see ``make_train_loader``)."""
     return DataLoader(IndexedDataset(ds, EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)),
                       batch_size=batch_size, shuffle=False,
-                      **_worker_options(num_workers))
+                      **_worker_options(num_workers, pin_memory))
 
 
-def _worker_options(num_workers: int) -> dict[str, Any]:
-    # Pinned batches let a CUDA device copy them in while it computes (with Accelerate's
-    # non_blocking, see runtime.build_accelerator); CPUs have nothing to overlap.
-    pin = {"pin_memory": torch.cuda.is_available()}
+def _worker_options(num_workers: int, pin_memory: bool) -> dict[str, Any]:
+    pin = {"pin_memory": pin_memory}
     if num_workers <= 0:
         return {"num_workers": 0, **pin}
     # Persistent workers keep their start-up cost out of every epoch; 4 batches in flight each

@@ -73,8 +73,9 @@ def extract_features(accelerator: Accelerator, net: nn.Module, head: str, datase
 
     Each process computes its shard; the shards are gathered, each image once, in dataset order.
     """
-    loader = accelerator.prepare_data_loader(make_eval_loader(dataset, pre, batch_size=batch_size,
-                                                              num_workers=num_workers))
+    loader = make_eval_loader(dataset, pre, batch_size=batch_size, num_workers=num_workers,
+                              pin_memory=accelerator.device.type == "cuda")
+    loader = accelerator.prepare_data_loader(loader)
     net = net.to(accelerator.device).eval()
     parts: dict[str, list[torch.Tensor]] = {"features": [], "targets": [], "indices": []}
     for images, targets, indices in loader:

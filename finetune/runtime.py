@@ -71,7 +71,8 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
                 gradient_accumulation_steps=grad_accum_steps,
                 step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
                 dynamo_backend="inductor" if compile else "no",
-                dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()),
+                # Pinned batches (see data.make_train_loader) then copy to a GPU while it computes.
+            dataloader_config=DataLoaderConfiguration(non_blocking=not on_cpu),
             )
         except (ValueError, RuntimeError) as err:  # a launch environment (WORLD_SIZE, MASTER_ADDR, ...) that does not work
             PartialState._reset_state()  # nothing joined: let a later attempt start afresh

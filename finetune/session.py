@@ -65,10 +65,12 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
         trainable, to_input = probe, (lambda features: features)
     else:
         trainable = clf.net
+        pin = accelerator.device.type == "cuda"
         train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
-                                         seed=config.seed, num_workers=workers, augment=config.augment == "classic")
+                                         seed=config.seed, num_workers=workers,
+                                         augment=config.augment == "classic", pin_memory=pin)
         test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size,
-                                       num_workers=workers)
+                                       num_workers=workers, pin_memory=pin)
     epoch_sampler = train_loader.sampler
     model, optimizer, train_loader, test_loader = accelerator.prepare(trainable, optimizer, train_loader, test_loader)
     optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process

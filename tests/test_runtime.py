@@ -8,6 +8,7 @@ import pytest
 import torch
 from accelerate.state import PartialState
 
+from conftest import write_image_folder
 from finetune import data, runtime
 from finetune.errors import UserError
 
@@ -49,13 +50,15 @@ def test_default_workers_match_cores_and_device(monkeypatch, cuda, cores, expect
     assert runtime.num_workers(0) == 0
 
 
-@pytest.mark.parametrize("cuda", [False, True])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_batches_are_pinned_only_for_cuda(monkeypatch, cuda, workers):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    options = data._worker_options(workers)
-    assert options["pin_memory"] is cuda
-    assert options["num_workers"] == workers
+def test_loaders_pin_batches_only_when_asked(tmp_path):
+    """Runs ask for pinned batches on CUDA devices only (session.py, eval.py, features.py)."""
+    ds = data.image_folder(write_image_folder(tmp_path / "train", {"a": 2, "b": 2}))
+    pre = data.Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
+    for workers in (0, 2):
+        assert not data.make_train_loader(ds, pre, batch_size=2, seed=0, num_workers=workers).pin_memory
+        assert not data.make_eval_loader(ds, pre, batch_size=2, num_workers=workers).pin_memory
+        assert data.make_train_loader(ds, pre, batch_size=2, seed=0, num_workers=workers, pin_memory=True).pin_memory
+        assert data.make_eval_loader(ds, pre, batch_size=2, num_workers=workers, pin_memory=True).pin_memory
 
 
 def test_set_cpu_threads_ignores_launchers_single_thread(monkeypatch):
