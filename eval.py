@@ -67,14 +67,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in missing_classes(classes, dataset):
         report.print(f"warning: class '{name}' has no images in {data_dir}")
     pre = Preprocessing(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
-    workers = num_workers(config.num_workers)
+    workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
     loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers,
                               pin_memory=accelerator.device.type == "cuda")
     net = fuse_for_inference(net)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    # Evaluation mode: mixed precision and device placement without a DDP wrapper, which only
-    # inference has no use for (no gradients to reduce; no parameter broadcast at start).
+    # Evaluation mode: mixed precision and device placement, no DDP wrapper. Inference has no
+    # gradients to reduce, and with torch 2.11 the wrapper's teardown could hang a multi-process
+    # CPU eval at exit.
     model = accelerator.prepare_model(net, evaluation_mode=True)
     loader = accelerator.prepare_data_loader(loader)
 

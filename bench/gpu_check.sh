@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+BUDGET=${BUDGET:-540}  # seconds for all steps: a device command may run 600
 RESULTS=${OUT:-bench/out}
 mkdir -p "$RESULTS"
 LOG=$RESULTS/gpu_check.log
@@ -23,10 +24,14 @@ else
 fi
 failed=()
 
-step() {  # step NAME COMMAND...: run it (4 minutes at most), log it, remember a failure and go on
+step() {  # step NAME COMMAND...: run it (4 minutes at most, within BUDGET), log it, note a failure, go on
   local name=$1; shift
+  local left=$((BUDGET - SECONDS))
   echo "== $name: $*" | tee -a "$LOG"
-  timeout -k 10 240 "$@" 2>&1 | tee -a "$LOG"
+  if [ "$left" -lt 15 ]; then
+    echo "== $name FAILED (no time left of ${BUDGET}s)" | tee -a "$LOG"; failed+=("$name"); return
+  fi
+  timeout -k 10 $((left < 240 ? left : 240)) "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)" | tee -a "$LOG"; failed+=("$name"); }
 }
@@ -39,6 +44,7 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'tor
 step machine bash -c "nproc; df -h /dev/shm | tail -n 1; ulimit -n"
 
 DATA=$(mktemp -d)
+trap 'rm -rf "$DATA"' EXIT
 step data "$PYTHON" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; \
 from bench.datasets import photo_folder; photo_folder(Path('$DATA'), $TRAIN_IMAGES, $TRAIN_IMAGES // 4)"
 for mp in bf16 fp16 no; do  # each precision trains and evaluates on the GPU
@@ -54,7 +60,6 @@ for batch in $BATCHES; do
   step "throughput-$batch" "$PYTHON" bench/throughput.py --images $BENCH_IMAGES --epochs $BENCH_EPOCHS --batch "$batch" \
     --out "$RESULTS/throughput-gpu-$batch.json"
 done
-rm -rf "$DATA"
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed: ${failed[*]}" | tee -a "$LOG"

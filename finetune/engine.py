@@ -42,6 +42,13 @@ def step_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + step) * 1_009 + process_index
 
 
+def earliest_bad_step(first_bad: torch.Tensor) -> int | None:
+    """The earliest step at which any process met a non-finite loss, from each process's first
+    (-1: none), or None. The earliest: after one process's NaN, DDP spreads NaN weights to all."""
+    seen = first_bad[first_bad >= 0]
+    return int(seen.min().item()) if seen.numel() else None
+
+
 def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *, seed: int = 0,
                     epoch: int = 0, start_step: int = 0,
@@ -84,11 +91,12 @@ def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable
 
     def check_finite() -> None:
         """Raise if any process met a non-finite loss (a collective with several processes)."""
-        bad = first_bad.clone()
+        bad = first_bad[None]
         if accelerator.num_processes > 1:
-            bad = accelerator.gather(bad[None]).max()
-        if bad.item() >= 0:
-            raise NonFiniteLossError(f"the loss became NaN or infinite at step {bad.item() + 1} of epoch {epoch + 1}")
+            bad = accelerator.gather(bad)
+        step = earliest_bad_step(bad)
+        if step is not None:
+            raise NonFiniteLossError(f"the loss became NaN or infinite at step {step + 1} of epoch {epoch + 1}")
 
     for step, (images, targets) in enumerate(loader, start=start_step):
         images = to_input(images)

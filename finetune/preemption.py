@@ -38,8 +38,9 @@ class StopSignal:
     def agreed(self, accelerator: Accelerator) -> bool:
         """Whether any process got a stop signal; every process gets the same answer at the same step.
 
-        With several processes this is one tiny all-reduce per step: processes that stopped at
-        different steps could never save a state together.
+        With several processes this is one tiny all-reduce, so the training loop asks every step
+        on CPUs and every few steps on GPUs (each ask waits for the device): processes that
+        stopped at different steps could never save a state together.
         """
         if accelerator.num_processes == 1:
             return self.received is not None

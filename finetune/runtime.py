@@ -72,12 +72,12 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
                 step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
                 dynamo_backend="inductor" if compile else "no",
                 # Pinned batches (see data.make_train_loader) then copy to a GPU while it computes.
-            dataloader_config=DataLoaderConfiguration(non_blocking=not on_cpu),
+                dataloader_config=DataLoaderConfiguration(non_blocking=not on_cpu),
             )
-        except (ValueError, RuntimeError) as err:  # a launch environment (WORLD_SIZE, MASTER_ADDR, ...) that does not work
-            PartialState._reset_state()  # nothing joined: let a later attempt start afresh
-            raise UserError(f"cannot start the run's processes: {first_line(err)}") from None
-    if torch.cuda.is_available():
+        except (ValueError, RuntimeError) as err:  # a launch environment or precision this machine cannot run
+            PartialState._reset_state()  # let a later attempt (tests, the Python API) start afresh
+            raise UserError(f"cannot set up the run's device and processes: {first_line(err)}") from None
+    if accelerator.device.type == "cuda":
         # Fixed input shapes: let cuDNN time its convolution algorithms once and keep the fastest.
         torch.backends.cudnn.benchmark = True
     if on_cpu:
@@ -101,7 +101,7 @@ def cores_per_process() -> int:
     return max(1, _cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def num_workers(requested: int) -> int:
+def num_workers(requested: int, on_gpu: bool) -> int:
     """Data-loading workers per process: ``requested``, or for ``-1`` this process's share of the cores.
 
     A GPU computes thousands of images/s while a worker decodes a few hundred, so GPU runs may
@@ -110,7 +110,7 @@ def num_workers(requested: int) -> int:
     """
     if requested >= 0:
         return requested
-    if torch.cuda.is_available():
+    if on_gpu:
         return min(16, max(1, cores_per_process() - 1))
     return min(8, cores_per_process())
 

@@ -52,7 +52,7 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     head_mult = config.lr_head_mult if clf.weights.pretrained else 1.0  # from scratch: one learning rate
     groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
     optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
-    workers = num_workers(config.num_workers)
+    workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
     to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
     probe = None
     if config.freeze == "backbone" and config.augment == "none" and config.cache_features:

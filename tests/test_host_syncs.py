@@ -21,15 +21,19 @@ def test_training_reads_from_the_device_every_few_steps_only(tmp_path: Path, mon
     write_image_folder(data / "train", {"a": 30, "b": 30})
     write_image_folder(data / "test", {"a": 2, "b": 2}, seed=1)
     reads = []
-    original = torch.Tensor.item
 
-    def counted_item(self):
-        caller = sys._getframe(1).f_code.co_filename
-        if caller.endswith(LOOP_FILES):
-            reads.append(f"{Path(caller).name}:{sys._getframe(1).f_lineno}")
-        return original(self)
+    def counted(name):
+        original = getattr(torch.Tensor, name)
 
-    monkeypatch.setattr(torch.Tensor, "item", counted_item)
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith(LOOP_FILES):
+                reads.append(f"{name} {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "cpu", "__bool__"):  # each waits for the device
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
     args = [*FAST, "--batch-size", "2", "--data", str(data), "--output-dir", str(tmp_path / "run")]
     with contextlib.redirect_stdout(io.StringIO()):
         history = train.main(args)["history"]

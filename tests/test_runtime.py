@@ -40,14 +40,13 @@ def test_cores_are_shared_among_local_processes(monkeypatch):
     assert runtime.cores_per_process() == 1
 
 
-@pytest.mark.parametrize("cuda, cores, expected", [(False, 2, 2), (False, 32, 8), (True, 32, 16), (True, 16, 15), (True, 1, 1)])
-def test_default_workers_match_cores_and_device(monkeypatch, cuda, cores, expected):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+@pytest.mark.parametrize("gpu, cores, expected", [(False, 2, 2), (False, 32, 8), (True, 32, 16), (True, 16, 15), (True, 1, 1)])
+def test_default_workers_match_cores_and_device(monkeypatch, gpu, cores, expected):
     monkeypatch.setattr(runtime, "_cores", lambda: cores)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert runtime.num_workers(-1) == expected
-    assert runtime.num_workers(3) == 3
-    assert runtime.num_workers(0) == 0
+    assert runtime.num_workers(-1, on_gpu=gpu) == expected
+    assert runtime.num_workers(3, on_gpu=gpu) == 3
+    assert runtime.num_workers(0, on_gpu=gpu) == 0
 
 
 def test_loaders_pin_batches_only_when_asked(tmp_path):
@@ -96,7 +95,7 @@ def test_a_broken_launch_environment_is_one_line():
     PartialState._reset_state()  # read the environment afresh, as a new process does
     # As a launcher sets it, but without MASTER_ADDR.
     with environment(WORLD_SIZE="2", RANK="0", MASTER_ADDR=None), \
-            pytest.raises(UserError, match="cannot start the run's processes: .*MASTER_ADDR"):
+            pytest.raises(UserError, match="cannot set up the run's device and processes: .*MASTER_ADDR"):
         runtime.build_accelerator("no")
     # Nothing half-started stays behind.
     assert runtime.build_accelerator("no", cpu_threads=torch.get_num_threads()).num_processes == 1
@@ -104,7 +103,7 @@ def test_a_broken_launch_environment_is_one_line():
 
 def test_processes_that_did_not_join_one_group_are_an_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # launched as two, but this process runs alone
-    monkeypatch.setattr(runtime, "Accelerator", lambda **kwargs: types.SimpleNamespace(num_processes=1))
+    monkeypatch.setattr(runtime, "Accelerator", lambda **kwargs: types.SimpleNamespace(num_processes=1, device=torch.device("cpu")))
     monkeypatch.setattr(runtime, "set_cpu_threads", lambda threads: threads)
     with pytest.raises(UserError, match="launched 2 processes but they did not form one group"):
         runtime.build_accelerator("no")

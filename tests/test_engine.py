@@ -1,0 +1,51 @@
+"""The training step loop: a non-finite loss is found late (no per-step host sync) but named exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from finetune.engine import NonFiniteLossError, earliest_bad_step, train_one_epoch
+from finetune.runtime import build_accelerator
+
+
+@pytest.mark.parametrize("per_process, expected", [
+    ([-1], None), ([4], 4), ([-1, -1, -1], None), ([5, 4], 4), ([-1, 7, 9], 7), ([0, -1], 0)])
+def test_earliest_bad_step_over_processes(per_process, expected):
+    # With DDP, one process's NaN makes every process's weights NaN from the next step on: the
+    # first step any process saw is the one to name.
+    assert earliest_bad_step(torch.tensor(per_process)) == expected
+
+
+class NanAt(nn.Module):
+    """Cross-entropy, except NaN at one step (counted from 0)."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step, self.calls = step, 0
+
+    def forward(self, logits, targets):
+        loss = nn.functional.cross_entropy(logits, targets)
+        self.calls += 1
+        return loss * float("nan") if self.calls - 1 == self.step else loss
+
+
+@pytest.mark.parametrize("bad_step", [0, 3, 12])
+def test_the_first_non_finite_step_is_named_whenever_it_is_found(bad_step: int):
+    accelerator = build_accelerator("no", cpu_threads=torch.get_num_threads())
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(15)]
+    checks = []
+
+    def after_step(step, check_finite, epoch_sums):
+        checks.append(step)
+
+    with pytest.raises(NonFiniteLossError, match=rf"at step {bad_step + 1} of epoch 2$"):
+        train_one_epoch(accelerator, model, batches, optimizer, scheduler, NanAt(bad_step), epoch=1,
+                        after_step=after_step)
+    # Training went on past the bad step until a check found it (every 10 steps, or the end).
+    assert max(checks, default=0) >= bad_step
