@@ -10,8 +10,6 @@ epoch's images/s, and how many images a run must see before compiling pays for i
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 import tempfile
@@ -20,14 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from bench.common import quietly  # noqa: E402
 from bench.datasets import photo_folder as write_dataset  # noqa: E402
 
 
 def run(data: Path, out: Path, epochs: int, size: int, *extra: str) -> list[dict]:
     argv = ["--data", str(data), "--model", "resnet18", "--weights", "none", "--image-size", str(size),
             "--epochs", str(epochs), "--output-dir", str(out), *extra]
-    with contextlib.redirect_stdout(io.StringIO()):
-        return train.main(argv)["history"]
+    return quietly(train.main, argv)["history"]
 
 
 def main() -> None:

@@ -11,12 +11,9 @@ finetune/plain and how often the two predict the same class for the same file.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import io
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -31,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as eval_cmd  # noqa: E402
 import train  # noqa: E402
+from bench.common import peak_rss_mib, quietly  # noqa: E402
 from bench.datasets import photo_folder as write_dataset  # noqa: E402
 from finetune.checkpoint import read_metadata  # noqa: E402
 
@@ -41,8 +39,7 @@ def make_checkpoint(data: Path, run: Path) -> Path:
     """One quick epoch from scratch: the weights only need to be shared, not good."""
     argv = ["--data", str(data), "--model", "resnet18", "--weights", "none", "--epochs", "1",
             "--batch-size", "32", "--output-dir", str(run)]
-    with contextlib.redirect_stdout(io.StringIO()):
-        train.main(argv)
+    quietly(train.main, argv)
     return run / "model.safetensors"
 
 
@@ -68,8 +65,7 @@ def plain(ckpt: Path, test_dir: Path) -> dict[str, str]:
 def finetune(ckpt: Path, test_dir: Path, out: Path) -> dict[str, str]:
     """(b) eval.py in-process with its defaults. Its time includes building the model and the
     Accelerator and writing metrics.json/predictions.csv: the cost a user pays per invocation."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        eval_cmd.main(["--ckpt", str(ckpt), "--data", str(test_dir), "--output-dir", str(out)])
+    quietly(eval_cmd.main, ["--ckpt", str(ckpt), "--data", str(test_dir), "--output-dir", str(out)])
     with open(out / "predictions.csv", newline="") as f:
         return {os.path.realpath(row["path"]): row["predicted"] for row in csv.DictReader(f)}
 
@@ -82,12 +78,6 @@ def best_of_two(fn: Callable[[], dict[str, str]]) -> tuple[float, dict[str, str]
         result = fn()
         times.append(time.perf_counter() - start)
     return min(times), result
-
-
-def peak_rss_mib() -> dict[str, float]:
-    """Peak resident memory over the whole run (Linux ru_maxrss is KiB): this process, largest child."""
-    return {who: resource.getrusage(flag).ru_maxrss / 1024
-            for who, flag in (("main", resource.RUSAGE_SELF), ("largest_child", resource.RUSAGE_CHILDREN))}
 
 
 def run(n_images: int, n_train: int) -> dict[str, Any]:

@@ -10,8 +10,6 @@ cached probe after its first epoch; test accuracy of the two probes. All in one 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 import tempfile
@@ -20,12 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from bench.common import quietly  # noqa: E402
 from finetune.demo import demo_dataset  # noqa: E402
 
 
 def run(argv: list[str]) -> list[dict]:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return train.main(argv)["history"]
+    return quietly(train.main, argv)["history"]
 
 
 def main() -> None:

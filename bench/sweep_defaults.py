@@ -9,8 +9,6 @@ Prints test accuracy per (dataset, size, recipe) and each recipe's worst and mea
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from bench.common import quietly  # noqa: E402
 from bench.datasets import digits, fashion_mnist  # noqa: E402
 from finetune.demo import demo_dataset  # noqa: E402
 
@@ -49,8 +48,7 @@ def main() -> None:
                     "--output-dir", str(work / "runs" / f"{name}-{size}-{recipe.replace(' ', '_')}"),
                     *RECIPES[recipe]]
             start = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):
-                out = train.main(argv)
+            out = quietly(train.main, argv)
             acc = out["history"][-1]["test_acc"]
             results.append({"data": name, "size": size, "recipe": recipe, "test_acc": acc,
                             "seconds": round(time.perf_counter() - start, 1)})

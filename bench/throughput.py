@@ -10,11 +10,8 @@ photos), trains resnet18 from scratch on it both ways, and reports the last epoc
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ from torchvision import datasets, models, transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from bench.common import peak_rss_mib, quietly  # noqa: E402
 from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_dataset  # noqa: E402
 from finetune.runtime import resolve_precision  # noqa: E402
 
@@ -87,8 +85,7 @@ def finetune(data: Path, epochs: int, batch: int, out_dir: Path) -> list[dict[st
     persistent seeded workers, SGD + warmup/cosine), in-process. Its per-epoch history."""
     argv = ["--data", str(data), "--model", "resnet18", "--weights", "none", "--batch-size", str(batch),
             "--epochs", str(epochs), "--output-dir", str(out_dir)]
-    with contextlib.redirect_stdout(io.StringIO()):
-        return train.main(argv)["history"]
+    return quietly(train.main, argv)["history"]
 
 
 def compute_only(steps: int, precision: str, batch: int, warmup: int = 2) -> float:
@@ -113,12 +110,6 @@ def compute_only(steps: int, precision: str, batch: int, warmup: int = 2) -> flo
         optimizer.zero_grad(set_to_none=True)
     loss.item()  # wait for the device to finish before reading the clock
     return steps * batch / (time.perf_counter() - start)
-
-
-def peak_rss_mib() -> dict[str, float]:
-    """Peak resident memory (Linux ru_maxrss is KiB): this process, and the largest finished child."""
-    return {who: resource.getrusage(flag).ru_maxrss / 1024
-            for who, flag in (("main", resource.RUSAGE_SELF), ("largest_child", resource.RUSAGE_CHILDREN))}
 
 
 def settings(precision: str, batch: int) -> dict[str, Any]:

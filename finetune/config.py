@@ -17,10 +17,11 @@ from typing import Any, Sequence
 
 import yaml
 
+from finetune import optim
 from finetune.errors import UserError, first_line
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = tuple(optim.OPTIMIZERS)  # the names optim.build_optimizer knows
 BAD_DATA_POLICIES = ("fail", "skip")
 
 
