@@ -34,13 +34,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = Reporter(enabled=accelerator.is_main_process)
     set_seed(config.seed)
 
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # one process writes the demo dataset, the others reuse it
         data_dir = Path(config.data) if config.data else demo_dataset()
-        load_splits(data_dir)  # the layout is sound: train/, test/, class folders
     if config.check_data:
         return check_data(data_dir, report)
     exclude, notes = apply_policy(check_dataset(data_dir, full=False), config.bad_data)
-    splits = load_splits(data_dir, frozenset(exclude))
+    splits = load_splits(data_dir, frozenset(exclude))  # also checks the layout: train/, test/, class folders
     for note in notes + splits.warnings:
         report.print(f"warning: {note}")
     run_dir = prepare_run_dir(config, data_dir, accelerator.is_main_process)
@@ -83,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
     """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
+    load_splits(data_dir)  # the layout first: the report covers files only
     found = check_dataset(data_dir, full=True)
     report.print(preflight_table(found.counts))
     for path, why in found.bad:
