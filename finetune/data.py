@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -171,27 +172,17 @@ def find_split(data_dir: str | Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def check_image_folder(root: str | Path, exclude: frozenset[str] = frozenset()) -> list[str]:
-    """Class names of an ImageFolder tree, or a UserError naming what is wrong with it.
-
-    Args:
-        root: the split folder.
-        exclude: paths of files to leave out (see ``preflight``).
-    """
-    root = Path(root)
+def check_split_folder(root: Path) -> None:
+    """A UserError naming what is wrong with a split folder's layout: missing, not a folder, or
+    without class sub-folders."""
     if not root.exists():
         raise UserError(f"data folder not found: {root}")
     if not root.is_dir():
         raise UserError(f"not a folder: {root}")
-    classes = class_folders(root)
-    if not classes:
+    if not class_folders(root):
         has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
         hint = " (images must sit in one sub-folder per class)" if has_images else ""
         raise UserError(f"{root} has no class sub-folders{hint}")
-    for name in classes:
-        if not any(str(p) not in exclude for p in image_files(root / name)):
-            raise UserError(f"class '{name}' in {root} has no images")
-    return classes
 
 
 def class_folders(root: Path) -> list[str]:
@@ -204,20 +195,34 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with this project's class folders: hidden folders such as
+    ``.ipynb_checkpoints`` are not classes (torchvision's own listing takes them for one)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(Path(directory))
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
 def image_folder(root: str | Path, classes: Sequence[str] | None = None,
                  exclude: frozenset[str] = frozenset()) -> datasets.ImageFolder:
-    """A torchvision ImageFolder over ``root`` with RGB loading.
+    """A torchvision ImageFolder over ``root`` with RGB loading; a UserError names a bad layout.
 
     Args:
         root: the split folder, one sub-folder per class.
         classes: the class list to index by (the train split's); ``root`` must not hold others.
-        exclude: paths of files to leave out.
+        exclude: paths of files to leave out (see ``preflight``).
     """
-    found = check_image_folder(root, exclude)
-    ds = datasets.ImageFolder(str(root), loader=load_rgb,
-                              is_valid_file=lambda p: Path(p).suffix.lower() in IMAGE_EXTENSIONS and p not in exclude)
+    root = Path(root)
+    check_split_folder(root)
+    ds = _ImageFolder(str(root), loader=load_rgb, allow_empty=True,
+                      is_valid_file=lambda p: Path(p).suffix.lower() in IMAGE_EXTENSIONS and p not in exclude)
+    counts = Counter(ds.targets)
+    empty = [c for i, c in enumerate(ds.classes) if counts[i] == 0]
+    if empty:
+        raise UserError(f"class '{empty[0]}' in {root} has no images")
     if classes is not None:
-        extra = sorted(set(found) - set(classes))
+        extra = sorted(set(ds.classes) - set(classes))
         if extra:
             raise UserError(f"{root} has classes the training set lacks: {', '.join(extra)}")
         # Index by the train list so a class missing here does not shift the labels.

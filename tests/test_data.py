@@ -64,6 +64,18 @@ def test_val_folder_is_used_when_there_is_no_test(tmp_path: Path):
     assert load_splits(tmp_path).test.root == str(tmp_path / "val")
 
 
+def test_hidden_folders_are_not_classes(tmp_path: Path):
+    """Editors and notebooks leave folders such as .ipynb_checkpoints: empty or not, in train or
+    test, they are neither a class nor an empty class."""
+    write_image_folder(tmp_path / "train", {"a": 2, "b": 2})
+    write_image_folder(tmp_path / "test", {"a": 1, "b": 1})
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    write_image_folder(tmp_path / "test", {".cache": 1})
+    splits = load_splits(tmp_path)
+    assert splits.classes == ["a", "b"] and splits.test.classes == ["a", "b"]
+    assert sorted(splits.test.targets) == [0, 1] and splits.warnings == []
+
+
 @pytest.mark.parametrize("layout, message", [
     ("missing", "data folder not found"),
     ("no-train", "has no train/ folder"),
