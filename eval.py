@@ -18,13 +18,14 @@ from typing import Any, Sequence
 import torch
 
 from finetune.checkpoint import load_checkpoint
-from finetune.files import atomic_write_text
 from finetune.config import PRECISIONS, check_values, option, parse_config
-from finetune.data import EVAL_SPLITS, ModelInput, Preprocessing, find_split, image_folder, make_eval_loader, missing_classes
+from finetune.data import EVAL_SPLITS, find_split, image_folder, make_eval_loader, missing_classes
 from finetune.engine import evaluate
 from finetune.errors import UserError, run_cli
+from finetune.files import atomic_write_text
 from finetune.metrics import summarise
 from finetune.models import build_for_checkpoint, fuse_for_inference, load_exactly
+from finetune.presets import ModelInput, Preprocessing
 from finetune.reporting import Reporter, confusion_table, per_class_table
 from finetune.rundir import ensure_writable
 from finetune.runtime import build_accelerator, num_workers

@@ -1,167 +1,30 @@
-"""ImageFolder datasets, the classic transform presets, and a resumable, seeded sampling order.
+"""ImageFolder datasets, data loaders, and a resumable, seeded sampling order.
 
 Randomness in the data pipeline is a pure function of ``(seed, epoch, sample index)``: the
 sampler's order comes from ``(seed, epoch)`` and each sample's augmentation is drawn after
 seeding from ``(seed, epoch, index)``. So the images a step sees do not depend on the number
 of processes or workers, and a run resumed mid-epoch sees exactly what an uninterrupted one saw.
+Decoding lives in ``images``, the transforms in ``presets``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets
-from torchvision import transforms as v1
-from torchvision.transforms.v2 import functional as F
 
 from finetune.errors import UserError
+from finetune.images import load_rgb
+from finetune.presets import EvalPreset, Preprocessing, TrainPreset
 
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 EVAL_SPLITS = ("test", "val")
-
-
-class BadImageError(UserError):
-    """An image that cannot be decoded, named by path."""
-
-
-def load_rgb(path: str, reduce_to: tuple[int, int] | None = None) -> Image.Image:
-    """Open any image as 8-bit RGB, whatever its mode (L, LA, P, RGBA, CMYK, 16-bit, float).
-
-    EXIF orientation is applied; transparency is composited on white rather than dropped,
-    which would expose whatever colour hides under transparent pixels.
-
-    Args:
-        path: the image file.
-        reduce_to: (width, height), in the oriented image's pixels, that the caller needs at
-            least: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale where that still covers it
-            (Pillow's draft mode), which makes large photos several times cheaper to decode.
-    """
-    try:
-        with Image.open(path) as img:
-            if reduce_to is not None and img.format == "JPEG":
-                width, height = reduce_to
-                if _orientation(img) in (5, 6, 7, 8):  # stored rotated by 90 degrees
-                    width, height = height, width
-                img.draft(img.mode, (max(1, width), max(1, height)))
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot decode image {path}: {err}") from None
-
-
-def _orientation(img: Image.Image) -> int:
-    try:
-        return int(img.getexif().get(0x0112, 1))
-    except (ValueError, TypeError, SyntaxError):
-        return 1
-
-
-def oriented_size(path: str) -> tuple[int, int]:
-    """(width, height) of an image as shown (EXIF rotation applied), from its header only."""
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot decode image {path}: {err}") from None
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a decoded image of any mode to 8-bit RGB."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """What the model expects: crop size, eval resize, and normalisation."""
-
-    image_size: int
-    resize_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-class TrainPreset:
-    """The classic training recipe, RandomResizedCrop + horizontal flip, as a uint8 tensor.
-
-    The crop is drawn from the image's header size before decoding, so a JPEG is decoded only
-    at the scale the crop needs: on large photos the model sees the same crops, resampled.
-    Normalisation happens later, on whole batches (``ModelInput``).
-    """
-
-    def __init__(self, *, size: int, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip_prob: float = 0.5):
-        self.size = size
-        self.scale = scale
-        self.ratio = ratio
-        self.hflip_prob = hflip_prob
-
-    def __call__(self, path: str) -> torch.Tensor:
-        width, height = oriented_size(path)
-        # torchvision's own sampler, on a zero-cost stand-in of the image's shape.
-        top, left, h, w = v1.RandomResizedCrop.get_params(
-            torch.zeros(1, 1, 1).expand(1, height, width), list(self.scale), list(self.ratio))
-        shrink = max(self.size / h, self.size / w)
-        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
-        factor = img.width / width  # 1, 1/2, 1/4 or 1/8 after draft decoding
-        img = F.resized_crop(img, round(top * factor), round(left * factor), max(1, round(h * factor)),
-                             max(1, round(w * factor)), [self.size, self.size], antialias=True)
-        if torch.rand(1).item() < self.hflip_prob:
-            img = F.horizontal_flip(img)
-        return F.pil_to_tensor(img)
-
-
-class EvalPreset:
-    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor."""
-
-    def __init__(self, *, crop_size: int, resize_size: int):
-        self.crop_size = crop_size
-        self.resize_size = resize_size
-
-    def __call__(self, path: str) -> torch.Tensor:
-        width, height = oriented_size(path)
-        shrink = self.resize_size / min(width, height)
-        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
-        img = F.center_crop(F.resize(img, self.resize_size, antialias=True), [self.crop_size, self.crop_size])
-        return F.pil_to_tensor(img)
-
-
-class ModelInput:
-    """Turns a batch of uint8 images into the model's normalised float input, on the device.
-
-    Normalising whole batches where the model runs is cheaper than per image in the loader
-    workers, and uint8 batches cross from the workers with a quarter of the bytes.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
-        self.channels_last = channels_last
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.mean.device != images.device:
-            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-        x = (images.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def find_split(data_dir: str | Path, names: Sequence[str]) -> Path | None:

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
-from finetune.data import EpochSampler, Preprocessing, make_eval_loader
+from finetune.data import EpochSampler, make_eval_loader
+from finetune.presets import Preprocessing
 
 
 def probe_module(net: nn.Module, head: str, sample: torch.Tensor) -> nn.Module | None:

@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
-from finetune.data import Preprocessing
+from finetune.presets import Preprocessing
 from finetune.errors import UserError, first_line
 from finetune.files import atomic_path, file_digest
 from finetune.surgery import find_head, freeze, match_classes, replace_head

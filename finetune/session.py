@@ -14,13 +14,14 @@ from torch import nn
 
 from finetune.checkpoint import describe_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
-from finetune.data import ModelInput, Splits, make_eval_loader, make_train_loader
+from finetune.data import Splits, make_eval_loader, make_train_loader
 from finetune.engine import SYNC_EVERY_STEPS, NonFiniteLossError, evaluate, train_one_epoch
 from finetune.errors import Stopped, UserError
 from finetune.features import cached_loaders, probe_module
 from finetune.models import Classifier, recorded_arch_kwargs
 from finetune.optim import build_optimizer, build_scheduler, param_groups
 from finetune.preemption import StopSignal
+from finetune.presets import ModelInput
 from finetune.reporting import Reporter
 from finetune.runtime import num_workers, rss_mib
 from finetune.state import latest_state, save_training_state

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from conftest import write_image_folder
-from finetune.data import (EpochSampler, EvalPreset, ModelInput, SeededDataset, TrainPreset, image_folder, load_rgb,
-                           load_splits)
+from finetune.data import EpochSampler, SeededDataset, image_folder, load_splits
+from finetune.images import load_rgb
+from finetune.presets import EvalPreset, ModelInput, TrainPreset
 from finetune.errors import UserError
 
 

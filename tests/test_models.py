@@ -8,9 +8,9 @@ from PIL import Image
 from torchvision.models import get_model
 
 from finetune.checkpoint import save_checkpoint
-from finetune.data import EvalPreset, ModelInput, Preprocessing
 from finetune.errors import UserError
 from finetune.models import build_classifier, build_pretrained, ensure_cached
+from finetune.presets import EvalPreset, ModelInput, Preprocessing
 
 
 @pytest.fixture

@@ -1,0 +1,91 @@
+"""The transform presets: a file path in, a uint8 CHW tensor out; normalisation of whole batches.
+
+Random choices are drawn from torch's global RNG, which the dataset seeds per sample (see
+``data.SeededDataset``), so each image's augmentation is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torchvision import transforms as v1
+from torchvision.transforms.v2 import functional as F
+
+from finetune.images import load_rgb, oriented_size
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model expects: crop size, eval resize, and normalisation."""
+
+    image_size: int
+    resize_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class TrainPreset:
+    """The classic training recipe, RandomResizedCrop + horizontal flip, as a uint8 tensor.
+
+    The crop is drawn from the image's header size before decoding, so a JPEG is decoded only
+    at the scale the crop needs: on large photos the model sees the same crops, resampled.
+    Normalisation happens later, on whole batches (``ModelInput``).
+    """
+
+    def __init__(self, *, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip_prob: float = 0.5):
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip_prob = hflip_prob
+
+    def __call__(self, path: str) -> torch.Tensor:
+        width, height = oriented_size(path)
+        # torchvision's own sampler, on a zero-cost stand-in of the image's shape.
+        top, left, h, w = v1.RandomResizedCrop.get_params(
+            torch.zeros(1, 1, 1).expand(1, height, width), list(self.scale), list(self.ratio))
+        shrink = max(self.size / h, self.size / w)
+        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
+        factor = img.width / width  # 1, 1/2, 1/4 or 1/8 after draft decoding
+        img = F.resized_crop(img, round(top * factor), round(left * factor), max(1, round(h * factor)),
+                             max(1, round(w * factor)), [self.size, self.size], antialias=True)
+        if torch.rand(1).item() < self.hflip_prob:
+            img = F.horizontal_flip(img)
+        return F.pil_to_tensor(img)
+
+
+class EvalPreset:
+    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor."""
+
+    def __init__(self, *, crop_size: int, resize_size: int):
+        self.crop_size = crop_size
+        self.resize_size = resize_size
+
+    def __call__(self, path: str) -> torch.Tensor:
+        width, height = oriented_size(path)
+        shrink = self.resize_size / min(width, height)
+        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
+        img = F.center_crop(F.resize(img, self.resize_size, antialias=True), [self.crop_size, self.crop_size])
+        return F.pil_to_tensor(img)
+
+
+class ModelInput:
+    """Turns a batch of uint8 images into the model's normalised float input, on the device.
+
+    Normalising whole batches where the model runs is cheaper than per image in the loader
+    workers, and uint8 batches cross from the workers with a quarter of the bytes.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
