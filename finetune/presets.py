@@ -57,6 +57,33 @@ class TrainPreset:
         return F.pil_to_tensor(img)
 
 
+class RandomCropPreset:
+    """BiT-style training: resize the short side to ``resize_size``, take a random ``size`` x ``size``
+    crop, flip horizontally with probability ``hflip_prob``: a uint8 tensor.
+
+    Keeps the whole object at one scale (unlike RandomResizedCrop's zoom), which suits small
+    datasets. The crop position is drawn from the header size before decoding, as in ``TrainPreset``.
+    """
+
+    def __init__(self, *, size: int, resize_size: int, hflip_prob: float = 0.5):
+        if resize_size < size:
+            raise ValueError(f"resize_size ({resize_size}) must be at least the crop size ({size})")
+        self.size = size
+        self.resize_size = resize_size
+        self.hflip_prob = hflip_prob
+
+    def __call__(self, path: str) -> torch.Tensor:
+        width, height = oriented_size(path)
+        shrink = self.resize_size / min(width, height)
+        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
+        img = F.resize(img, self.resize_size, antialias=True)
+        top, left, h, w = v1.RandomCrop.get_params(img, (self.size, self.size))
+        img = F.crop(img, top, left, h, w)
+        if torch.rand(1).item() < self.hflip_prob:
+            img = F.horizontal_flip(img)
+        return F.pil_to_tensor(img)
+
+
 class EvalPreset:
     """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor."""
 
