@@ -23,6 +23,7 @@ from finetune.errors import UserError, first_line
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = tuple(optim.OPTIMIZERS)  # the names optim.build_optimizer knows
 BAD_DATA_POLICIES = ("fail", "skip")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "none")  # Accelerate's names (finetune.tracking)
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -76,6 +77,13 @@ class TrainConfig:
                                      "print a report and exit")
     bad_data: str = option("fail", "what to do with images that cannot be decoded: fail or skip (and list them)",
                          choices=BAD_DATA_POLICIES)
+    log_with: str = option("tensorboard", "experiment tracker, through Accelerate: tensorboard (under RUN/logs/), "
+                                        "wandb, mlflow, aim or none", choices=TRACKERS)
+    log_every_steps: int = option(0, "optimizer steps between train-loss, learning-rate and images/s points "
+                                     "(0: about 50 points an epoch)", minimum=0)
+    log_every_seconds: float = option(60.0, "when output is not a terminal (a pipe, a SLURM log), print a "
+                                            "progress line this often within an epoch", minimum=0)
+    plots: bool = option(True, "draw samples.png and curves.png in the run folder (and send them to TensorBoard)")
 
     def __post_init__(self) -> None:
         check_values(self)

@@ -73,6 +73,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise UserError(f"cannot save {path}: {err.strerror or err}; the previous file, if any, is intact") from None
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as err:
+        raise UserError(f"cannot save {path}: {err.strerror or err}; the previous file, if any, is intact") from None
+
+
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in chunks."""
     h = hashlib.new(algorithm)

@@ -6,7 +6,8 @@ Only the main process reports; the others get a reporter that stays silent.
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -19,15 +20,23 @@ class Reporter:
 
     Args:
         enabled: False on non-main processes.
-        console: where to write (default: stdout); a non-terminal gets one plain line per epoch.
+        console: where to write (default: stdout); a non-terminal (a pipe, a SLURM log) gets a
+            plain progress line every ``every_seconds`` within an epoch and one line per epoch.
+        every_seconds: seconds between plain progress lines.
+        clock: seconds now (tests pass their own).
     """
 
-    def __init__(self, enabled: bool = True, console: Console | None = None):
+    def __init__(self, enabled: bool = True, console: Console | None = None, every_seconds: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.enabled = enabled
         self.console = console or Console(file=sys.stdout)
         self.live = enabled and self.console.is_terminal
+        self.every_seconds = every_seconds
+        self._clock = clock
         self._progress: Progress | None = None
         self._task = None
+        self._epoch: tuple[int, int, int, int] | None = None  # epoch, epochs, total steps, steps done at start
+        self._started = self._last_line = 0.0
 
     def print(self, *objects: Any) -> None:
         if self.enabled:
@@ -35,6 +44,8 @@ class Reporter:
             self.console.print(*objects, highlight=False, soft_wrap=True, markup=False)
 
     def start_epoch(self, epoch: int, epochs: int, total_steps: int, done_steps: int = 0) -> None:
+        self._epoch = (epoch, epochs, total_steps, done_steps)
+        self._started = self._last_line = self._clock()
         if not self.live:
             return
         self._progress = Progress(
@@ -46,14 +57,40 @@ class Reporter:
                                              epoch=f"{epoch + 1}/{epochs}", loss=float("nan"),
                                              acc=float("nan"), ips=0.0)
 
+    def due(self) -> bool:
+        """Whether ``update`` would show anything now: always for a live bar; for plain output,
+        once ``every_seconds`` have passed since the epoch's start or its last line. Callers
+        read the loss back from the device only then."""
+        if self.live:
+            return True
+        return self.enabled and self._epoch is not None and self._clock() - self._last_line >= self.every_seconds
+
     def update(self, steps: int, loss: float | None = None, acc: float | None = None,
                images_per_s: float | None = None) -> None:
-        if self._progress is None:
-            return
-        fields = {k: v for k, v in (("loss", loss), ("acc", acc), ("ips", images_per_s)) if v is not None}
-        self._progress.update(self._task, completed=steps, **fields)
+        """Progress within the epoch: ``steps`` of its batches done, the running loss and accuracy."""
+        if self._progress is not None:
+            fields = {k: v for k, v in (("loss", loss), ("acc", acc), ("ips", images_per_s)) if v is not None}
+            self._progress.update(self._task, completed=steps, **fields)
+        elif self.due():
+            self._plain_line(steps, loss, acc, images_per_s)
+
+    def _plain_line(self, steps: int, loss: float | None, acc: float | None, images_per_s: float | None) -> None:
+        epoch, epochs, total, done = self._epoch
+        now = self._clock()
+        self._last_line = now
+        parts = [f"epoch {epoch + 1}/{epochs}", f"step {steps}/{total}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if acc is not None:
+            parts.append(f"acc {acc:.3f}")
+        if images_per_s is not None:
+            parts.append(f"{images_per_s:.1f} img/s")
+        if steps > done:
+            parts.append(f"ETA {_duration((total - steps) * (now - self._started) / (steps - done))}")
+        self.console.print("  ".join(parts), highlight=False, soft_wrap=True, markup=False)
 
     def end_epoch(self, row: dict[str, Any]) -> None:
+        self._epoch = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -67,6 +104,13 @@ class Reporter:
             self.console.print(table)
         else:
             self.console.print("  ".join(f"{k} {_fmt(v)}" for k, v in row.items()), highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    """``H:MM:SS`` or ``M:SS``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _fmt(value: Any) -> str:

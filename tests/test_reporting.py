@@ -56,3 +56,31 @@ def test_metric_tables_show_class_names_as_they_are(through_reporter: bool):
     assert "\\[" not in out and "[/bold]" not in out
     bold = re.findall(r"\x1b\[1m *(\d+)\x1b\[0m", out)
     assert bold == ["3", "4"]  # the diagonal only
+
+
+def test_pipe_gets_a_plain_progress_line_at_the_set_cadence():
+    now = [100.0]
+    buffer = io.StringIO()
+    reporter = Reporter(console=Console(file=buffer, force_terminal=False, width=200), every_seconds=60,
+                        clock=lambda: now[0])
+    reporter.start_epoch(1, 5, total_steps=400, done_steps=100)  # resumed at step 100
+    lines = []
+    for step in range(110, 401, 10):  # the loop offers an update every 10 steps, 10 s apart
+        now[0] += 10
+        if reporter.due():  # the loop reads the loss back only then
+            reporter.update(step, loss=0.5, acc=0.75, images_per_s=32.0)
+            lines.append(step)
+    reporter.end_epoch({"epoch": 2, "train_loss": 0.5})
+    assert lines == list(range(160, 401, 60))
+    out = buffer.getvalue().splitlines()
+    # 60 s for 60 steps of this run, 240 steps left: 4 minutes.
+    assert out[0] == "epoch 2/5  step 160/400  loss 0.5000  acc 0.750  32.0 img/s  ETA 4:00"
+    assert len(out) == len(lines) + 1 and out[-1] == "epoch 2  train_loss 0.5"
+    assert not reporter.due()  # between epochs: nothing to show
+
+
+def test_a_terminal_is_always_due_and_other_processes_never():
+    assert Reporter(console=Console(file=io.StringIO(), force_terminal=True)).due()
+    other = Reporter(enabled=False, console=Console(file=io.StringIO(), force_terminal=False), every_seconds=0)
+    other.start_epoch(0, 1, total_steps=10)
+    assert not other.due()

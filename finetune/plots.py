@@ -1,0 +1,264 @@
+"""The pictures of a run, as PNG bytes: sample images, curves, a confusion matrix, the worst mistakes.
+
+Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global figure
+state), so they render on a headless cluster node. Every function returns PNG bytes; writing
+them is ``save_png`` (atomic, like every file of a run).
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from finetune.files import atomic_write_bytes
+
+MAX_CONFUSION_CLASSES = 30  # beyond this, the matrix shows the most-confused classes only
+# DejaVu ships with matplotlib and covers Latin, Greek, Cyrillic, Armenian, Georgian, Hebrew,
+# Arabic and more; the others are used, glyph by glyph, where installed (CJK scripts).
+FONTS = ["DejaVu Sans", "Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "Droid Sans Fallback",
+         "Noto Sans"]
+
+
+def _style() -> dict[str, Any]:
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return {"font.family": [f for f in FONTS if f in installed] or ["DejaVu Sans"],
+            "text.parse_math": False,  # class names are literal: "$5 bill" is not TeX
+            "font.size": 9, "axes.titlesize": 9}
+
+
+def _figure(width: float, height: float, layout: str | None = "constrained"):
+    from matplotlib.figure import Figure
+
+    # Pictures drawn during training get fixed margins: the constrained layout doubles their cost.
+    return Figure(figsize=(width, height), dpi=100, layout=layout)
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _render(draw: Any, *args: Any) -> bytes:
+    import matplotlib
+
+    with matplotlib.rc_context(_style()), warnings.catch_warnings():
+        # A font of the fallback list that lacks a glyph is not news; a glyph no font has shows as a box.
+        warnings.filterwarnings("ignore", message="findfont")
+        return _png(draw(*args))
+
+
+def _label(name: str, width: int = 18) -> str:
+    return "\n".join(textwrap.wrap(name, width, break_long_words=True)[:3]) or " "
+
+
+def thumbnail(image: np.ndarray, max_side: int = 160) -> np.ndarray:
+    """``image`` shrunk to at most ``max_side`` pixels a side: a cell of a picture is about 110
+    pixels wide, and large photos would make drawing slow."""
+    if max(image.shape[:2]) <= max_side:
+        return image
+    from PIL import Image
+
+    img = Image.fromarray(image)
+    img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(img)
+
+
+def pick_samples(targets: Sequence[int], num_classes: int, per_class: int = 6, max_classes: int = 8,
+                 seed: int = 0) -> list[tuple[int, list[int]]]:
+    """Which images ``samples_png`` shows: up to ``max_classes`` classes spread over the class list,
+    ``per_class`` images of each, drawn with ``seed``.
+
+    Args:
+        targets: the class index of every image of the dataset.
+        num_classes: how many classes there are.
+        per_class, max_classes: how many to show.
+        seed: the draw's seed.
+
+    Returns:
+        ``(class index, dataset indices)`` per class shown (classes without images left out).
+    """
+    members: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        members.setdefault(int(t), []).append(i)
+    present = [c for c in range(num_classes) if c in members]
+    if len(present) > max_classes:
+        present = [present[round(i * (len(present) - 1) / max(1, max_classes - 1))] for i in range(max_classes)]
+    rng = np.random.default_rng(seed)
+    return [(c, sorted(rng.choice(members[c], size=min(per_class, len(members[c])), replace=False).tolist()))
+            for c in present]
+
+
+def _show(ax: Any, image: np.ndarray) -> None:
+    image = thumbnail(image)
+    ax.imshow(image, interpolation="bilinear" if max(image.shape[:2]) > 64 else "nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def samples_png(names: Sequence[str], loaded: Sequence[Sequence[np.ndarray]],
+                augmented: Sequence[Sequence[np.ndarray]]) -> bytes:
+    """The classic chapter's ``show_images``: training images of each class as loaded, and the same
+    images as the model sees them after augmentation.
+
+    Args:
+        names: the classes shown, one per row pair.
+        loaded: for each class, RGB uint8 arrays (H, W, 3) as decoded from disk.
+        augmented: for each class, the same images after the training transform.
+    """
+    def draw():
+        columns = max(len(row) for row in loaded)
+        width, height, left, top = 1.1 * columns + 1.6, 1.15 * 2 * len(names) + 0.4, 1.6, 0.4
+        fig = _figure(width, height, layout=None)
+        fig.subplots_adjust(left=left / width, right=0.99, bottom=0.1 / height, top=1 - top / height,
+                            wspace=0.08, hspace=0.08)
+        axes = fig.subplots(2 * len(names), columns, squeeze=False)
+        for i, name in enumerate(names):
+            for kind, images in ((0, loaded[i]), (1, augmented[i])):
+                row = axes[2 * i + kind]
+                for j, ax in enumerate(row):
+                    if j < len(images):
+                        _show(ax, images[j])
+                    else:
+                        ax.set_axis_off()
+                row[0].set_ylabel(f"{_label(name)}\n{'augmented' if kind else 'as loaded'}",
+                                  rotation=0, ha="right", va="center")
+        fig.suptitle("training images: as loaded, and as the model sees them")
+        return fig
+    return _render(draw)
+
+
+def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
+    """Loss and accuracy per epoch from a run's history rows (``epoch``, ``train_loss``,
+    ``train_acc``, ``test_acc``, and ``test_loss`` where present)."""
+    def draw():
+        epochs = [row["epoch"] for row in history]
+        fig = _figure(7.5, 3.0, layout=None)
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.91, wspace=0.2)
+        loss_ax, acc_ax = fig.subplots(1, 2)
+        marker = "o" if len(epochs) < 30 else None
+        loss_ax.plot(epochs, [row["train_loss"] for row in history], marker=marker, label="train loss")
+        if all("test_loss" in row for row in history):
+            loss_ax.plot(epochs, [row["test_loss"] for row in history], marker=marker, label="test loss")
+        acc_ax.plot(epochs, [row["train_acc"] for row in history], marker=marker, label="train accuracy")
+        acc_ax.plot(epochs, [row["test_acc"] for row in history], marker=marker, label="test accuracy")
+        acc_ax.set_ylim(-0.02, 1.02)
+        for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            ax.set_xlabel("epoch")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend()
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        return fig
+    return _render(draw)
+
+
+def most_confused(matrix: np.ndarray, keep: int) -> list[int]:
+    """Indices of the ``keep`` classes with the largest share of errors, as true or as predicted
+    class, in their original order.
+
+    Args:
+        matrix: counts, rows true classes, columns predicted.
+        keep: how many classes to keep.
+    """
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    off = rates - np.diag(np.diag(rates))
+    score = off.sum(axis=1) + off.sum(axis=0)
+    return sorted(np.argsort(-score, kind="stable")[:keep].tolist())
+
+
+def confusion_png(classes: Sequence[str], matrix: Sequence[Sequence[int]],
+                  max_classes: int = MAX_CONFUSION_CLASSES) -> bytes:
+    """A row-normalised confusion matrix (rows: true class, columns: predicted), class names on
+    both axes; beyond ``max_classes`` classes, the rows and columns of the most-confused ones.
+
+    Args:
+        classes: class names, in the matrix's order.
+        matrix: counts, rows true classes, columns predicted.
+        max_classes: how many classes fit.
+    """
+    counts = np.asarray(matrix, dtype=np.float64)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    shown = list(range(len(classes))) if len(classes) <= max_classes else most_confused(counts, max_classes)
+    sub = rates[np.ix_(shown, shown)]
+    names = [_label(classes[i], 24).replace("\n", " ") for i in shown]
+    k = len(shown)
+
+    def draw():
+        side = min(14.0, max(3.5, 0.32 * k + 2.2))
+        fig = _figure(side + 1.0, side)
+        ax = fig.subplots()
+        im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
+        font = 9 if k <= 12 else 8
+        ax.set_xticks(range(k), names, rotation=90 if k > 4 else 0, fontsize=font)
+        ax.set_yticks(range(k), names, fontsize=font)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if k <= 15:  # numbers in the cells while they still fit
+            for i in range(k):
+                for j in range(k):
+                    if sub[i, j] >= 0.005:
+                        ax.text(j, i, f"{sub[i, j]:.2f}", ha="center", va="center", fontsize=font,
+                                color="white" if sub[i, j] > 0.5 else "black")
+        title = "confusion matrix, rows sum to 1"
+        if k < len(classes):
+            title += f": the {k} most-confused of {len(classes)} classes"
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        return fig
+    return _render(draw)
+
+
+def mistakes_png(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str],
+                 probability: Sequence[float], total_images: int) -> bytes:
+    """The most confidently wrong images, each titled with its true class, the predicted one and
+    the predicted class's probability.
+
+    Args:
+        images: RGB uint8 arrays (H, W, 3), most confident mistake first.
+        true, predicted: class names per image.
+        probability: softmax probability of the predicted class per image.
+        total_images: how many images were evaluated (for the title).
+    """
+    def draw():
+        if not images:
+            fig = _figure(4.0, 1.2)
+            fig.text(0.5, 0.5, f"no mistakes among {total_images} images", ha="center", va="center")
+            return fig
+        columns = min(4, len(images))
+        rows = -(-len(images) // columns)
+        fig = _figure(2.1 * columns, 2.45 * rows + 0.3)
+        axes = fig.subplots(rows, columns, squeeze=False).ravel()
+        for ax, image, t, p, prob in zip(axes, images, true, predicted, probability):
+            _show(ax, image)
+            ax.set_title(f"true: {_label(t, 22)}\npredicted: {_label(p, 22)}\nprobability {prob:.2f}", fontsize=8)
+        for ax in axes[len(images):]:
+            ax.set_axis_off()
+        fig.suptitle(f"most confident mistakes ({len(images)} shown of {total_images} images)")
+        return fig
+    return _render(draw)
+
+
+def save_png(path: str | Path, png: bytes) -> None:
+    """Write PNG bytes to ``path`` atomically."""
+    atomic_write_bytes(path, png)
+
+
+def decode_png(png: bytes) -> np.ndarray:
+    """An RGB uint8 array (H, W, 3) of PNG bytes (for trackers that take arrays)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        return np.asarray(img.convert("RGB"))

@@ -1,0 +1,124 @@
+"""Trackers through Accelerate: TensorBoard event files read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from finetune import config as config_module
+from finetune import tracking
+from finetune.errors import UserError
+
+
+def read_events(log_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(log_dir / tracking.PROJECT))
+    events.Reload()
+    return events
+
+
+def scalars(events: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def optimizer() -> torch.optim.Optimizer:
+    w, b, head = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    return torch.optim.SGD([{"params": [w], "lr": 0.01, "name": "backbone"},
+                            {"params": [b], "lr": 0.01, "name": "backbone_no_decay"},
+                            {"params": [head], "lr": 0.1, "name": "head"}], lr=0.01)
+
+
+def run_steps(accelerator: Accelerator, log: tracking.StepLog, steps: range, loss_of, opt) -> None:
+    for step in steps:
+        for batch in range(2):  # two batches of 4 images per optimizer step
+            log.add(torch.tensor(loss_of(step, batch)), 4)
+        log.end_step(step, opt)
+        if step % 3 == 0:  # the loop flushes where it reads back anyway: not every step
+            log.flush()
+    log.flush()
+
+
+def test_points_every_n_steps_with_window_means_and_learning_rates(tmp_path: Path):
+    accelerator = Accelerator(cpu=True)
+    tracking.start_trackers(accelerator, "tensorboard", tmp_path / "logs", "run", hparams={"lr": 0.01, "data": "none"})
+    log = tracking.StepLog(accelerator, every=2)
+    run_steps(accelerator, log, range(1, 8), lambda step, batch: float(step * 10 + batch), optimizer())
+    accelerator.end_training()
+    events = read_events(tmp_path / "logs")
+    assert {"train/loss", "train/images_per_s", "lr/backbone", "lr/head"} <= set(events.Tags()["scalars"])
+    # Step 2 covers steps 1-2 (losses 10, 11, 20, 21 over equal batches), and so on; step 7 makes no point.
+    assert scalars(events, "train/loss") == [(2, 15.5), (4, 35.5), (6, 55.5)]
+    assert [v for _, v in scalars(events, "lr/head")] == pytest.approx([0.1] * 3)
+    assert all(v > 0 for _, v in scalars(events, "train/images_per_s"))
+    hparams = list((tmp_path / "logs" / tracking.PROJECT).glob("*/hparams.yml"))
+    assert len(hparams) == 1 and "lr: 0.01" in hparams[0].read_text()
+
+
+def test_a_resumed_run_replaces_the_points_after_its_state(tmp_path: Path):
+    """A killed run wrote points up to step 9, its last state was at step 5: the resumed run
+    hides 6-9 (TensorBoard's purge_step) and writes them again, so every step shows once."""
+    first = Accelerator(cpu=True)
+    tracking.start_trackers(first, "tensorboard", tmp_path / "logs", "run")
+    log = tracking.StepLog(first, every=1)
+    run_steps(first, log, range(1, 10), lambda step, batch: float(step), optimizer())
+    first.end_training()
+    resumed = Accelerator(cpu=True)
+    tracking.start_trackers(resumed, "tensorboard", tmp_path / "logs", "run", resume_step=5)
+    log = tracking.StepLog(resumed, every=1)
+    run_steps(resumed, log, range(6, 12), lambda step, batch: float(step + 100), optimizer())
+    resumed.end_training()
+    points = scalars(read_events(tmp_path / "logs"), "train/loss")
+    assert points == [(s, float(s)) for s in range(1, 6)] + [(s, float(s + 100)) for s in range(6, 12)]
+
+
+def test_no_tracker_logs_nothing_and_reads_nothing(tmp_path: Path):
+    accelerator = Accelerator(cpu=True)
+    tracking.start_trackers(accelerator, "none", tmp_path / "logs", "run")
+    log = tracking.StepLog(accelerator, every=1)
+    assert not log.active
+    log.add(torch.tensor(1.0), 4)
+    log.end_step(1, optimizer())
+    log.flush()
+    assert not (tmp_path / "logs").exists()
+
+
+def test_pictures_go_to_the_images_tab(tmp_path: Path):
+    accelerator = Accelerator(cpu=True)
+    tracking.start_trackers(accelerator, "tensorboard", tmp_path / "logs", "run")
+    tracking.log_png(accelerator, "curves", torch.zeros(30, 40, 3, dtype=torch.uint8).numpy(), step=7)
+    accelerator.end_training()
+    events = read_events(tmp_path / "logs")
+    image = events.Images("curves")
+    assert [(e.step, e.width, e.height) for e in image] == [(7, 40, 30)]
+
+
+def test_a_missing_tracker_package_is_one_line_naming_it(monkeypatch):
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    with pytest.raises(UserError, match="--log-with wandb needs the 'wandb' package: pip install wandb"):
+        tracking.check_tracker("wandb")
+    tracking.check_tracker("none")
+
+
+def test_every_tracker_flag_value_is_known_to_tracking():
+    assert set(config_module.TRACKERS) == set(tracking.TRACKERS) | {"none"}
+
+
+def test_default_cadence_is_about_50_points_an_epoch():
+    assert tracking.log_every_steps(0, 5) == 1
+    assert tracking.log_every_steps(0, 1000) == 20
+    assert tracking.log_every_steps(7, 1000) == 7
+
+
+def test_hyperparameters_are_flat_values():
+    @dataclass
+    class Config:
+        data: str | None = None
+        lr: float = 0.1
+
+    assert tracking.hyperparameters(Config()) == {"data": "none", "lr": 0.1}
