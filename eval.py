@@ -18,17 +18,21 @@ from typing import Any, Sequence
 import torch
 
 from finetune.checkpoint import load_checkpoint
-from finetune.config import PRECISIONS, check_values, option, parse_config
+from finetune.config import PRECISIONS, TRACKERS, check_values, option, parse_config
 from finetune.data import EVAL_SPLITS, find_split, image_folder, make_eval_loader, missing_classes
 from finetune.engine import evaluate
 from finetune.errors import UserError, run_cli
 from finetune.files import atomic_write_text
 from finetune.metrics import summarise
 from finetune.models import build_for_checkpoint, fuse_for_inference, load_exactly
-from finetune.presets import ModelInput, Preprocessing
+from finetune.plots import confusion_png, decode_png, mistakes_png, save_png
+from finetune.presets import EvalPreset, ModelInput, Preprocessing
 from finetune.reporting import Reporter, confusion_table, per_class_table
 from finetune.rundir import ensure_writable
 from finetune.runtime import build_accelerator, num_workers
+from finetune.tracking import check_tracker, log_png, start_trackers
+
+MISTAKES_SHOWN = 16
 
 
 @dataclass
@@ -42,6 +46,9 @@ class EvalConfig:
     threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)")
     mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
     channels_last: bool = option(True, "use the channels-last memory format")
+    plots: bool = option(True, "draw confusion.png and mistakes.png in the output folder")
+    log_with: str = option("tensorboard", "experiment tracker for the pictures and accuracy: tensorboard (under "
+                                        "OUTPUT/logs/), wandb, mlflow, aim or none", choices=TRACKERS)
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -51,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config: EvalConfig = parse_config(argv, EvalConfig, description=__doc__.splitlines()[0])
     if not config.ckpt or not config.data:
         raise UserError("eval.py needs --ckpt FILE and --data DIR")
+    check_tracker(config.log_with)
     state, meta = load_checkpoint(config.ckpt)
     classes = meta["classes"]
     net = build_for_checkpoint(meta["arch"], len(classes), meta)
@@ -60,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
     if accelerator.is_main_process:
         ensure_writable(out_dir)
+    start_trackers(accelerator, config.log_with, out_dir / "logs", out_dir.name)
 
     data_dir = Path(config.data)
     if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):
@@ -89,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
         atomic_write_text(out_dir / "predictions.csv", predictions_csv(dataset, classes, preds))
         report.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
+        if config.plots:
+            write_pictures(accelerator, out_dir, dataset, classes, metrics, preds, pre)
+            report.print(f"wrote {out_dir / 'confusion.png'} and {out_dir / 'mistakes.png'}")
+    accelerator.log({"eval/accuracy": metrics["accuracy"]}, step=0)
     accelerator.end_training()
     return metrics
 
@@ -104,6 +117,26 @@ def show(report: Reporter, classes: list[str], metrics: dict[str, Any]) -> None:
     table = confusion_table(classes, metrics["confusion_matrix"])
     if table is not None:
         report.print(table)
+
+
+def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[str], metrics: dict[str, Any],
+                   preds: Any, pre: Preprocessing) -> None:
+    """``confusion.png`` and ``mistakes.png`` (the most confidently wrong images, as the model saw
+    them), also sent to TensorBoard's images tab where it is the tracker."""
+    wrong = (preds.topk[:, 0] != preds.targets).nonzero().flatten()
+    worst = wrong[preds.confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_SHOWN].tolist()
+    preset = EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)
+    images = [preset(dataset.samples[int(preds.indices[i])][0]).permute(1, 2, 0).numpy() for i in worst]
+    pictures = {
+        "confusion": confusion_png(classes, metrics["confusion_matrix"]),
+        "mistakes": mistakes_png(images, [classes[int(preds.targets[i])] for i in worst],
+                                 [classes[int(preds.topk[i, 0])] for i in worst],
+                                 [float(preds.confidence[i]) for i in worst], total_images=len(preds.targets),
+                                 total_mistakes=len(wrong)),
+    }
+    for name, png in pictures.items():
+        save_png(out_dir / f"{name}.png", png)
+        log_png(accelerator, f"eval/{name}", decode_png(png), step=0)
 
 
 def predictions_csv(dataset: Any, classes: list[str], preds: Any) -> str:

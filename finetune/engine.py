@@ -143,10 +143,15 @@ class Predictions:
     targets: torch.Tensor
     topk: torch.Tensor  # (N, k) class indices, best first
     confidence: torch.Tensor  # softmax probability of the top class
+    loss: torch.Tensor  # cross-entropy of the true class, -log p(target), per image
 
     @property
     def accuracy(self) -> float:
         return (self.topk[:, 0] == self.targets).float().mean().item() if len(self.targets) else 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss.mean().item() if len(self.targets) else 0.0
 
 
 @torch.inference_mode()
@@ -155,16 +160,17 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_c
     """Predictions for every image of ``loader``, gathered from all processes, each image once."""
     model.eval()
     k = min(k, num_classes)
-    parts: dict[str, list[torch.Tensor]] = {"indices": [], "targets": [], "topk": [], "confidence": []}
+    parts: dict[str, list[torch.Tensor]] = {"indices": [], "targets": [], "topk": [], "confidence": [], "loss": []}
     for images, targets, indices in loader:
-        probs = model(to_input(images)).float().softmax(dim=1)
-        confidence, topk = probs.topk(k, dim=1)
-        gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0]))
+        logits = model(to_input(images)).float()
+        confidence, topk = logits.softmax(dim=1).topk(k, dim=1)
+        loss = nn.functional.cross_entropy(logits, targets, reduction="none")
+        gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0], loss))
         for key, value in zip(parts, gathered):
             parts[key].append(value)  # kept on the device: one copy back at the end, not four a batch
     if not parts["indices"]:
         empty = torch.zeros(0, dtype=torch.long)
-        return Predictions(empty, empty, torch.zeros(0, k, dtype=torch.long), torch.zeros(0))
+        return Predictions(empty, empty, torch.zeros(0, k, dtype=torch.long), torch.zeros(0), torch.zeros(0))
     result = {key: torch.cat(values).cpu() for key, values in parts.items()}
     order = result["indices"].argsort()
     return Predictions(**{key: value[order] for key, value in result.items()})

@@ -11,7 +11,7 @@ import io
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -140,6 +140,25 @@ def samples_png(names: Sequence[str], loaded: Sequence[Sequence[np.ndarray]],
     return _render(draw)
 
 
+def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                         model_view: Callable[[int], Any], seed: int = 0) -> bytes:
+    """``samples_png`` of a training set: a few images of each class, from disk and as the model
+    sees them.
+
+    Args:
+        samples: the dataset's ``(path, class index)`` pairs (an ImageFolder's ``samples``).
+        classes: class names.
+        model_view: dataset index -> the image the model trains on (a uint8 tensor, C x H x W).
+        seed: which images are drawn.
+    """
+    from finetune.images import load_rgb
+
+    picks = pick_samples([t for _, t in samples], len(classes), seed=seed)
+    loaded = [[thumbnail(np.asarray(load_rgb(samples[i][0], reduce_to=(160, 160)))) for i in idx] for _, idx in picks]
+    seen = [[np.asarray(model_view(i).permute(1, 2, 0)) for i in idx] for _, idx in picks]
+    return samples_png([classes[c] for c, _ in picks], loaded, seen)
+
+
 def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
     """Loss and accuracy per epoch from a run's history rows (``epoch``, ``train_loss``,
     ``train_acc``, ``test_acc``, and ``test_loss`` where present)."""
@@ -222,7 +241,7 @@ def confusion_png(classes: Sequence[str], matrix: Sequence[Sequence[int]],
 
 
 def mistakes_png(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str],
-                 probability: Sequence[float], total_images: int) -> bytes:
+                 probability: Sequence[float], total_images: int, total_mistakes: int | None = None) -> bytes:
     """The most confidently wrong images, each titled with its true class, the predicted one and
     the predicted class's probability.
 
@@ -231,6 +250,7 @@ def mistakes_png(images: Sequence[np.ndarray], true: Sequence[str], predicted: S
         true, predicted: class names per image.
         probability: softmax probability of the predicted class per image.
         total_images: how many images were evaluated (for the title).
+        total_mistakes: how many of them were wrong (default: as many as shown).
     """
     def draw():
         if not images:
@@ -246,7 +266,8 @@ def mistakes_png(images: Sequence[np.ndarray], true: Sequence[str], predicted: S
             ax.set_title(f"true: {_label(t, 22)}\npredicted: {_label(p, 22)}\nprobability {prob:.2f}", fontsize=8)
         for ax in axes[len(images):]:
             ax.set_axis_off()
-        fig.suptitle(f"most confident mistakes ({len(images)} shown of {total_images} images)")
+        wrong = len(images) if total_mistakes is None else total_mistakes
+        fig.suptitle(f"the most confident mistakes: {len(images)} shown of {wrong} wrong among {total_images} images")
         return fig
     return _render(draw)
 
