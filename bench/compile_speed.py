@@ -1,6 +1,6 @@
 """torch.compile on or off: compile time against steady-state speed, side by side.
 
-    .venv/bin/python bench/compile_speed.py [--images 256] [--epochs 3] [--image-size 224]
+    .venv/bin/python -m bench.compile_speed [--images 256] [--epochs 3] [--image-size 224]
 
 Trains resnet18 (random init) on photo-sized JPEGs with the project's defaults, once eager and
 once with --compile, and reports the first epoch's seconds (compilation included), the last
@@ -15,11 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
-from bench.common import quietly  # noqa: E402
-from bench.datasets import photo_folder as write_dataset  # noqa: E402
+from finetune.commands import train
+from bench.common import quietly
+from bench.datasets import photo_folder as write_dataset
 
 
 def run(data: Path, out: Path, epochs: int, size: int, *extra: str) -> list[dict]:

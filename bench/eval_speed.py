@@ -1,6 +1,6 @@
 """Evaluation images/s, side by side: the plain fp32 PyTorch eval loop and this project's eval.py.
 
-    cd /work/main && .venv/bin/python bench/eval_speed.py --images 256 [--out bench/out/eval_speed.json]
+    cd /work/main && .venv/bin/python -m bench.eval_speed --images 256 [--out bench/out/eval_speed.json]
 
 Writes a 2-class ImageFolder of photo-sized JPEGs (about 500x375, jittered crops of scikit-image
 photos), trains resnet18 from scratch for one epoch with train.py so both sides evaluate the same
@@ -24,13 +24,12 @@ import torch
 from safetensors.torch import load_file
 from torchvision import datasets, models, transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import eval as eval_cmd  # noqa: E402
-import train  # noqa: E402
-from bench.common import peak_rss_mib, quietly  # noqa: E402
-from bench.datasets import photo_folder as write_dataset  # noqa: E402
-from finetune.checkpoint import read_metadata  # noqa: E402
+from finetune.commands import eval as eval_cmd
+from finetune.commands import train
+from bench.common import peak_rss_mib, quietly
+from bench.datasets import photo_folder as write_dataset
+from finetune.checkpoint import read_metadata
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

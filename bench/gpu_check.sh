@@ -45,7 +45,7 @@ step machine bash -c "nproc; df -h /dev/shm | tail -n 1; ulimit -n"
 
 DATA=$(mktemp -d)
 trap 'rm -rf "$DATA"' EXIT
-step data "$PYTHON" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; \
+step data "$PYTHON" -c "from pathlib import Path; \
 from bench.datasets import photo_folder; photo_folder(Path('$DATA'), $TRAIN_IMAGES, $TRAIN_IMAGES // 4)"
 for mp in bf16 fp16 no; do  # each precision trains and evaluates on the GPU
   step "train-$mp" "$PYTHON" train.py --data "$DATA" --model resnet18 --weights none --epochs $EPOCHS \
@@ -57,7 +57,7 @@ done
 # Target: at least 3x the 1062 img/s of the classic chapter's 2-GPU run, JPEG decoding included;
 # at the chapter's batch of 128, then at the CPU figure's 32.
 for batch in $BATCHES; do
-  step "throughput-$batch" "$PYTHON" bench/throughput.py --images $BENCH_IMAGES --epochs $BENCH_EPOCHS --batch "$batch" \
+  step "throughput-$batch" "$PYTHON" -m bench.throughput --images $BENCH_IMAGES --epochs $BENCH_EPOCHS --batch "$batch" \
     --out "$RESULTS/throughput-gpu-$batch.json"
 done
 

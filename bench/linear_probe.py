@@ -1,6 +1,6 @@
 """Linear probe on cached features versus full fine-tuning and versus the uncached probe.
 
-    .venv/bin/python bench/linear_probe.py [--epochs 5] [--image-size 224]
+    .venv/bin/python -m bench.linear_probe [--epochs 5] [--image-size 224]
 
 On the demo data (LFW faces vs not faces, real ImageNet MobileNetV2): seconds per epoch of a full
 fine-tuning run, of a linear probe through the frozen backbone (--no-cache-features), and of the
@@ -15,11 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
-from bench.common import quietly  # noqa: E402
-from finetune.demo import demo_dataset  # noqa: E402
+from finetune.commands import train
+from bench.common import quietly
+from finetune.demo import demo_dataset
 
 
 def run(argv: list[str]) -> list[dict]:

@@ -1,7 +1,7 @@
 """Pick default hyperparameters from measurements: each candidate recipe on several datasets
 and image sizes, pretrained MobileNetV2 (the weights that install offline), equal epochs.
 
-    python bench/sweep_defaults.py [--epochs 5] [--out bench/out/sweep.json]
+    python -m bench.sweep_defaults [--epochs 5] [--out bench/out/sweep.json]
 
 Prints test accuracy per (dataset, size, recipe) and each recipe's worst and mean accuracy.
 """
@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
-from bench.common import quietly  # noqa: E402
-from bench.datasets import digits, fashion_mnist  # noqa: E402
-from finetune.demo import demo_dataset  # noqa: E402
+from finetune.commands import train
+from bench.common import quietly
+from bench.datasets import digits, fashion_mnist
+from finetune.demo import demo_dataset
 
 RECIPES = {
     "sgd lr0.01 x10": ["--optimizer", "sgd", "--lr", "0.01"],

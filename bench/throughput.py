@@ -1,6 +1,6 @@
 """Training images/s, side by side: the textbook PyTorch loop, this project's train.py, and pure compute.
 
-    cd /work/main && .venv/bin/python bench/throughput.py --images 64 --epochs 2 [--out bench/out/throughput.json]
+    cd /work/main && .venv/bin/python -m bench.throughput --images 64 --epochs 2 [--out bench/out/throughput.json]
 
 Writes a 2-class ImageFolder of photo-sized JPEGs (about 500x375, jittered crops of scikit-image
 photos), trains resnet18 from scratch on it both ways, and reports the last epoch's images/s
@@ -22,12 +22,11 @@ import torch
 from torch import nn
 from torchvision import datasets, models, transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
-from bench.common import peak_rss_mib, quietly  # noqa: E402
-from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_dataset  # noqa: E402
-from finetune.runtime import resolve_precision  # noqa: E402
+from finetune.commands import train
+from bench.common import peak_rss_mib, quietly
+from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_dataset
+from finetune.runtime import resolve_precision
 
 BATCH = 32  # the issue's CPU figure; the GPU check also runs the chapter's 128
 # The GPU when there is one (train.py picks it by itself), else the CPU.

@@ -1,10 +1,10 @@
 """What the run logs and pictures cost: the demo trained with them (the defaults: TensorBoard under
 RUN/logs, samples.png and curves.png) and without (--log-with none --no-plots), interleaved.
 
-    .venv/bin/python bench/tracking_overhead.py [--pairs 3] [--epochs 5]
+    .venv/bin/python -m bench.tracking_overhead [--pairs 3] [--epochs 5]
 
 Each run is a fresh process (so importing matplotlib and TensorBoard is counted) timing
-``train.main`` from its call to its return, after ``import train``. The runs alternate
+``train.main`` from its call to its return, after importing it. The runs alternate
 with/without, then without/with, so a change in the machine's load hits both sides alike.
 Prints the mean seconds of each side and their ratio; the target is at most 1.03.
 """
@@ -20,12 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from finetune.demo import demo_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from finetune.demo import demo_dataset  # noqa: E402
-
-TIMED = ("import sys, time, contextlib, io, train\n"
+TIMED = ("import sys, time, contextlib, io\nfrom finetune.commands import train\n"
          "t = time.perf_counter()\n"
          "with contextlib.redirect_stdout(io.StringIO()):\n"
          "    train.main(sys.argv[1:])\n"

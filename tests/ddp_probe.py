@@ -7,11 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from safetensors.torch import save_file
 
-from safetensors.torch import save_file  # noqa: E402
-
-import train  # noqa: E402
+from finetune.commands import train
 
 out = Path(sys.argv[1])
 result = train.main(sys.argv[2:])

@@ -13,12 +13,12 @@ from conftest import ROOT, run_cmd
 
 
 @pytest.mark.parametrize("script, args, keys", [
-    ("eval_speed.py", ["--images", "32"], ["finetune_over_plain", "agreement"]),
-    ("linear_probe.py", ["--epochs", "2", "--image-size", "64"], ["full_over_cached"]),
+    ("eval_speed", ["--images", "32"], ["finetune_over_plain", "agreement"]),
+    ("linear_probe", ["--epochs", "2", "--image-size", "64"], ["full_over_cached"]),
 ])
 def test_benchmark_smoke_run(script: str, args: list[str], keys: list[str], tmp_path: Path):
     out = tmp_path / "out.json"
-    proc = run_cmd([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], timeout=600)
+    proc = run_cmd([sys.executable, "-m", f"bench.{script}", *args, "--out", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     for key in keys:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import get_model
 
-import train
+from finetune.commands import train
 from conftest import FAST
 from finetune.features import probe_module
 from finetune.surgery import find_head, replace_head

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-import train
+from finetune.commands import train
 from conftest import FAST, write_image_folder
 
 LOOP_FILES = ("engine.py", "session.py", "preemption.py")

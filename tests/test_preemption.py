@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
+from finetune.commands import train
 from conftest import FAST, ROOT, python_cmd
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import train
+from finetune.commands import train
 from conftest import FAST, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 from finetune.data import load_splits
 from finetune.errors import UserError

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import eval as eval_cmd
-import train
+from finetune.commands import eval as eval_cmd
+from finetune.commands import train
 from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder
 from finetune.checkpoint import read_metadata
 from finetune.errors import UserError

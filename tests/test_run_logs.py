@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import eval as eval_cmd
-import train
 from conftest import FAST
 from finetune import tracking
+from finetune.commands import eval as eval_cmd
+from finetune.commands import train
 from finetune.engine import evaluate
 
 

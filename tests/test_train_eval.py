@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import eval as eval_cmd
-import train
+from finetune.commands import eval as eval_cmd
+from finetune.commands import train
 from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 from finetune.checkpoint import read_metadata
 from finetune.errors import UserError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import train
+from finetune.commands import train
 from bench.datasets import FASHION_DIR, fashion_mnist
 from finetune.demo import demo_dataset
 

@@ -1,0 +1,154 @@
+"""Evaluate a checkpoint written by train.py on an ImageFolder.
+
+    python eval.py --ckpt runs/NAME/model.safetensors --data DATA/test
+
+Everything needed to rebuild the model and its preprocessing comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from finetune.checkpoint import load_checkpoint
+from finetune.config import PRECISIONS, TRACKERS, check_values, option, parse_config
+from finetune.data import EVAL_SPLITS, find_split, image_folder, make_eval_loader, missing_classes
+from finetune.engine import evaluate
+from finetune.errors import UserError, run_cli
+from finetune.files import atomic_write_text
+from finetune.metrics import summarise
+from finetune.models import build_for_checkpoint, fuse_for_inference, load_exactly
+from finetune.plots import confusion_png, decode_png, mistakes_png, save_png
+from finetune.presets import EvalPreset, ModelInput, Preprocessing
+from finetune.reporting import Reporter, confusion_table, per_class_table
+from finetune.rundir import ensure_writable
+from finetune.runtime import build_accelerator, num_workers
+from finetune.tracking import check_tracker, log_png, start_trackers
+
+MISTAKES_SHOWN = 16
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors)")
+    data: str | None = option(None, "ImageFolder to evaluate (one sub-folder per class); "
+                                  "a dataset folder with train/ and test/ (or val/) uses its test split")
+    output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: beside the checkpoint)")
+    batch_size: int = option(64, "images per process per batch", minimum=1)
+    num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
+    threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)")
+    mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
+    channels_last: bool = option(True, "use the channels-last memory format")
+    plots: bool = option(True, "draw confusion.png and mistakes.png in the output folder")
+    log_with: str = option("tensorboard", "experiment tracker for the pictures and accuracy: tensorboard (under "
+                                        "OUTPUT/logs/), wandb, mlflow, aim or none", choices=TRACKERS)
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config: EvalConfig = parse_config(argv, EvalConfig, description=__doc__.splitlines()[0])
+    if not config.ckpt or not config.data:
+        raise UserError("eval.py needs --ckpt FILE and --data DIR")
+    check_tracker(config.log_with)
+    state, meta = load_checkpoint(config.ckpt)
+    classes = meta["classes"]
+    net = build_for_checkpoint(meta["arch"], len(classes), meta)
+    load_exactly(net, state, f"{config.ckpt} does not fit a {meta['arch']} with {len(classes)} classes")
+    accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads)
+    report = Reporter(enabled=accelerator.is_main_process)
+    out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
+    if accelerator.is_main_process:
+        ensure_writable(out_dir)
+    start_trackers(accelerator, config.log_with, out_dir / "logs", out_dir.name)
+
+    data_dir = Path(config.data)
+    if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):
+        data_dir = find_split(data_dir, EVAL_SPLITS)
+    dataset = image_folder(data_dir, classes)
+    for name in missing_classes(classes, dataset):
+        report.print(f"warning: class '{name}' has no images in {data_dir}")
+    pre = Preprocessing(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
+    loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers,
+                              pin_memory=accelerator.device.type == "cuda")
+    net = fuse_for_inference(net)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    # Evaluation mode: mixed precision and device placement, no DDP wrapper. Inference has no
+    # gradients to reduce, and with torch 2.11 the wrapper's teardown could hang a multi-process
+    # CPU eval at exit.
+    model = accelerator.prepare_model(net, evaluation_mode=True)
+    loader = accelerator.prepare_data_loader(loader)
+
+    to_input = ModelInput(pre.mean, pre.std, config.channels_last)
+    preds = evaluate(accelerator, model, loader, len(classes), to_input=to_input)
+    metrics = {"checkpoint": str(config.ckpt), "data": str(data_dir),
+               **summarise(classes, preds.targets, preds.topk)}
+    if accelerator.is_main_process:
+        show(report, classes, metrics)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_text(out_dir / "predictions.csv", predictions_csv(dataset, classes, preds))
+        report.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
+        if config.plots:
+            write_pictures(accelerator, out_dir, dataset, classes, metrics, preds, pre)
+            report.print(f"wrote {out_dir / 'confusion.png'} and {out_dir / 'mistakes.png'}")
+    accelerator.log({"eval/accuracy": metrics["accuracy"]}, step=0)
+    accelerator.end_training()
+    return metrics
+
+
+def show(report: Reporter, classes: list[str], metrics: dict[str, Any]) -> None:
+    line = f"accuracy {metrics['accuracy']:.4f} on {metrics['num_samples']} images"
+    if "top5_accuracy" in metrics:
+        line += f"; top-5 accuracy {metrics['top5_accuracy']:.4f}"
+    report.print(line)
+    per_class = metrics["per_class"]
+    report.print(per_class_table(classes, [per_class[c]["precision"] for c in classes],
+                                 [per_class[c]["recall"] for c in classes], [per_class[c]["support"] for c in classes]))
+    table = confusion_table(classes, metrics["confusion_matrix"])
+    if table is not None:
+        report.print(table)
+
+
+def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[str], metrics: dict[str, Any],
+                   preds: Any, pre: Preprocessing) -> None:
+    """``confusion.png`` and ``mistakes.png`` (the most confidently wrong images, as the model saw
+    them), also sent to TensorBoard's images tab where it is the tracker."""
+    wrong = (preds.topk[:, 0] != preds.targets).nonzero().flatten()
+    worst = wrong[preds.confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_SHOWN].tolist()
+    preset = EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)
+    images = [preset(dataset.samples[int(preds.indices[i])][0]).permute(1, 2, 0).numpy() for i in worst]
+    pictures = {
+        "confusion": confusion_png(classes, metrics["confusion_matrix"]),
+        "mistakes": mistakes_png(images, [classes[int(preds.targets[i])] for i in worst],
+                                 [classes[int(preds.topk[i, 0])] for i in worst],
+                                 [float(preds.confidence[i]) for i in worst], total_images=len(preds.targets),
+                                 total_mistakes=len(wrong)),
+    }
+    for name, png in pictures.items():
+        save_png(out_dir / f"{name}.png", png)
+        log_png(accelerator, f"eval/{name}", decode_png(png), step=0)
+
+
+def predictions_csv(dataset: Any, classes: list[str], preds: Any) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "true", "predicted", "confidence", "correct"])
+    for index, target, top, conf in zip(preds.indices.tolist(), preds.targets.tolist(),
+                                        preds.topk[:, 0].tolist(), preds.confidence.tolist()):
+        writer.writerow([dataset.samples[index][0], classes[target], classes[top], f"{conf:.6f}", int(target == top)])
+    return buffer.getvalue()
+
+
+def run() -> None:
+    """The ``finetune-eval`` console script."""
+    sys.exit(run_cli(main))

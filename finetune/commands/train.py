@@ -1,0 +1,104 @@
+"""Fine-tune a pretrained torchvision classifier on an ImageFolder.
+
+    accelerate launch train.py --data DATA --model resnet18 --weights DEFAULT --epochs 5
+    accelerate launch train.py            # the offline demo: MobileNetV2 on LFW faces vs not faces
+
+The same script runs under python, accelerate launch and torchrun, on CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from accelerate.utils import set_seed
+
+from finetune.config import TrainConfig, parse_config
+from finetune.data import load_splits
+from finetune.demo import demo_dataset
+from finetune.errors import UserError, run_cli
+from finetune.models import build_classifier, check_model_name
+from finetune.preflight import apply_policy, check_dataset
+from finetune.reporting import Reporter, preflight_table
+from finetune.rundir import prepare_run_dir
+from finetune.runtime import build_accelerator
+from finetune.session import fit, prepare_session
+from finetune.state import latest_state, load_training_state
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config: TrainConfig = parse_config(argv, TrainConfig, description=__doc__.splitlines()[0])
+    check_model_name(config.model)  # before anything is written
+    accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile, config.threads)
+    report = Reporter(enabled=accelerator.is_main_process)
+    set_seed(config.seed)
+
+    with accelerator.main_process_first():  # one process writes the demo dataset, the others reuse it
+        data_dir = Path(config.data) if config.data else demo_dataset()
+    if config.check_data:
+        return check_data(data_dir, report)
+    exclude, notes = apply_policy(check_dataset(data_dir, full=False), config.bad_data)
+    splits = load_splits(data_dir, frozenset(exclude))  # also checks the layout: train/, test/, class folders
+    for note in notes + splits.warnings:
+        report.print(f"warning: {note}")
+    run_dir = prepare_run_dir(config, data_dir, accelerator.is_main_process)
+
+    with accelerator.main_process_first():  # one process downloads or copies the weights, the others reuse them
+        clf = build_classifier(config.model, config.weights, splits.classes, image_size=config.image_size,
+                               freeze_spec=config.freeze, reuse_classifier=config.reuse_classifier)
+    session = prepare_session(config, accelerator, clf, splits)
+
+    report.print(f"{config.model} from {clf.weights.name}: {len(splits.classes)} classes, "
+                 f"{len(splits.train)} train / {len(splits.test)} test images from {data_dir}; "
+                 f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+                 f"precision {accelerator.mixed_precision}")
+    if clf.reused:
+        report.print("reused pretrained classifier rows: " + ", ".join(f"{t} <- {s}" for t, s in clf.reused.items()))
+    if clf.frozen:
+        report.print("frozen: " + ("the whole backbone" if config.freeze == "backbone" else ", ".join(clf.frozen)))
+    if session.cached_features:
+        report.print(f"linear probe on cached features ({session.cached_features} per image)")
+
+    progress = {"epoch": 0, "step": 0, "history": [], "best_accuracy": -1.0}
+    if config.resume:
+        state = latest_state(run_dir)
+        if state is None:
+            report.print(f"no saved state in {run_dir}: starting from the beginning")
+        else:
+            progress = load_training_state(accelerator, state)
+            report.print(f"resumed from {state} at epoch {progress['epoch'] + 1}, step {progress['step']}")
+
+    progress = fit(session, config, clf, splits.classes, run_dir, report, progress)
+
+    accelerator.wait_for_everyone()
+    final = progress["history"][-1] if progress["history"] else {}
+    report.print(f"saved {run_dir / 'model.safetensors'} (test accuracy "
+                 f"{final.get('test_acc', float('nan')):.4f}); evaluate it with:\n"
+                 f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {splits.test.root}")
+    accelerator.end_training()
+    return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes, "model": clf.net}
+
+
+def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
+    """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
+    load_splits(data_dir)  # the layout first: the report covers files only
+    found = check_dataset(data_dir, full=True)
+    report.print(preflight_table(found.counts))
+    for path, why in found.bad:
+        report.print(f"bad image: {path}: {why}")
+    for path, fmt in found.wrong_extension:
+        report.print(f"wrong extension: {path} holds {fmt}")
+    for train_path, test_path in found.duplicates:
+        report.print(f"duplicate: {test_path} is {train_path}")
+    for note in found.warnings:
+        report.print(f"warning: {note}")
+    if found.bad:
+        raise UserError(f"{data_dir}: {len(found.bad)} image(s) cannot be used")
+    report.print(f"{data_dir}: no problems that stop a run")
+    return {"report": found}
+
+
+def run() -> None:
+    """The ``finetune-train`` console script."""
+    sys.exit(run_cli(main))
