@@ -129,7 +129,7 @@ def describe_checkpoint(config: Any, clf: Any, classes: list[str], metrics: dict
     return {
         "arch": config.model, "arch_kwargs": arch_kwargs, "classes": list(classes),
         "image_size": pre.image_size, "resize_size": pre.resize_size, "crop_size": pre.image_size,
-        "mean": list(pre.mean), "std": list(pre.std), "interpolation": "bilinear",
+        "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
         "weights": clf.weights.name, "head": clf.head, "config": dataclasses.asdict(config),
         "metrics": metrics, "versions": library_versions(),
     }

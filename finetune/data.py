@@ -21,7 +21,7 @@ from torchvision import datasets
 
 from finetune.errors import UserError
 from finetune.images import load_rgb
-from finetune.presets import EvalPreset, Preprocessing, TrainPreset
+from finetune.presets import Preprocessing, TrainPreset
 
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 EVAL_SPLITS = ("test", "val")
@@ -218,7 +218,7 @@ def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_siz
             (with Accelerate's non_blocking, see runtime.build_accelerator); CPUs have nothing to overlap.
     """
     preset = TrainPreset(size=pre.image_size) if augment else \
-        EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)
+        pre.eval_preset()
     return DataLoader(SeededDataset(ds, preset, seed), batch_size=batch_size,
                       sampler=EpochSampler(len(ds), seed), **_worker_options(num_workers, pin_memory))
 
@@ -227,7 +227,7 @@ def make_eval_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size
                      num_workers: int, pin_memory: bool = False) -> DataLoader:
     """An evaluation DataLoader yielding ``(images, targets, dataset indices)`` in order (``pin_memory``:
     see ``make_train_loader``)."""
-    return DataLoader(IndexedDataset(ds, EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)),
+    return DataLoader(IndexedDataset(ds, pre.eval_preset()),
                       batch_size=batch_size, shuffle=False,
                       **_worker_options(num_workers, pin_memory))
 

@@ -13,7 +13,8 @@ from typing import Sequence
 
 from finetune.config import option, parse_config
 from finetune.errors import run_cli
-from finetune.models import check_model_name, ensure_cached, torchvision_weights
+from finetune.models import check_model_name
+from finetune.weights import ensure_cached, torchvision_weights
 
 
 @dataclass

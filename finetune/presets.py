@@ -11,20 +11,29 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from PIL import Image
 from torchvision import transforms as v1
 from torchvision.transforms.v2 import functional as F
 
 from finetune.images import load_rgb, oriented_size
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the model expects: crop size, eval resize, and normalisation."""
+    """What the model expects: crop size, eval resize and its interpolation, and normalisation."""
 
     image_size: int
     resize_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"  # of the eval resize: what the pretrained weights were evaluated with
+
+    def eval_preset(self) -> "EvalPreset":
+        """The eval transform of these settings."""
+        return EvalPreset(crop_size=self.image_size, resize_size=self.resize_size, interpolation=self.interpolation)
 
 
 class TrainPreset:
@@ -85,18 +94,29 @@ class RandomCropPreset:
 
 
 class EvalPreset:
-    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor."""
+    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor.
 
-    def __init__(self, *, crop_size: int, resize_size: int):
+    Args:
+        interpolation: of the resize, ``bilinear``, ``bicubic`` or ``nearest``: the one the
+            pretrained weights were evaluated with (several torchvision and timm weights say bicubic).
+    """
+
+    def __init__(self, *, crop_size: int, resize_size: int, interpolation: str = "bilinear"):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         self.crop_size = crop_size
         self.resize_size = resize_size
+        self.interpolation = interpolation
 
     def __call__(self, path: str) -> torch.Tensor:
         width, height = oriented_size(path)
         shrink = self.resize_size / min(width, height)
-        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
-        img = F.center_crop(F.resize(img, self.resize_size, antialias=True), [self.crop_size, self.crop_size])
-        return F.pil_to_tensor(img)
+        return self.from_image(load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink))))
+
+    def from_image(self, img: Image.Image) -> torch.Tensor:
+        """The same resize and crop of an RGB image already decoded."""
+        img = F.resize(img, self.resize_size, interpolation=F.InterpolationMode(self.interpolation), antialias=True)
+        return F.pil_to_tensor(F.center_crop(img, [self.crop_size, self.crop_size]))
 
 
 class ModelInput:

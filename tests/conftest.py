@@ -64,3 +64,21 @@ def write_truncated_jpeg(path: Path) -> Path:
     Image.fromarray(noise).save(path, quality=90)
     path.write_bytes(path.read_bytes()[:30000])
     return path
+
+
+def write_checkpoint(path: Path, classes: list[str], model: str = "mobilenet_v3_small", image_size: int = 32,
+                     seed: int = 0, **meta: object) -> Path:
+    """A checkpoint as train.py writes it, for an untrained (randomly initialised) model: fast to make.
+    ``meta`` overrides metadata entries (e.g. ``interpolation="bicubic"``)."""
+    import torch
+
+    from finetune.checkpoint import describe_checkpoint, save_checkpoint
+    from finetune.config import TrainConfig
+    from finetune.models import build_classifier, recorded_arch_kwargs
+
+    torch.manual_seed(seed)
+    clf = build_classifier(model, "none", classes, image_size=image_size)
+    config = TrainConfig(model=model, weights="none", image_size=image_size)
+    description = describe_checkpoint(config, clf, classes, {}, recorded_arch_kwargs(clf.net))
+    save_checkpoint(path, clf.net.state_dict(), {**description, **meta})
+    return path

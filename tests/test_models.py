@@ -9,7 +9,8 @@ from torchvision.models import get_model
 
 from finetune.checkpoint import save_checkpoint
 from finetune.errors import UserError
-from finetune.models import build_classifier, build_pretrained, ensure_cached
+from finetune.models import build_classifier, build_pretrained
+from finetune.weights import ensure_cached
 from finetune.presets import EvalPreset, ModelInput, Preprocessing
 
 

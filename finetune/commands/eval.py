@@ -17,16 +17,16 @@ from typing import Any, Sequence
 
 import torch
 
-from finetune.checkpoint import load_checkpoint
 from finetune.config import PRECISIONS, TRACKERS, check_values, option, parse_config
 from finetune.data import EVAL_SPLITS, find_split, image_folder, make_eval_loader, missing_classes
 from finetune.engine import evaluate
 from finetune.errors import UserError, run_cli
 from finetune.files import atomic_write_text
 from finetune.metrics import summarise
-from finetune.models import build_for_checkpoint, fuse_for_inference, load_exactly
+from finetune.inference import load_classifier
+from finetune.models import fuse_for_inference
 from finetune.plots import confusion_png, decode_png, mistakes_png, save_png
-from finetune.presets import EvalPreset, ModelInput, Preprocessing
+from finetune.presets import ModelInput, Preprocessing
 from finetune.reporting import Reporter, confusion_table, per_class_table
 from finetune.rundir import ensure_writable
 from finetune.runtime import build_accelerator, num_workers
@@ -59,10 +59,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not config.ckpt or not config.data:
         raise UserError("eval.py needs --ckpt FILE and --data DIR")
     check_tracker(config.log_with)
-    state, meta = load_checkpoint(config.ckpt)
-    classes = meta["classes"]
-    net = build_for_checkpoint(meta["arch"], len(classes), meta)
-    load_exactly(net, state, f"{config.ckpt} does not fit a {meta['arch']} with {len(classes)} classes")
+    clf = load_classifier(config.ckpt)
+    classes, pre = clf.classes, clf.preprocessing
     accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads)
     report = Reporter(enabled=accelerator.is_main_process)
     out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
@@ -76,11 +74,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dataset = image_folder(data_dir, classes)
     for name in missing_classes(classes, dataset):
         report.print(f"warning: class '{name}' has no images in {data_dir}")
-    pre = Preprocessing(meta["image_size"], meta["resize_size"], tuple(meta["mean"]), tuple(meta["std"]))
     workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
     loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers,
                               pin_memory=accelerator.device.type == "cuda")
-    net = fuse_for_inference(net)
+    net = fuse_for_inference(clf.model)
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     # Evaluation mode: mixed precision and device placement, no DDP wrapper. Inference has no
@@ -125,7 +122,7 @@ def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[
     them), also sent to TensorBoard's images tab where it is the tracker."""
     wrong = (preds.topk[:, 0] != preds.targets).nonzero().flatten()
     worst = wrong[preds.confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_SHOWN].tolist()
-    preset = EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)
+    preset = pre.eval_preset()
     images = [preset(dataset.samples[int(preds.indices[i])][0]).permute(1, 2, 0).numpy() for i in worst]
     pictures = {
         "confusion": confusion_png(classes, metrics["confusion_matrix"]),

@@ -28,7 +28,12 @@ from finetune.state import latest_state, load_training_state
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config: TrainConfig = parse_config(argv, TrainConfig, description=__doc__.splitlines()[0])
+    """``train.py`` with these arguments (``None``: ``sys.argv[1:]``); see ``train``."""
+    return train(parse_config(argv, TrainConfig, description=__doc__.splitlines()[0]))
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """One training run: the run folder, the per-epoch history, the classes and the trained model."""
     check_model_name(config.model)  # before anything is written
     accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile, config.threads)
     report = Reporter(enabled=accelerator.is_main_process)
