@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from torchvision import datasets
 
+from finetune.decoding import Encoded, EncodedBatch, stack_channels_last
 from finetune.errors import UserError
 from finetune.images import load_rgb
 from finetune.presets import Preprocessing, TrainPreset
@@ -128,7 +129,9 @@ class SeededDataset(Dataset):
         epoch, index = key
         path, target = self.dataset.samples[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sample_seed(self.seed, epoch, index))
+            # The CPU generator only, which the presets draw from: torch.manual_seed also queues
+            # seeds for every CUDA device, at 0.25 ms per image (bench/loader_speed.py).
+            torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
             return self.transform(path), target
 
 
@@ -206,8 +209,20 @@ def load_splits(data_dir: str | Path, exclude: frozenset[str] = frozenset()) -> 
     return Splits(train, test, list(train.classes), notes)
 
 
+def collate(batch: list[tuple]) -> tuple:
+    """A loader batch: images stacked channels-last (in shared memory in a worker, like torch's
+    default collate), or an ``EncodedBatch`` when workers hand over bytes; targets (and indices)
+    as torch collates them."""
+    images = [item[0] for item in batch]
+    rest = default_collate([item[1:] for item in batch])
+    if isinstance(images[0], Encoded):
+        return (EncodedBatch(images), *rest)
+    return (stack_channels_last(images, shared=get_worker_info() is not None), *rest)
+
+
 def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int, seed: int,
-                      num_workers: int, augment: bool = True, pin_memory: bool = False) -> DataLoader:
+                      num_workers: int, augment: bool = True, pin_memory: bool = False,
+                      decode_in_workers: bool = True) -> DataLoader:
     """The training DataLoader: classic augmentation seeded per sample, order fixed per epoch.
 
     Call ``set_epoch`` on it (or on what Accelerate made of it) before each epoch.
@@ -216,19 +231,22 @@ def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_siz
         augment: the classic random augmentation; False: the eval preprocessing.
         pin_memory: batches in page-locked memory, for a CUDA device to copy in while it computes
             (with Accelerate's non_blocking, see runtime.build_accelerator); CPUs have nothing to overlap.
+        decode_in_workers: False: workers read each file and draw its crop, and hand over the bytes
+            (``decoding.EncodedBatch``) for ``presets.ModelInput`` to decode where the model runs.
     """
     preset = TrainPreset(size=pre.image_size) if augment else \
         pre.eval_preset()
-    return DataLoader(SeededDataset(ds, preset, seed), batch_size=batch_size,
-                      sampler=EpochSampler(len(ds), seed), **_worker_options(num_workers, pin_memory))
+    return DataLoader(SeededDataset(ds, preset if decode_in_workers else preset.encode, seed), batch_size=batch_size,
+                      sampler=EpochSampler(len(ds), seed), collate_fn=collate, **_worker_options(num_workers, pin_memory))
 
 
 def make_eval_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int,
-                     num_workers: int, pin_memory: bool = False) -> DataLoader:
-    """An evaluation DataLoader yielding ``(images, targets, dataset indices)`` in order (``pin_memory``:
-    see ``make_train_loader``)."""
-    return DataLoader(IndexedDataset(ds, pre.eval_preset()),
-                      batch_size=batch_size, shuffle=False,
+                     num_workers: int, pin_memory: bool = False, decode_in_workers: bool = True) -> DataLoader:
+    """An evaluation DataLoader yielding ``(images, targets, dataset indices)`` in order (``pin_memory``,
+    ``decode_in_workers``: see ``make_train_loader``)."""
+    preset = pre.eval_preset()
+    return DataLoader(IndexedDataset(ds, preset if decode_in_workers else preset.encode),
+                      batch_size=batch_size, shuffle=False, collate_fn=collate,
                       **_worker_options(num_workers, pin_memory))
 
 

@@ -1,8 +1,21 @@
-"""Decoding any image file to 8-bit RGB: every mode, EXIF orientation, reduced-scale JPEG decoding."""
+"""Decoding any image file to 8-bit RGB: every mode, EXIF orientation, reduced-scale JPEG decoding.
+
+Two ways in: ``load_rgb`` gives a PIL image (ImageFolder's loader, the reference path), and
+``read_header`` + ``decode_rgb`` give a numpy array from a file's bytes, read once: ordinary
+JPEGs go to libjpeg-turbo through simplejpeg (no copy into Pillow's 4-byte pixels, DCT scaling
+for reduced decodes), everything else through Pillow.
+"""
 
 from __future__ import annotations
 
+import io
+import math
+from dataclasses import dataclass
+from typing import BinaryIO
+
 import numpy as np
+import simplejpeg
+import torch
 from PIL import Image, ImageOps
 
 from finetune.errors import UserError
@@ -24,8 +37,12 @@ def load_rgb(path: str, reduce_to: tuple[int, int] | None = None) -> Image.Image
             least: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale where that still covers it
             (Pillow's draft mode), which makes large photos several times cheaper to decode.
     """
+    return _pillow_rgb(path, path, reduce_to)
+
+
+def _pillow_rgb(source: str | BinaryIO, path: str, reduce_to: tuple[int, int] | None) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if reduce_to is not None and img.format == "JPEG":
                 width, height = reduce_to
                 if _orientation(img) in (5, 6, 7, 8):  # stored rotated by 90 degrees
@@ -67,3 +84,125 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
+
+
+# The DCT scalings libjpeg-turbo decodes fast (its SIMD code covers 1/2, 1/4 and 1/8; the 3/4,
+# 5/8... scalings in between are slower than a full decode).
+JPEG_REDUCTIONS = (8, 4, 2)
+ROTATED = (5, 6, 7, 8)  # EXIF orientations stored rotated by 90 degrees
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says: its size as shown (EXIF orientation applied), and how to decode it.
+
+    Attributes:
+        width, height: the shown image's size in pixels.
+        orientation: the EXIF orientation tag, 1 (none) to 8.
+        libjpeg_rgb: an ordinary JPEG (YCbCr, RGB or grayscale) that libjpeg-turbo turns into RGB
+            itself; other images (PNG, CMYK JPEG, ...) go through Pillow and ``to_rgb``.
+        jpeg: a JPEG of any kind, so a reduced (DCT-scaled) decode is possible.
+    """
+
+    width: int
+    height: int
+    orientation: int = 1
+    libjpeg_rgb: bool = False
+    jpeg: bool = False
+
+
+def read_header(data: bytes, path: str) -> Header:
+    """Parse an image's header from its bytes (no pixel is decoded); a BadImageError names ``path``."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            orientation = _orientation(img)
+            jpeg = img.format == "JPEG"
+            libjpeg_rgb = jpeg and img.mode in ("RGB", "L")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImageError(f"cannot decode image {path}: {err}") from None
+    if orientation in ROTATED:
+        width, height = height, width
+    return Header(width, height, orientation if 1 <= orientation <= 8 else 1, libjpeg_rgb, jpeg)
+
+
+def jpeg_reduction(header: Header, region: tuple[int, int], out: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 (else 1) by which a JPEG can be decoded smaller while a ``region``
+    of (height, width) shown pixels still has at least ``out`` (height, width) pixels."""
+    if not header.jpeg:
+        return 1
+    for r in JPEG_REDUCTIONS:
+        if region[0] / r >= out[0] and region[1] / r >= out[1]:
+            return r
+    return 1
+
+
+def decode_stored(data: bytes, header: Header, path: str, reduction: int = 1) -> tuple[np.ndarray, int]:
+    """Decode an image to an (height, width, 3) uint8 array as stored, and the EXIF orientation
+    still to apply to it (``orient``): 1 where Pillow applied it already.
+
+    Args:
+        data: the file's bytes.
+        header: ``read_header(data, path)``.
+        path: named in a BadImageError.
+        reduction: 1, 2, 4 or 8: decode a JPEG at that fraction of its size (ceil of each side),
+            by libjpeg's DCT scaling; ignored for other formats.
+    """
+    if not header.libjpeg_rgb:
+        reduce_to = None
+        if reduction > 1:
+            reduce_to = (math.ceil(header.width / reduction), math.ceil(header.height / reduction))
+        return np.asarray(_pillow_rgb(io.BytesIO(data), path, reduce_to)), 1
+    stored_w, stored_h = header.width, header.height
+    if header.orientation in ROTATED:
+        stored_w, stored_h = stored_h, stored_w
+    try:
+        # min_width/min_height select the DCT scaling: exactly 1/reduction (libjpeg rounds sizes up).
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(stored_w / reduction),
+                                     min_height=math.ceil(stored_h / reduction))
+    except (ValueError, RuntimeError) as err:
+        raise BadImageError(f"cannot decode image {path}: {err}") from None
+    return arr, header.orientation
+
+
+def decode_rgb(data: bytes, header: Header, path: str, reduction: int = 1) -> np.ndarray:
+    """The shown image (EXIF orientation applied, as a view) as an (height, width, 3) uint8 array;
+    arguments as ``decode_stored``."""
+    arr, orientation = decode_stored(data, header, path, reduction)
+    return orient(arr, orientation)
+
+
+def stored_region(orientation: int, shown: tuple[int, int], top: int, left: int, height: int,
+                  width: int) -> tuple[int, int, int, int]:
+    """The (top, left, height, width) region of the stored pixels that ``orient`` shows as the given
+    region of the shown image, whose size is ``shown`` (height, width)."""
+    if orientation in (3, 4, 7, 8):  # undo the row flip
+        top = shown[0] - top - height
+    if orientation in (2, 3, 6, 7):  # undo the column flip
+        left = shown[1] - left - width
+    if orientation in ROTATED:
+        return left, top, width, height
+    return top, left, height, width
+
+
+def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """A stored (height, width, C) array as shown under EXIF ``orientation``: a view, as Pillow's
+    ``ImageOps.exif_transpose`` would turn it."""
+    if orientation in ROTATED:
+        arr = arr.transpose(1, 0, 2)
+    if orientation in (2, 3, 6, 7):
+        arr = arr[:, ::-1]
+    if orientation in (3, 4, 7, 8):
+        arr = arr[::-1]
+    return arr
+
+
+def orient_tensor(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """``orient`` for a (C, height, width) tensor (torch flips copy: meant for small outputs)."""
+    if orientation in ROTATED:
+        image = image.transpose(1, 2)
+    if orientation in (2, 3, 6, 7):
+        image = image.flip(2)
+    if orientation in (3, 4, 7, 8):
+        image = image.flip(1)
+    return image

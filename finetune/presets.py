@@ -1,23 +1,28 @@
-"""The transform presets: a file path in, a uint8 CHW tensor out; normalisation of whole batches.
+"""The transform presets: a file path in, a uint8 (3, H, W) tensor out; normalisation of whole batches.
 
-Random choices are drawn from torch's global RNG, which the dataset seeds per sample (see
-``data.SeededDataset``), so each image's augmentation is reproducible.
+Each preset draws its random crop from the image's header alone (``plan``), then decodes the
+file once, cutting and resampling that crop in one pass (``decoding.decode_crop``). Random
+choices are drawn from torch's global RNG, with torchvision's own samplers, in the same order as
+torchvision's reference transforms; the dataset seeds it per sample (``data.SeededDataset``), so
+each image's augmentation is reproducible.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
 from torchvision import transforms as v1
-from torchvision.transforms.v2 import functional as F
 
-from finetune.images import load_rgb, oriented_size
+from finetune.decoding import CpuDecoder, Crop, Encoded, EncodedBatch, decode_crop, resample_pillow
+from finetune.images import BadImageError, Header, read_header
 
 
+# A zero-cost stand-in of an image's shape for torchvision's samplers (expanded, never allocated).
+_PIXEL = torch.zeros(1, 1, 1)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -36,12 +41,55 @@ class Preprocessing:
         return EvalPreset(crop_size=self.image_size, resize_size=self.resize_size, interpolation=self.interpolation)
 
 
-class TrainPreset:
+class _Preset:
+    """A file in, a crop drawn from its header, the file decoded once."""
+
+    def plan(self, header: Header) -> Crop:
+        raise NotImplementedError
+
+    def encode(self, path: str) -> Encoded:
+        """The file's bytes, its header and the crop drawn for it: decoding left to a later stage."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise BadImageError(f"cannot decode image {path}: {err}") from None
+        header = read_header(data, path)
+        return Encoded(data, header, self.plan(header), path)
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return decode_crop(self.encode(path))
+
+
+def _flip(prob: float) -> bool:
+    # Drawn as torchvision's RandomHorizontalFlip does, after the crop.
+    return torch.rand(1).item() < prob
+
+
+def _resized_size(header: Header, short: int) -> tuple[int, int]:
+    """(height, width) after torchvision's Resize(short): the short side ``short``, the long one truncated."""
+    w, h = header.width, header.height
+    if w <= h:
+        return int(short * h / w), short
+    return short, int(short * w / h)
+
+
+def _whole(header: Header, out: tuple[int, int], cut: tuple[int, int, int, int], flip: bool = False,
+           pillow: str | None = None) -> Crop:
+    return Crop(0, 0, header.height, header.width, out[0], out[1], cut, flip, pillow)
+
+
+class TrainPreset(_Preset):
     """The classic training recipe, RandomResizedCrop + horizontal flip, as a uint8 tensor.
 
-    The crop is drawn from the image's header size before decoding, so a JPEG is decoded only
-    at the scale the crop needs: on large photos the model sees the same crops, resampled.
-    Normalisation happens later, on whole batches (``ModelInput``).
+    The crop is drawn from the image's header size before decoding (torchvision's own sampler),
+    then cut and resampled from the file in one pass, from a JPEG decoded at 1/2, 1/4 or 1/8
+    scale where that still covers it. Normalisation happens later, on whole batches (``ModelInput``).
+
+    Args:
+        size: the output side, in pixels.
+        scale: the crop's area as a fraction of the image's, drawn uniformly in this range.
+        ratio: the crop's aspect ratio range (drawn log-uniformly).
+        hflip_prob: the probability of a horizontal flip.
     """
 
     def __init__(self, *, size: int, scale: tuple[float, float] = (0.08, 1.0),
@@ -51,27 +99,19 @@ class TrainPreset:
         self.ratio = ratio
         self.hflip_prob = hflip_prob
 
-    def __call__(self, path: str) -> torch.Tensor:
-        width, height = oriented_size(path)
-        # torchvision's own sampler, on a zero-cost stand-in of the image's shape.
+    def plan(self, header: Header) -> Crop:
         top, left, h, w = v1.RandomResizedCrop.get_params(
-            torch.zeros(1, 1, 1).expand(1, height, width), list(self.scale), list(self.ratio))
-        shrink = max(self.size / h, self.size / w)
-        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
-        factor = img.width / width  # 1, 1/2, 1/4 or 1/8 after draft decoding
-        img = F.resized_crop(img, round(top * factor), round(left * factor), max(1, round(h * factor)),
-                             max(1, round(w * factor)), [self.size, self.size], antialias=True)
-        if torch.rand(1).item() < self.hflip_prob:
-            img = F.horizontal_flip(img)
-        return F.pil_to_tensor(img)
+            _PIXEL.expand(1, header.height, header.width), list(self.scale), list(self.ratio))
+        return Crop(top, left, h, w, self.size, self.size, flip=_flip(self.hflip_prob))
 
 
-class RandomCropPreset:
+class RandomCropPreset(_Preset):
     """BiT-style training: resize the short side to ``resize_size``, take a random ``size`` x ``size``
     crop, flip horizontally with probability ``hflip_prob``: a uint8 tensor.
 
     Keeps the whole object at one scale (unlike RandomResizedCrop's zoom), which suits small
-    datasets. The crop position is drawn from the header size before decoding, as in ``TrainPreset``.
+    datasets. The crop is drawn as torchvision's Resize + RandomCrop would, from the header size;
+    the image is resampled once, at the resized size, and the crop cut from that.
     """
 
     def __init__(self, *, size: int, resize_size: int, hflip_prob: float = 0.5):
@@ -81,20 +121,16 @@ class RandomCropPreset:
         self.resize_size = resize_size
         self.hflip_prob = hflip_prob
 
-    def __call__(self, path: str) -> torch.Tensor:
-        width, height = oriented_size(path)
-        shrink = self.resize_size / min(width, height)
-        img = load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink)))
-        img = F.resize(img, self.resize_size, antialias=True)
-        top, left, h, w = v1.RandomCrop.get_params(img, (self.size, self.size))
-        img = F.crop(img, top, left, h, w)
-        if torch.rand(1).item() < self.hflip_prob:
-            img = F.horizontal_flip(img)
-        return F.pil_to_tensor(img)
+    def plan(self, header: Header) -> Crop:
+        resized = _resized_size(header, self.resize_size)
+        top, left, h, w = v1.RandomCrop.get_params(_PIXEL.expand(1, *resized), (self.size, self.size))
+        return _whole(header, resized, (top, left, h, w), _flip(self.hflip_prob))
 
 
-class EvalPreset:
-    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor.
+class EvalPreset(_Preset):
+    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor, exactly as
+    torchvision's Resize + CenterCrop make it from a PIL image (Pillow resamples, as in the weights'
+    own ``transforms()``), from a JPEG decoded at reduced scale where that still covers the resize.
 
     Args:
         interpolation: of the resize, ``bilinear``, ``bicubic`` or ``nearest``: the one the
@@ -108,31 +144,47 @@ class EvalPreset:
         self.resize_size = resize_size
         self.interpolation = interpolation
 
-    def __call__(self, path: str) -> torch.Tensor:
-        width, height = oriented_size(path)
-        shrink = self.resize_size / min(width, height)
-        return self.from_image(load_rgb(path, reduce_to=(math.ceil(width * shrink), math.ceil(height * shrink))))
+    def plan(self, header: Header) -> Crop:
+        resized = _resized_size(header, self.resize_size)
+        # torchvision's center_crop offsets.
+        top = int(round((resized[0] - self.crop_size) / 2.0))
+        left = int(round((resized[1] - self.crop_size) / 2.0))
+        return _whole(header, resized, (top, left, self.crop_size, self.crop_size), pillow=self.interpolation)
 
     def from_image(self, img: Image.Image) -> torch.Tensor:
         """The same resize and crop of an RGB image already decoded."""
-        img = F.resize(img, self.resize_size, interpolation=F.InterpolationMode(self.interpolation), antialias=True)
-        return F.pil_to_tensor(F.center_crop(img, [self.crop_size, self.crop_size]))
+        return resample_pillow(img, self.plan(Header(img.width, img.height)))
 
 
 class ModelInput:
     """Turns a batch of uint8 images into the model's normalised float input, on the device.
 
     Normalising whole batches where the model runs is cheaper than per image in the loader
-    workers, and uint8 batches cross from the workers with a quarter of the bytes.
+    workers, and uint8 batches cross from the workers with a quarter of the bytes. Batches come
+    channels-last from the loader (``data.collate``), so with ``channels_last`` nothing is
+    transposed here. A batch of ``Encoded`` items (workers that hand over bytes) is decoded first.
+
+    Args:
+        mean, std: per-channel normalisation, on a 0-1 scale.
+        channels_last: return the channels-last memory format, else the default one.
+        decoder: turns a list of ``Encoded`` items into a uint8 batch (default: ``CpuDecoder``).
+        device: where a decoded batch goes (default: the CPU).
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
+                 decoder=None, device: torch.device | str | None = None):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
         self.channels_last = channels_last
+        self.decoder = decoder or CpuDecoder()
+        self.device = device
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor | EncodedBatch) -> torch.Tensor:
+        if isinstance(images, EncodedBatch):
+            images = self.decoder(images.items)
+            if self.device is not None:
+                images = images.to(self.device, non_blocking=True)
         if self.mean.device != images.device:
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         x = (images.float() - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
