@@ -1,6 +1,6 @@
 """Loader-only images/s: the data pipeline before issue 13 and now, next to a bare decode of the same files.
 
-    python bench/loader_speed.py [--images 48] [--rounds 5] [--workers N] [--out bench/out/loader_speed.json]
+    python -m bench.loader_speed [--images 48] [--rounds 5] [--workers N] [--out bench/out/loader_speed.json]
 
 Writes three small folders (500x375 JPEGs, 3000x2000 JPEGs, 500x375 PNGs; photo crops from
 scikit-image) and, for each, measures:
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import legacy_presets  # noqa: E402
-from bench.datasets import photo_folder  # noqa: E402
-from finetune import data, presets  # noqa: E402
+from bench import legacy_presets
+from bench.datasets import photo_folder
+from finetune import data, presets
 
 SIZE, RESIZE = 224, 256
 # resnet18 at 224 px, bf16 + channels-last, on one H200: issue 13's estimate, not a measurement.
@@ -141,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  train loader, {args.workers} workers: {multi['now']:.1f} vs {multi['before']:.1f} img/s "
                   f"before: {multi['ratio']:.2f}x")
     core = results["jpeg 500x375"]["one core"]
+    results["train_now_over_before"], results["eval_now_over_before"] = core["train ratio"], core["eval ratio"]
     feed = (HOST_CORES - 1) * core["train now"]
     results["projection"] = {"host cores": HOST_CORES, "workers": HOST_CORES - 1, "feed img/s": feed,
                              "before img/s": (HOST_CORES - 1) * core["train before"], "gpu ceiling": GPU_CEILING}

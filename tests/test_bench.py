@@ -15,6 +15,8 @@ from conftest import ROOT, run_cmd
 @pytest.mark.parametrize("script, args, keys", [
     ("eval_speed", ["--images", "32"], ["finetune_over_plain", "agreement"]),
     ("linear_probe", ["--epochs", "2", "--image-size", "64"], ["full_over_cached"]),
+    ("loader_speed", ["--images", "4", "--rounds", "1", "--workers", "1"],
+     ["train_now_over_before", "eval_now_over_before"]),
 ])
 def test_benchmark_smoke_run(script: str, args: list[str], keys: list[str], tmp_path: Path):
     out = tmp_path / "out.json"
