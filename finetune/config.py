@@ -73,6 +73,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model (inductor): pays for its compile time only on long "
                                   "runs; see bench/compile_speed.py")
     channels_last: bool = option(True, "use the channels-last memory format (faster convolutions)")
+    cpu: bool = option(False, "run on the CPU even where a GPU is visible (without it, GPUs that CUDA cannot "
+                              "start stop the run)")
     check_data: bool = option(False, "check the dataset thoroughly (decode every image, find train/test duplicates), "
                                      "print a report and exit")
     bad_data: str = option("fail", "what to do with images that cannot be decoded: fail or skip (and list them)",

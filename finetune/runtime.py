@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import warnings
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import is_bf16_available
 
@@ -47,18 +48,104 @@ def resolve_precision(requested: str, on_cpu: bool, env: dict[str, str] | None =
     return requested
 
 
+def visible_gpus(env: dict[str, str] | None = None, dev: str = "/dev") -> str | None:
+    """What says this process was given NVIDIA GPUs, whether or not CUDA can start on them: a
+    non-empty ``CUDA_VISIBLE_DEVICES``, ``SLURM_GPUS_ON_NODE`` above 0, or ``/dev/nvidia0``...
+    (as ``NAME=value`` or the path); None when nothing does.
+
+    Args:
+        env: the environment (default ``os.environ``).
+        dev: where device files are (tests point it elsewhere).
+    """
+    env = os.environ if env is None else env
+    cuda = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if cuda and cuda not in ("-1", "none", "NoDevFiles"):  # empty or -1: GPUs hidden on purpose
+        return f"CUDA_VISIBLE_DEVICES={cuda}"
+    slurm = env.get("SLURM_GPUS_ON_NODE", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        return f"SLURM_GPUS_ON_NODE={slurm}"
+    devices = sorted(glob.glob(os.path.join(dev, "nvidia[0-9]*")))
+    return devices[0] if devices else None
+
+
+def cuda_failure() -> str:
+    """What torch says when asked to start CUDA, in one line (this torch's build when it has no CUDA)."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as err:  # noqa: BLE001  # torch raises RuntimeError or AssertionError, by version
+        return first_line(err)
+    return "torch.cuda.is_available() is False"
+
+
+def check_gpus_usable(force_cpu: bool, env: dict[str, str] | None = None, dev: str = "/dev") -> None:
+    """Refuse to fall back to the CPU silently: GPUs visible while no accelerator starts is an error.
+
+    Args:
+        force_cpu: the run asked for the CPU (``--cpu``, or ``ACCELERATE_USE_CPU`` from
+            ``accelerate launch --cpu`` or launch/cpu.yaml): nothing to check.
+        env, dev: see ``visible_gpus``.
+
+    Raises:
+        UserError: naming what showed the GPUs, what torch reported, and what to do.
+    """
+    if force_cpu or torch.accelerator.is_available():
+        return
+    shown_by = visible_gpus(env, dev)
+    if shown_by is not None:
+        raise UserError(f"GPUs are visible ({shown_by}) but CUDA cannot start: {cuda_failure()}; install a torch "
+                        "build for this machine's NVIDIA driver (pip install torch --index-url "
+                        "https://download.pytorch.org/whl/cuXXX, XXX from nvidia-smi), or pass --cpu to run on the CPU")
+
+
+def cpu_forced(cpu: bool, env: dict[str, str] | None = None) -> bool:
+    """Whether the run is to use the CPU: ``--cpu``, or ``ACCELERATE_USE_CPU`` set true by
+    ``accelerate launch --cpu`` / launch/cpu.yaml / slurm/finetune.sh on CPU nodes."""
+    env = os.environ if env is None else env
+    return cpu or env.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes")
+
+
+# DDP (several processes): gradients live in DDP's all-reduce buckets instead of being copied into
+# them and back each step (less memory, one copy fewer). broadcast_buffers stays on: every forward
+# starts from the main process's BatchNorm running statistics (a few hundred kB for a resnet), so
+# all processes evaluate with the same statistics, those the checkpoint saves; off, each process
+# would keep statistics of its own batches and the processes would disagree in evaluation.
+DDP_OPTIONS = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=True)
+
+
+def configure_device(device: torch.device) -> None:
+    """Settings for a CUDA device (none for others): cuDNN autotuning, and TF32 for fp32 matmuls
+    and convolutions.
+
+    TF32 keeps fp32's range with a 10-bit mantissa on tensor cores (Ampere and later): several
+    times the fp32 matmul speed. It matters for ``--mixed-precision no`` only: under bf16/fp16
+    autocast the matmuls already run in 16 bits. Accumulation stays fp32.
+    """
+    if device.type != "cuda":
+        return
+    # Fixed input shapes: let cuDNN time its convolution algorithms once and keep the fastest.
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: bool = False,
-                      cpu_threads: int = -1) -> Accelerator:
+                      cpu_threads: int = -1, cpu: bool = False) -> Accelerator:
     """An Accelerator for this machine: the GPU when there is one, else (many) CPU processes on gloo.
 
     Args:
         cpu_threads: compute threads per process on the CPU (``set_cpu_threads``).
+        cpu: use the CPU even where a GPU is usable (``--cpu``).
 
     Raises:
-        UserError: when the launch environment cannot start a process group, or several
-            processes were launched but they did not join one group.
+        UserError: when GPUs are visible but CUDA cannot start (``check_gpus_usable``), the launch
+            environment cannot start a process group, or several processes were launched but
+            they did not join one group.
     """
-    on_cpu = not torch.accelerator.is_available()
+    force_cpu = cpu_forced(cpu)
+    check_gpus_usable(force_cpu)
+    on_cpu = force_cpu or not torch.accelerator.is_available()
     # main() may run several times in one Python process (tests, the Python API): let each
     # run choose its own precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -73,13 +160,12 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
                 dynamo_backend="inductor" if compile else "no",
                 # Pinned batches (see data.make_train_loader) then copy to a GPU while it computes.
                 dataloader_config=DataLoaderConfiguration(non_blocking=not on_cpu),
+                kwargs_handlers=[DDP_OPTIONS],
             )
         except (ValueError, RuntimeError) as err:  # a launch environment or precision this machine cannot run
             PartialState._reset_state()  # let a later attempt (tests, the Python API) start afresh
             raise UserError(f"cannot set up the run's device and processes: {first_line(err)}") from None
-    if accelerator.device.type == "cuda":
-        # Fixed input shapes: let cuDNN time its convolution algorithms once and keep the fastest.
-        torch.backends.cudnn.benchmark = True
+    configure_device(accelerator.device)
     if on_cpu:
         set_cpu_threads(cpu_threads)
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))

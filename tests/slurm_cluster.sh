@@ -7,6 +7,8 @@
 #   tests/slurm_cluster.sh submit FILE [SECS] sbatch FILE, poll until finished, print its output,
 #                                  exit with the job's exit code (124 on timeout)
 #   tests/slurm_cluster.sh down               cancel jobs, stop the daemons started by 'up' (by PID file)
+# GPUS_PER_NODE=N (with up): each node also offers N GPUs as SLURM sees them (a count in gres.conf,
+# no device files): jobs can ask for --gpus-per-node and get SLURM_GPUS_ON_NODE, no CUDA device.
 set -euo pipefail
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
@@ -72,12 +74,24 @@ write_conf() {
   hw=$(slurmd -C | head -n1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ RealMemory=.*//')
   mem=$(slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -n1)
   mem=$(( mem / NNODES / 2 ))
+  local gpus=${GPUS_PER_NODE:-0} gres="" names
+  [ "$gpus" -gt 0 ] && gres="Gres=gpu:$gpus"
   if [ "$NNODES" -eq 1 ]; then
-    nodeline="NodeName=$h NodeAddr=127.0.0.1 $hw RealMemory=$mem State=UNKNOWN"
+    names=$h
+    nodeline="NodeName=$h NodeAddr=127.0.0.1 $hw RealMemory=$mem $gres State=UNKNOWN"
   else
-    nodeline="NodeName=n[1-$NNODES] NodeHostname=$h NodeAddr=127.0.0.1 Port=[17001-$((17000 + NNODES))] $hw RealMemory=$mem State=UNKNOWN"
+    names="n[1-$NNODES]"
+    nodeline="NodeName=n[1-$NNODES] NodeHostname=$h NodeAddr=127.0.0.1 Port=[17001-$((17000 + NNODES))] $hw RealMemory=$mem $gres State=UNKNOWN"
   fi
   mkdir -p /etc/slurm
+  if [ "$gpus" -gt 0 ]; then
+    # Stand-in device files (not /dev/nvidia*, which would tell other programs of this host of a GPU).
+    mkdir -p /run/finetune-slurm-gpus
+    for i in $(seq 0 $((gpus - 1))); do : > "/run/finetune-slurm-gpus/gpu$i"; done
+    echo "NodeName=$names Name=gpu File=/run/finetune-slurm-gpus/gpu[0-$((gpus - 1))]" > /etc/slurm/gres.conf
+  else
+    rm -f /etc/slurm/gres.conf
+  fi
   cat > "$CONF" <<EOF
 ClusterName=ci
 SlurmctldHost=$h(127.0.0.1)
@@ -98,6 +112,7 @@ MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+GresTypes=gpu
 ReturnToService=2
 # Time for train.py to save its state between SIGTERM and SIGKILL.
 KillWait=30

@@ -113,3 +113,83 @@ def test_cpu_accelerator_uses_blocking_copies():
     accelerator = runtime.build_accelerator("no", cpu_threads=torch.get_num_threads())
     assert accelerator.device.type == "cpu"
     assert accelerator.dataloader_config.non_blocking is False
+
+
+@pytest.mark.parametrize("env, device_file, shown_by", [
+    ({}, False, None),
+    ({"CUDA_VISIBLE_DEVICES": ""}, False, None),  # GPUs hidden on purpose
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, False, None),
+    ({"SLURM_GPUS_ON_NODE": "0"}, False, None),
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, False, "CUDA_VISIBLE_DEVICES=0,1"),
+    ({"SLURM_GPUS_ON_NODE": "8"}, False, "SLURM_GPUS_ON_NODE=8"),
+    ({}, True, "nvidia0"),
+])
+def test_visible_gpus_reads_the_environment_and_device_files(tmp_path, env, device_file, shown_by):
+    if device_file:
+        (tmp_path / "nvidia0").touch()
+    (tmp_path / "nvidiactl").touch()  # the control device alone is no GPU
+    found = runtime.visible_gpus(env, dev=str(tmp_path))
+    assert found == shown_by if shown_by is None or "=" in shown_by else found.endswith(shown_by)
+
+
+def test_gpus_visible_without_cuda_stop_the_run_with_what_torch_said(monkeypatch):
+    """A GPU host whose driver is older than the torch wheel needs: no silent CPU run."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+
+    def init():
+        raise RuntimeError("The NVIDIA driver on your system is too old (found version 11040).\nmore detail")
+    monkeypatch.setattr(torch.cuda, "init", init)
+    with pytest.raises(UserError) as err:
+        runtime.check_gpus_usable(False, env={"SLURM_GPUS_ON_NODE": "4"}, dev="/nonexistent")
+    message = str(err.value)
+    assert "\n" not in message and "SLURM_GPUS_ON_NODE=4" in message
+    assert "driver on your system is too old (found version 11040)" in message and "--cpu" in message
+    runtime.check_gpus_usable(True, env={"SLURM_GPUS_ON_NODE": "4"}, dev="/nonexistent")  # --cpu: no error
+    runtime.check_gpus_usable(False, env={}, dev="/nonexistent")  # no GPU anywhere: the CPU, quietly
+
+
+def test_cpu_is_forced_by_the_flag_or_accelerate_launch():
+    assert runtime.cpu_forced(True, env={})
+    assert runtime.cpu_forced(False, env={"ACCELERATE_USE_CPU": "True"})  # launch/cpu.yaml, accelerate launch --cpu
+    assert runtime.cpu_forced(False, env={"ACCELERATE_USE_CPU": "1"})  # slurm/finetune.sh on CPU nodes
+    assert not runtime.cpu_forced(False, env={"ACCELERATE_USE_CPU": "false"})
+
+
+def test_train_and_eval_refuse_a_silent_cpu_run_where_slurm_granted_gpus(tiny_data, tmp_path):
+    """This machine's torch has no CUDA: SLURM_GPUS_ON_NODE simulates a GPU node where CUDA fails."""
+    from conftest import FAST, python_cmd, run_cmd
+    env = {"SLURM_GPUS_ON_NODE": "2", "ACCELERATE_USE_CPU": None}
+    proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(tmp_path / "r"), *FAST), env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: GPUs are visible (SLURM_GPUS_ON_NODE=2) but CUDA cannot start")
+    assert not (tmp_path / "r").exists()
+
+
+def test_cpu_flag_builds_a_cpu_accelerator_where_gpus_are_visible(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(UserError, match="GPUs are visible"):
+        runtime.build_accelerator("no")
+    assert runtime.build_accelerator("no", cpu=True).device.type == "cpu"
+
+
+def test_cuda_runs_get_tf32_and_autotuning_cpu_runs_nothing():
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.benchmark = False
+        runtime.configure_device(torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.benchmark
+        runtime.configure_device(torch.device("cuda", 0))  # settings only: no CUDA needed to set them
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+def test_ddp_buckets_hold_the_gradients_and_buffers_are_broadcast():
+    accelerator = runtime.build_accelerator("no", cpu=True)
+    assert accelerator.ddp_handler.gradient_as_bucket_view and accelerator.ddp_handler.broadcast_buffers

@@ -30,7 +30,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get")
 
 @pytest.fixture(scope="module")
 def cluster():
-    up = subprocess.run(["bash", str(CLUSTER), "up", "2"], capture_output=True, text=True, timeout=300)
+    # Each node also offers 2 GPUs as SLURM sees them (no CUDA device): GPU jobs get their CPUs and
+    # SLURM_GPUS_ON_NODE, and train.py then refuses to fall back to the CPU.
+    up = subprocess.run(["bash", str(CLUSTER), "up", "2"], capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "GPUS_PER_NODE": "2"})
     if up.returncode != 0:
         pytest.fail(f"SLURM cluster did not come up: {up.stderr[-2000:]}")
     yield
@@ -45,9 +48,10 @@ def slurm_data(tmp_path_factory) -> Path:
     return data
 
 
-def sbatch(out_dir: Path, *train_args: str, env: dict[str, str] | None = None) -> int:
+def sbatch(out_dir: Path, *train_args: str, env: dict[str, str] | None = None, options: tuple[str, ...] = (),
+           script: str = "finetune.sh") -> int:
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={out_dir}/slurm-%j.out",
-                           f"--chdir={ROOT}", str(ROOT / "slurm" / "finetune.sh"), *train_args],
+                           f"--chdir={ROOT}", *options, str(ROOT / "slurm" / script), *train_args],
                           capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip().split(";")[0])
@@ -128,3 +132,25 @@ def test_a_crash_in_one_process_ends_the_whole_job_quickly(cluster, slurm_data: 
     assert info["JobState"] == "FAILED", log[-3000:]
     assert f"cannot decode image {bad}" in log
     assert elapsed < 90, f"the job took {elapsed:.0f} s to fail"  # start-up included; 50 epochs would take longer
+
+
+def test_gpu_job_gets_its_cpus_and_memory_warns_below_4_cores_and_does_not_fall_back_to_the_cpu(
+        cluster, slurm_data: Path, tmp_path: Path):
+    """GPU jobs on the emulated nodes (2 CPUs each, GPUs without CUDA): what each task was given,
+    the warning naming the sbatch option, then train.py's refusal to train on the CPU."""
+    args = ["--data", str(slurm_data), *TRAIN_FLAGS, "--output-dir", str(tmp_path / "run")]
+    plain = sbatch(tmp_path, *args, options=("--gpus-per-node=1", "--cpus-per-gpu=1", "--mem-per-gpu=200M"))
+    # finetune_gpu.sh's defaults (8 CPUs, 64 GB per GPU) do not fit these nodes: override them.
+    gpu = sbatch(tmp_path, *args, options=("--gpus-per-node=2", "--cpus-per-gpu=1", "--mem-per-gpu=300M"),
+                 script="finetune_gpu.sh")
+    for job, cpus, gpus, mem in ((plain, 1, 1, 200), (gpu, 2, 2, 600)):
+        info = wait_for(job, 180)
+        log = log_of(tmp_path, job)
+        assert info["JobState"] == "FAILED", log[-3000:]
+        for node in (0, 1):
+            assert re.search(rf"node {node} \(n\d\): {cpus} CPUs, {gpus} GPU\(s\), {mem} MB; starting {gpus} process", log), log
+        assert f"warning: {cpus} CPUs per node for {gpus} GPU process(es): fewer than 4 cores each" in log
+        assert "--cpus-per-gpu=8" in log
+        assert f"error: GPUs are visible (SLURM_GPUS_ON_NODE={gpus}) but CUDA cannot start" in log
+        assert not (tmp_path / "run" / "model.safetensors").exists()
+

@@ -45,6 +45,7 @@ class EvalConfig:
     num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
     threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)")
     mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
+    cpu: bool = option(False, "run on the CPU even where a GPU is visible")
     channels_last: bool = option(True, "use the channels-last memory format")
     plots: bool = option(True, "draw confusion.png and mistakes.png in the output folder")
     log_with: str = option("tensorboard", "experiment tracker for the pictures and accuracy: tensorboard (under "
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_tracker(config.log_with)
     clf = load_classifier(config.ckpt)
     classes, pre = clf.classes, clf.preprocessing
-    accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads)
+    accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads, cpu=config.cpu)
     report = Reporter(enabled=accelerator.is_main_process)
     out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
     if accelerator.is_main_process:

@@ -35,7 +35,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def train(config: TrainConfig) -> dict[str, Any]:
     """One training run: the run folder, the per-epoch history, the classes and the trained model."""
     check_model_name(config.model)  # before anything is written
-    accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile, config.threads)
+    accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile, config.threads,
+                                    cpu=config.cpu)
     report = Reporter(enabled=accelerator.is_main_process)
     set_seed(config.seed)
 
