@@ -148,7 +148,7 @@ def test_gpu_job_gets_its_cpus_and_memory_warns_below_4_cores_and_does_not_fall_
         log = log_of(tmp_path, job)
         assert info["JobState"] == "FAILED", log[-3000:]
         for node in (0, 1):
-            assert re.search(rf"node {node} \(n\d\): {cpus} CPUs, {gpus} GPU\(s\), {mem} MB; starting {gpus} process", log), log
+            assert re.search(rf"node {node} \(\S+\): {cpus} CPUs, {gpus} GPU\(s\), {mem} MB; starting {gpus} process", log), log
         assert f"warning: {cpus} CPUs per node for {gpus} GPU process(es): fewer than 4 cores each" in log
         assert "--cpus-per-gpu=8" in log
         assert f"error: GPUs are visible (SLURM_GPUS_ON_NODE={gpus}) but CUDA cannot start" in log
