@@ -149,6 +149,9 @@ def build_parser(cls: type = TrainConfig, description: str = "") -> argparse.Arg
     parser.add_argument("--config", metavar="YAML", help="YAML file of settings (flags override it)")
     defaults = cls()
     for f in dataclasses.fields(cls):
+        if f.metadata.get("positional"):  # a tuple of strings given after the flags, e.g. predict.py's inputs
+            parser.add_argument(f.name, nargs="*", help=f.metadata.get("help", ""), metavar=f.name.upper())
+            continue
         base, nullable = _field_type(cls, f.name)
         help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})"
         flag = f"--{_flag(f.name)}"

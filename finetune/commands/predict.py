@@ -1,0 +1,206 @@
+"""Classify new images with a checkpoint written by train.py.
+
+    python predict.py --ckpt runs/NAME/model.safetensors photos/ more.jpg list.txt [--top-k 3]
+    python predict.py --ckpt ... photos/ --output preds.csv        # or preds.jsonl
+
+INPUT is image files, folders (searched recursively, no class structure needed) and .txt files
+listing image paths. Results stream to the output as they come, so memory stays flat on any
+number of images; under ``accelerate launch`` each image is predicted exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
+
+import torch
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.config import BAD_DATA_POLICIES, PRECISIONS, check_values, option, parse_config
+from finetune.errors import UserError, run_cli
+from finetune.files import atomic_path
+from finetune.images import BadImageError
+from finetune.inference import load_classifier
+from finetune.inputs import image_paths
+from finetune.models import fuse_for_inference
+from finetune.presets import EvalPreset, ModelInput
+from finetune.reporting import Reporter
+from finetune.runtime import build_accelerator, num_workers
+
+OUTPUT_FORMATS = (".csv", ".jsonl")
+
+
+@dataclass
+class PredictConfig:
+    ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors)")
+    inputs: tuple[str, ...] = option((), "image files, folders (searched recursively) and .txt files listing image "
+                                         "paths", positional=True)
+    top_k: int = option(1, "classes per image, best first", minimum=1)
+    output: str | None = option(None, "write the predictions to this .csv or .jsonl file instead of printing a table")
+    batch_size: int = option(64, "images per process per batch", minimum=1)
+    bad_data: str = option("skip", "images that cannot be decoded: skip (and list them) or fail", choices=BAD_DATA_POLICIES)
+    num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
+    threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)")
+    mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
+    channels_last: bool = option(True, "use the channels-last memory format")
+
+    def __post_init__(self) -> None:
+        self.inputs = tuple(self.inputs)
+        check_values(self)
+
+
+class _Images(Dataset):
+    """Each image as eval.py prepares it; an unreadable one gives a blank image and its error."""
+
+    def __init__(self, paths: list[Path], preset: EvalPreset, fail: bool):
+        self.paths = paths
+        self.preset = preset
+        self.fail = fail
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        try:
+            return self.preset(str(self.paths[index])), index, 1
+        except BadImageError:
+            if self.fail:
+                raise
+            size = self.preset.crop_size
+            return torch.zeros(3, size, size, dtype=torch.uint8), index, 0  # an int: gloo gathers no bools
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config: PredictConfig = parse_config(argv, PredictConfig, description=__doc__.splitlines()[0])
+    if not config.ckpt or not config.inputs:
+        raise UserError("predict.py needs --ckpt FILE and at least one INPUT (image, folder or .txt list)")
+    out_path = Path(config.output) if config.output else None
+    if out_path is not None and out_path.suffix.lower() not in OUTPUT_FORMATS:
+        raise UserError(f"--output must end in .csv or .jsonl, got {out_path}")
+    clf = load_classifier(config.ckpt)
+    paths = list(image_paths(config.inputs))
+    if not paths:
+        raise UserError(f"no images found in {', '.join(config.inputs)}")
+
+    accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads)
+    report = Reporter(enabled=accelerator.is_main_process)
+    on_gpu = accelerator.device.type == "cuda"
+    dataset = _Images(paths, clf.preprocessing.eval_preset(), fail=config.bad_data == "fail")
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, pin_memory=on_gpu,
+                        num_workers=max(0, num_workers(config.num_workers, on_gpu=on_gpu)))
+    net = fuse_for_inference(clf.model)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = accelerator.prepare_model(net, evaluation_mode=True)  # no DDP wrapper: see eval.py
+    loader = accelerator.prepare_data_loader(loader)
+    to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
+    k = min(config.top_k, len(clf.classes))
+
+    rows = _predict(accelerator, model, loader, to_input, k)
+    counts = {"predicted": 0, "skipped": 0}
+    skipped: list[str] = []
+    if accelerator.is_main_process:
+        with _Sink(out_path, k, report) as sink:
+            for index, readable, classes, probs in rows:
+                if readable:
+                    sink.write(str(paths[index]), [clf.classes[c] for c in classes], probs)
+                    counts["predicted"] += 1
+                else:
+                    skipped.append(str(paths[index]))
+        for path in skipped:
+            report.print(f"skipped unreadable image: {path}")
+        counts["skipped"] = len(skipped)
+        where = f"; wrote {out_path}" if out_path else ""
+        report.print(f"predicted {counts['predicted']} image(s), skipped {counts['skipped']}{where}")
+    else:
+        for _ in rows:  # the other processes take part in every gather
+            pass
+    accelerator.end_training()
+    return {**counts, "skipped_paths": skipped, "output": out_path}
+
+
+@torch.inference_mode()
+def _predict(accelerator: Any, model: torch.nn.Module, loader: Any, to_input: ModelInput,
+             k: int) -> Iterator[tuple[int, bool, list[int], list[float]]]:
+    """(dataset index, readable, top-k classes, their probabilities) of every image once, a batch at a time."""
+    model.eval()
+    for images, indices, readable in loader:
+        probs = model(to_input(images)).float().softmax(dim=1)
+        top_p, top_i = probs.topk(k, dim=1)
+        gathered = accelerator.gather_for_metrics((indices, readable, top_i, top_p))
+        order = gathered[0].argsort()  # gathered batches interleave the processes' shares
+        yield from zip(*(part[order].tolist() for part in gathered))
+
+
+class _Sink:
+    """Where predictions go, one at a time: a CSV or JSON-lines file (written under a temporary name
+    and renamed when complete), or rich tables on the terminal, one per batch of rows."""
+
+    TABLE_ROWS = 64
+
+    def __init__(self, path: Path | None, k: int, report: Reporter):
+        self.path, self.k, self.report = path, k, report
+        self._stack = ExitStack()
+        self._file: TextIO | None = None
+        self._table: Table | None = None
+        self._shown = 0
+
+    def __enter__(self) -> "_Sink":
+        if self.path is None:
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._stack.enter_context(atomic_path(self.path))  # renamed into place only when complete
+            self._file = self._stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))
+        except OSError as err:
+            self._stack.close()
+            raise UserError(f"cannot write {self.path}: {err.strerror or err}") from None
+        if self.path.suffix.lower() == ".csv":
+            self._csv = csv.writer(self._file)
+            self._csv.writerow(["path"] + [f"{what}_{i}" for i in range(1, self.k + 1)
+                                           for what in ("class", "probability")])
+        return self
+
+    def write(self, path: str, classes: list[str], probs: list[float]) -> None:
+        if self._file is None:
+            self._add_row(path, classes, probs)
+        elif self.path.suffix.lower() == ".csv":
+            self._csv.writerow([path] + [v for c, p in zip(classes, probs) for v in (c, f"{p:.6f}")])
+        else:
+            self._file.write(json.dumps({"path": path, "classes": classes,
+                                         "probabilities": [round(p, 6) for p in probs]}) + "\n")
+
+    def _add_row(self, path: str, classes: list[str], probs: list[float]) -> None:
+        if self._table is None:
+            self._table = Table(show_header=self._shown == 0)
+            self._table.add_column("path", overflow="fold")
+            for i in range(1, self.k + 1):
+                self._table.add_column(f"class {i}" if self.k > 1 else "class")
+                self._table.add_column(f"p{i}" if self.k > 1 else "probability", justify="right")
+        self._table.add_row(path, *[v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")])
+        self._shown += 1
+        if self._shown % self.TABLE_ROWS == 0:
+            self._flush_table()
+
+    def _flush_table(self) -> None:
+        if self._table is not None and self._table.row_count:
+            self.report.print(self._table)
+        self._table = None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._flush_table()
+        try:
+            self._stack.__exit__(exc_type, exc, tb)
+        except OSError as err:
+            raise UserError(f"cannot save {self.path}: {err.strerror or err}") from None
+
+
+def run() -> None:
+    """The ``finetune-predict`` console script."""
+    sys.exit(run_cli(main))
