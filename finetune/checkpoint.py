@@ -45,6 +45,20 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
         raise UserError(f"cannot save {path}: {reason}; the previous file, if any, is intact") from None
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint a user means: a file, or a run folder's ``model.safetensors``.
+
+    Raises:
+        UserError: for a folder that holds no ``model.safetensors``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise UserError(f"{path} is a folder without model.safetensors (not a run folder of train.py)")
+        return path / "model.safetensors"
+    return path
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``finetune`` metadata of a checkpoint, validated; UserError names what is wrong."""
     path = Path(path)

@@ -2,13 +2,17 @@
 
 Precedence, lowest first: the dataclass defaults, an optional ``--config run.yaml``, then flags.
 Flag names are the field names with dashes (``batch_size`` -> ``--batch-size``); YAML keys may
-use either spelling. Unknown keys and values of the wrong type are errors.
+use either spelling. A YAML value is accepted wherever it means what the flag would: ``lr: 1e-3``
+(PyYAML reads a string), ``image_size: 64.0``, ``freeze: 0.5``, ``mixed_precision: no`` (a YAML
+boolean), ``data: ~/data``. Unknown keys and values that cannot be meant are errors.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,16 +21,27 @@ from typing import Any, Sequence
 
 import yaml
 
-from finetune import optim
 from finetune.errors import UserError, first_line
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-OPTIMIZERS = tuple(optim.OPTIMIZERS)  # the names optim.build_optimizer knows
+# The names optim.OPTIMIZERS knows (a test keeps them equal): this module stays free of torch, so
+# that --help and a bad flag answer before torch's seconds of import.
+OPTIMIZERS = ("sgd", "adamw")
 BAD_DATA_POLICIES = ("fail", "skip")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "none")  # Accelerate's names (finetune.tracking)
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
+    """A configuration field with its ``--help`` text and checks.
+
+    Args:
+        default: the default value.
+        help: the flag's help text.
+        extra: ``choices``; ``minimum``/``maximum`` (inclusive); ``above`` (exclusive lower bound);
+            ``auto`` (a value below ``minimum`` that means "choose for me", e.g. -1);
+            ``false_means`` (what a YAML ``no``/``false`` stands for in a text field);
+            ``path`` (expand ``~`` in it).
+    """
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -35,13 +50,14 @@ class TrainConfig:
     """Everything a training run needs; see ``--help`` for each field."""
 
     data: str | None = option(None, "dataset folder holding train/ and test/ (or val/) ImageFolder trees; "
-                                  "omitted: the built-in offline demo (LFW faces vs not faces)")
+                                  "omitted: the built-in offline demo (LFW faces vs not faces)", path=True)
     model: str = option("mobilenet_v2", "any torchvision classification model name, e.g. resnet18")
     weights: str = option("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), "
-                                         "a local .pth/.safetensors file, or 'none' to train from scratch")
+                                         "a local .pth/.safetensors file, or 'none' to train from scratch",
+                           path=True, false_means="none")
     epochs: int = option(5, "passes over the training set", minimum=1)
     batch_size: int = option(32, "images per process per step (global batch = this x processes x accumulation)", minimum=1)
-    lr: float = option(1e-3, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)", minimum=0)
+    lr: float = option(1e-3, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult)", above=0)
     lr_head_mult: float = option(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)", minimum=0)
     weight_decay: float = option(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)", minimum=0)
     decay_norm_and_bias: bool = option(False, "also apply weight decay to norm-layer and bias parameters")
@@ -51,7 +67,7 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
     freeze: str = option("none", "freeze the lower backbone: 'none', 'backbone' (linear probe: only the head trains), "
                                "a block name such as layer2 or features.7 (frozen up to and including it), "
-                               "or a fraction of the blocks such as 0.5")
+                               "or a fraction of the blocks such as 0.5", false_means="none")
     augment: str = option("classic", "training augmentation: classic (RandomResizedCrop + flip) or none "
                                       "(the eval resize + center crop)", choices=("classic", "none"))
     cache_features: bool = option(True, "with --freeze backbone and --augment none, compute the backbone's "
@@ -59,17 +75,20 @@ class TrainConfig:
     reuse_classifier: bool = option(True, "initialise head rows of classes whose names match a pretrained category "
                                         "from that category's row")
     image_size: int = option(224, "training crop size in pixels (eval resizes to size*256/224, then center-crops)", minimum=1)
-    seed: int = option(0, "random seed; a CPU run with the same seed is reproducible bit for bit")
-    output_dir: str | None = option(None, "run folder (model.safetensors is written in it); default runs/MODEL-DATA")
+    seed: int = option(0, "random seed, 0 to 2**32-1; a CPU run with the same seed is reproducible bit for bit",
+                       minimum=0, maximum=2**32 - 1)
+    output_dir: str | None = option(None, "run folder (model.safetensors is written in it); default runs/MODEL-DATA",
+                                    path=True)
     resume: bool = option(False, "continue the run in --output-dir from its latest saved state")
     save_every: int = option(0, "also save a resumable state every N optimizer steps (0: at each epoch end only)", minimum=0)
     mixed_precision: str = option("auto", "auto (bf16 where the hardware runs it fast, else fp32), no, bf16, fp16; "
                                         "accelerate launch --mixed_precision also works",
-                                choices=PRECISIONS)
+                                choices=PRECISIONS, false_means="no")
     grad_accum_steps: int = option(1, "gradient accumulation steps per optimizer step", minimum=1)
-    num_workers: int = option(-1, "data-loading worker processes per process (-1: matched to the CPU cores)")
+    num_workers: int = option(-1, "data-loading worker processes per process (-1: matched to the CPU cores)",
+                              minimum=0, auto=-1)
     threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's "
-                              "processes, whatever OMP_NUM_THREADS says)")
+                              "processes, whatever OMP_NUM_THREADS says)", minimum=1, auto=-1)
     compile: bool = option(False, "torch.compile the model (inductor): pays for its compile time only on long "
                                   "runs; see bench/compile_speed.py")
     channels_last: bool = option(True, "use the channels-last memory format (faster convolutions)")
@@ -94,15 +113,31 @@ class TrainConfig:
 
 
 def check_values(config: Any) -> None:
-    """Each field's ``choices`` and ``minimum`` (from ``option``); a UserError names the flag."""
+    """Each field's checks (see ``option``), and ``~`` expanded in paths; a UserError names the flag."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
-        if choices and value not in choices:
-            raise UserError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-        if minimum is not None and value is not None and value < minimum:
+        meta = f.metadata
+        flag = f"--{_flag(f.name)}"
+        if meta.get("path") and isinstance(value, str):
+            setattr(config, f.name, os.path.expanduser(value))
+        if meta.get("choices") and value not in meta["choices"]:
+            raise UserError(f"{flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+        minimum, maximum, above, auto = (meta.get(k) for k in ("minimum", "maximum", "above", "auto"))
+        if auto is not None and value == auto:
+            continue
+        if above is not None and value <= above:
+            raise UserError(f"{flag} must be greater than {above}, got {value}")
+        if minimum is not None and value < minimum:
             bound = "not be negative" if minimum == 0 else f"be at least {minimum}"
-            raise UserError(f"--{_flag(f.name)} must {bound}, got {value}")
+            if auto is not None:
+                bound = f"be {auto} (automatic) or {'0 or more' if minimum == 0 else f'at least {minimum}'}"
+            raise UserError(f"{flag} must {bound}, got {value}")
+        if maximum is not None and value > maximum:
+            raise UserError(f"{flag} must be at most {maximum}, got {value}")
 
 
 def _flag(name: str) -> str:
@@ -119,16 +154,64 @@ def _field_type(cls: type, name: str) -> tuple[type, bool]:
     return hint, False
 
 
+def to_int(value: Any) -> int:
+    """A whole number from what a user may write for one: ``64``, ``64.0``, ``"64"``, ``"1e3"``.
+
+    Raises:
+        argparse.ArgumentTypeError: for anything else (argparse reports its message as is).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        number = float(value) if isinstance(value, (float, str)) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or not number.is_integer():
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}")
+    return int(number)
+
+
+def to_float(value: Any) -> float:
+    """A number from an int, a float or text such as ``"1e-3"`` (which PyYAML leaves as a string).
+
+    Raises:
+        argparse.ArgumentTypeError: for anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
+
+
+PARSERS = {int: to_int, float: to_float}
+
+
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    """A YAML value as the field's type, accepting what means the same as the flag would."""
     base, nullable = _field_type(cls, name)
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
     if value is None:
         if nullable:
             return None
         raise UserError(f"{where}: '{name}' may not be empty")
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
-        raise UserError(f"{where}: '{name}' must be {base.__name__}, got {value!r}")
+    if base in PARSERS:
+        try:
+            return PARSERS[base](value)
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"{where}: '{name}' {err}") from None
+    if base is str:
+        if value is False and meta.get("false_means"):  # YAML 1.1 reads no/off/false as False
+            return meta["false_means"]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # freeze: 0.5
+            return str(value)
+        if isinstance(value, str):
+            return value
+        hint = " (YAML reads yes/no/on/off as true/false: quote the value)" if isinstance(value, bool) else ""
+        raise UserError(f"{where}: '{name}' must be text, got {value!r}{hint}")
+    if not isinstance(value, base):
+        raise UserError(f"{where}: '{name}' must be {'true or false' if base is bool else base.__name__}, got {value!r}")
     return value
 
 
@@ -153,12 +236,15 @@ def build_parser(cls: type = TrainConfig, description: str = "") -> argparse.Arg
             parser.add_argument(f.name, nargs="*", help=f.metadata.get("help", ""), metavar=f.name.upper())
             continue
         base, nullable = _field_type(cls, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})"
+        help_text = f.metadata.get("help", "")
+        default = getattr(defaults, f.name)
+        if default is not None and "default" not in help_text:  # a help text may say it in words
+            help_text += f" (default: {default})"
         flag = f"--{_flag(f.name)}"
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=base, help=help_text,
+            parser.add_argument(flag, dest=f.name, type=PARSERS.get(base, base), help=help_text,
                                 choices=f.metadata.get("choices"), metavar=f.name.upper())
     return parser
 

@@ -172,5 +172,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_c
         empty = torch.zeros(0, dtype=torch.long)
         return Predictions(empty, empty, torch.zeros(0, k, dtype=torch.long), torch.zeros(0), torch.zeros(0))
     result = {key: torch.cat(values).cpu() for key, values in parts.items()}
+    kept = result["indices"] >= 0  # -1: an image that failed to decode under --bad-data skip
+    result = {key: value[kept] for key, value in result.items()}
     order = result["indices"].argsort()
     return Predictions(**{key: value[order] for key, value in result.items()})

@@ -1,7 +1,8 @@
 """One kind of error for bad input, and the entry-point wrapper that turns it into one line."""
 
+import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 
 class UserError(Exception):
@@ -21,6 +22,7 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         main: the command's ``main`` function.
         argv: arguments, or ``None`` for ``sys.argv[1:]``.
     """
+    sys.stdout = QuietPipe(sys.stdout)
     try:
         main(argv)
     except UserError as err:
@@ -33,6 +35,37 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+class QuietPipe:
+    """stdout that goes to /dev/null once its reader has gone (``| head -1``), so the work goes on.
+
+    Python would raise BrokenPipeError at the next print: eval.py died before writing
+    metrics.json, and a training run would stop.
+    """
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        # The same file descriptor, now /dev/null: later writes and Python's flush at exit succeed.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self.stream, name)
 
 
 def one_line(err: BaseException) -> str:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune.checkpoint import load_checkpoint
+from finetune.checkpoint import checkpoint_file, load_checkpoint
 from finetune.images import to_rgb
 from finetune.inputs import image_paths
 from finetune.models import build_for_checkpoint, load_exactly
@@ -129,13 +129,14 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
     """Rebuild a classifier from a checkpoint written by train.py.
 
     Args:
-        path: the ``.safetensors`` checkpoint (``model.safetensors`` or ``best.safetensors``).
+        path: the ``.safetensors`` checkpoint (``model.safetensors`` or ``best.safetensors``), or a
+            run folder (its ``model.safetensors``).
         device: where the model goes.
 
     Raises:
         UserError: the file is missing, not a checkpoint, or does not fit its own description.
     """
-    path = Path(path)
+    path = checkpoint_file(path)  # a run folder means its model.safetensors
     state, meta = load_checkpoint(path)
     classes = list(meta["classes"])
     net = build_for_checkpoint(meta["arch"], len(classes), meta)

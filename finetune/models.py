@@ -102,16 +102,49 @@ def arch_kwargs(arch: str, meta: dict[str, Any] | None = None) -> dict[str, Any]
     """Constructor arguments that pretrained weights change and a rebuilt model must repeat.
 
     GoogLeNet and Inception drop their auxiliary heads once pretrained (we never train them)
-    and may normalise their input inside the model (``transform_input``).
+    and may normalise their input inside the model (``transform_input``); a ViT records the
+    input size its position embeddings were resampled to (``fit_input_size``).
     """
-    if arch not in ("googlenet", "inception_v3"):
-        return {}
-    return {"aux_logits": False, **((meta or {}).get("arch_kwargs") or {})}
+    base = {"aux_logits": False} if arch in ("googlenet", "inception_v3") else {}
+    return {**base, **((meta or {}).get("arch_kwargs") or {})}
+
+
+def size_kwargs(arch: str, image_size: int) -> dict[str, Any]:
+    """Constructor arguments for an input size: torchvision's ViTs are built for one size."""
+    return {"image_size": image_size} if arch.startswith("vit_") else {}
 
 
 def recorded_arch_kwargs(net: nn.Module) -> dict[str, Any]:
     """The ``arch_kwargs`` to store in a checkpoint so that ``build_for_checkpoint`` matches ``net``."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if isinstance(net, VisionTransformer):
+        return {"image_size": net.image_size}
     return {"transform_input": bool(net.transform_input)} if hasattr(net, "transform_input") else {}
+
+
+def fit_input_size(net: nn.Module, image_size: int) -> nn.Module:
+    """Let a ViT take ``image_size`` images by resampling its position embeddings, as timm does.
+
+    torchvision's ViT is built for one input size (224 for the ImageNet weights) and refuses
+    any other; other models take any size above their minimum and are returned unchanged.
+
+    Raises:
+        UserError: for a size that is not a multiple of the ViT's patch size.
+    """
+    from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+    if not isinstance(net, VisionTransformer) or net.image_size == image_size:
+        return net
+    if image_size % net.patch_size:
+        raise UserError(f"a ViT with {net.patch_size}-pixel patches takes image sizes that are multiples of "
+                        f"{net.patch_size}, got --image-size {image_size}")
+    state = interpolate_embeddings(image_size, net.patch_size,
+                                   {"encoder.pos_embedding": net.encoder.pos_embedding.detach()})
+    net.encoder.pos_embedding = nn.Parameter(state["encoder.pos_embedding"])
+    net.image_size = image_size
+    net.seq_length = net.encoder.pos_embedding.shape[1]
+    return net
 
 
 def build_for_checkpoint(arch: str, num_classes: int, meta: dict[str, Any] | None = None) -> nn.Module:
@@ -145,6 +178,7 @@ def build_classifier(model: str, weights: str, classes: list[str], *, image_size
         reuse_classifier: start rows of classes that match a pretrained category from its row.
     """
     net, info = build_pretrained(model, weights)
+    net = fit_input_size(net, image_size)
     reuse = match_classes(classes, info.categories) if reuse_classifier and info.pretrained else {}
     replace_head(net, len(classes), reuse)
     try:

@@ -21,20 +21,51 @@ def cpu_has_fast_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def resolve_precision(requested: str, on_cpu: bool, env: dict[str, str] | None = None) -> str:
+def launcher_command() -> list[str]:
+    """The command line of the process that started this one (``accelerate launch ...``), if readable."""
+    try:
+        import psutil
+
+        return psutil.Process().parent().cmdline()
+    except Exception:  # no parent, no permission, no psutil: no launcher choice to honour
+        return []
+
+
+def launcher_precision(env: dict[str, str], launcher: list[str] | None = None) -> str | None:
+    """The mixed precision ``accelerate launch`` was asked for, or None where it was not asked.
+
+    Its environment says ``bf16`` or ``fp16`` only when asked, but ``no`` also by default; an
+    explicit ``no`` is therefore read from the launcher's own flags (before the script's name).
+    """
+    launched = env.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if launched in ("bf16", "fp16"):
+        return launched
+    if launched != "no":
+        return None
+    args = launcher_command() if launcher is None else launcher
+    script = next((i for i, arg in enumerate(args) if arg.endswith(".py") and i > 1), len(args))
+    own = args[:script]
+    asked = any(arg == "--mixed_precision=no" or (arg == "--mixed_precision" and own[i + 1:i + 2] == ["no"])
+                for i, arg in enumerate(own))
+    return "no" if asked else None
+
+
+def resolve_precision(requested: str, on_cpu: bool, env: dict[str, str] | None = None,
+                      launcher: list[str] | None = None) -> str:
     """The mixed precision to hand Accelerate: ``no``, ``bf16`` or ``fp16``.
 
     Args:
         requested: the ``--mixed-precision`` value; ``auto`` defers to ``accelerate launch
-            --mixed_precision`` when that asked for bf16/fp16, and otherwise picks bf16 where
-            the hardware runs it fast and fp32 elsewhere.
+            --mixed_precision`` where that was given (``no`` included), and otherwise picks bf16
+            where the hardware runs it fast and fp32 elsewhere.
         on_cpu: whether the run is on the CPU.
         env: the environment (default ``os.environ``).
+        launcher: the launching process's command line (default: read from the system).
     """
     env = os.environ if env is None else env
     if requested == "auto":
-        launched = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-        if launched in ("bf16", "fp16"):
+        launched = launcher_precision(env, launcher)
+        if launched is not None:
             requested = launched
         elif on_cpu:
             requested = "bf16" if cpu_has_fast_bf16() else "no"

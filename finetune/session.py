@@ -24,6 +24,7 @@ from finetune.preemption import StopSignal
 from finetune.presets import ModelInput
 from finetune.reporting import Reporter
 from finetune.runtime import num_workers, rss_mib
+from finetune.sanity import trains_batch_norm
 from finetune.state import latest_state, save_training_state
 
 
@@ -67,9 +68,12 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     else:
         trainable = clf.net
         pin = accelerator.device.type == "cuda"
+        # BatchNorm cannot train on a batch of one: an epoch that would end on one leaves that image out.
+        global_batch = config.batch_size * accelerator.num_processes if trains_batch_norm(clf.net) else 0
         train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
                                          seed=config.seed, num_workers=workers,
-                                         augment=config.augment == "classic", pin_memory=pin)
+                                         augment=config.augment == "classic", pin_memory=pin,
+                                         global_batch=global_batch)
         test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size,
                                        num_workers=workers, pin_memory=pin)
     epoch_sampler = train_loader.sampler

@@ -172,3 +172,62 @@ def test_epoch_sampler_order_is_a_function_of_seed_and_epoch():
     again.set_epoch(2)
     assert list(again) == keys
     assert s.order(2) != s.order(3)
+
+
+def test_an_epoch_never_ends_on_a_batch_of_one():
+    """33 images at a global batch of 32 left BatchNorm one image: the run died with a ValueError."""
+    lone = EpochSampler(33, seed=3, global_batch=32)
+    assert len(lone) == 32 and lone.leaves_out_one
+    left_out = set()
+    for epoch in range(4):
+        lone.set_epoch(epoch)
+        keys = [i for _, i in lone]
+        assert len(keys) == 32 and keys == lone.order(epoch)[:32]  # a function of (seed, epoch): resumable
+        left_out |= set(range(33)) - set(keys)
+    assert len(left_out) > 1  # a different image each epoch, not one never seen
+    assert len(EpochSampler(34, seed=3, global_batch=32)) == 34  # a last batch of two is kept
+    assert len(EpochSampler(33, seed=3)) == 33  # no BatchNorm that trains: every image
+
+
+def test_a_last_batch_of_one_trains(tmp_path: Path):
+    import contextlib
+    import io
+
+    import train
+    from conftest import FAST, write_image_folder
+
+    data = tmp_path / "data"
+    write_image_folder(data / "train", {"a": 9, "b": 8})  # 17 = 2 x 8 + 1
+    write_image_folder(data / "test", {"a": 2, "b": 2}, seed=1)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = train.main(["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST])
+    assert len(result["history"]) == 1
+    assert "each epoch leaves out the last image of its shuffled order" in out.getvalue()
+
+
+def test_every_format_pillow_opens_is_loaded_and_other_files_are_named(tmp_path: Path):
+    """.gif and .avif were ignored without a word: a class of GIFs was 'empty'."""
+    import numpy as np
+    from PIL import Image
+
+    from finetune.images import load_rgb
+
+    data = tmp_path / "data"
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for split in ("train", "test"):
+        (data / split / "gifs").mkdir(parents=True)
+        (data / split / "mixed").mkdir(parents=True)
+        Image.fromarray(pixels).convert("P").save(data / split / "gifs" / "a.gif")
+        Image.fromarray(pixels).save(data / split / "mixed" / "b.avif")
+        Image.fromarray(pixels).save(data / split / "mixed" / "c.png")
+    (data / "train" / "mixed" / "notes.txt").write_text("not an image")
+    (data / "train" / "mixed" / ".DS_Store").write_bytes(b"\0")
+    splits = load_splits(data)
+    assert len(splits.train) == 3 and len(splits.test) == 3
+    assert load_rgb(str(data / "train" / "mixed" / "b.avif")).size == (16, 16)
+    assert [n for n in splits.warnings if "left out 1 file(s)" in n and ".txt x1" in n and "notes.txt" in n]
+
+    (data / "train" / "texts").mkdir()
+    (data / "train" / "texts" / "x.heic").write_bytes(b"\0" * 10)
+    with pytest.raises(UserError, match=r"class 'texts' .* has no images \(1 file\(s\) of types Pillow cannot open: .heic x1\)"):
+        load_splits(data)

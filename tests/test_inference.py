@@ -12,7 +12,7 @@ from torchvision.models import EfficientNet_B0_Weights, ResNet18_Weights
 
 import finetune
 from conftest import write_checkpoint, write_image_folder
-from finetune import load_classifier
+from finetune import inference, load_classifier
 from finetune.commands import eval as eval_cmd
 from finetune.errors import UserError
 from finetune.presets import ModelInput
@@ -94,7 +94,7 @@ def test_load_refuses_files_that_are_not_checkpoints(tmp_path: Path):
 def test_eval_loads_through_load_classifier_and_agrees_with_predict(ckpt: Path, tmp_path: Path, monkeypatch):
     data = write_image_folder(tmp_path / "test", {"cat": 3, "dog": 3, "hot dog": 3}, size=40)
     loaded = []
-    monkeypatch.setattr(eval_cmd, "load_classifier", lambda path: loaded.append(path) or load_classifier(path))
+    monkeypatch.setattr(inference, "load_classifier", lambda path: loaded.append(path) or load_classifier(path))
     eval_cmd.main(["--ckpt", str(ckpt), "--data", str(data), "--output-dir", str(tmp_path / "out"),
                    "--mixed-precision", "no", "--num-workers", "0", "--no-plots", "--log-with", "none"])
     assert loaded == [str(ckpt)]

@@ -27,6 +27,28 @@ def test_auto_precision_honours_accelerate_launch(monkeypatch):
     assert runtime.resolve_precision("no", on_cpu=True, env={"ACCELERATE_MIXED_PRECISION": "bf16"}) == "no"
 
 
+def test_an_explicit_launcher_no_is_honoured(monkeypatch):
+    """accelerate launch sets ACCELERATE_MIXED_PRECISION=no by default too: only its own flag means "asked"."""
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    env = {"ACCELERATE_MIXED_PRECISION": "no"}
+    asked = [["python", "accelerate", "launch", "--mixed_precision", "no", "train.py", "--epochs", "1"],
+             ["python", "-m", "accelerate.commands.launch", "--mixed_precision=no", "--num_processes", "2", "t.py"]]
+    for launcher in asked:
+        assert runtime.resolve_precision("auto", on_cpu=True, env=env, launcher=launcher) == "no"
+    not_asked = [["python", "accelerate", "launch", "train.py"],  # the launcher's default
+                 ["python", "accelerate", "launch", "train.py", "--mixed_precision", "no"],  # the script's argument
+                 []]  # no readable parent
+    for launcher in not_asked:
+        assert runtime.resolve_precision("auto", on_cpu=True, env=env, launcher=launcher) == "bf16"
+    assert runtime.resolve_precision("bf16", on_cpu=True, env=env, launcher=asked[0]) == "bf16"  # our flag wins
+
+
+def test_launcher_command_is_the_parent_process():
+    import psutil
+
+    assert runtime.launcher_command() == psutil.Process(os.getppid()).cmdline()
+
+
 def test_fp16_on_cpu_becomes_bf16_with_a_note(capsys):
     assert runtime.resolve_precision("fp16", on_cpu=True, env={}) == "bf16"
     assert "fp16 is not supported on the CPU" in capsys.readouterr().err

@@ -72,7 +72,7 @@ def test_top5_is_reported_with_more_than_five_classes(tmp_path: Path):
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/data"], "data folder not found: /nonexistent/data"),
-    (["--epochs", "zero"], "argument --epochs: invalid int value: 'zero'"),
+    (["--epochs", "zero"], "argument --epochs: must be a whole number, got 'zero'"),
     (["--model", "resnet99"], "unknown model 'resnet99'"),
 ])
 def test_train_bad_input_is_one_line_and_nonzero_exit(args: list[str], message: str):

@@ -15,36 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from finetune.config import PRECISIONS, TRACKERS, check_values, option, parse_config
-from finetune.data import EVAL_SPLITS, find_split, image_folder, make_eval_loader, missing_classes
-from finetune.engine import evaluate
 from finetune.errors import UserError, run_cli
-from finetune.files import atomic_write_text
-from finetune.metrics import summarise
-from finetune.inference import load_classifier
-from finetune.models import fuse_for_inference
-from finetune.plots import confusion_png, decode_png, mistakes_png, save_png
-from finetune.presets import ModelInput, Preprocessing
-from finetune.reporting import Reporter, confusion_table, per_class_table
-from finetune.rundir import ensure_writable
-from finetune.runtime import build_accelerator, num_workers
-from finetune.tracking import check_tracker, log_png, start_trackers
 
 MISTAKES_SHOWN = 16
 
 
 @dataclass
 class EvalConfig:
-    ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors)")
+    ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors), or its run folder",
+                              path=True)
     data: str | None = option(None, "ImageFolder to evaluate (one sub-folder per class); "
-                                  "a dataset folder with train/ and test/ (or val/) uses its test split")
-    output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: beside the checkpoint)")
+                                  "a dataset folder with train/ and test/ (or val/) uses its test split", path=True)
+    output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: eval/ beside the "
+                                          "checkpoint)", path=True)
     batch_size: int = option(64, "images per process per batch", minimum=1)
-    num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
-    threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)")
-    mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
+    num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)", minimum=0, auto=-1)
+    threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)",
+                          minimum=1, auto=-1)
+    mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS, false_means="no")
     cpu: bool = option(False, "run on the CPU even where a GPU is visible")
     channels_last: bool = option(True, "use the channels-last memory format")
     plots: bool = option(True, "draw confusion.png and mistakes.png in the output folder")
@@ -56,15 +45,30 @@ class EvalConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: EvalConfig = parse_config(argv, EvalConfig, description=__doc__.splitlines()[0])
+    import torch
+
+    from finetune.data import EVAL_SPLITS, find_split, image_folder, make_eval_loader, missing_classes
+    from finetune.engine import evaluate
+    from finetune.files import atomic_write_text
+    from finetune.metrics import summarise
+    from finetune import inference
+    from finetune.models import fuse_for_inference
+    from finetune.presets import ModelInput, Preprocessing
+    from finetune.reporting import Reporter
+    from finetune.rundir import ensure_writable
+    from finetune.runtime import build_accelerator, num_workers
+    from finetune.tracking import check_tracker, start_trackers
+
     if not config.ckpt or not config.data:
         raise UserError("eval.py needs --ckpt FILE and --data DIR")
     check_tracker(config.log_with)
-    clf = load_classifier(config.ckpt)
+    clf = inference.load_classifier(config.ckpt)
     classes, pre = clf.classes, clf.preprocessing
     accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads, cpu=config.cpu)
     report = Reporter(enabled=accelerator.is_main_process)
-    out_dir = Path(config.output_dir) if config.output_dir else Path(config.ckpt).parent / "eval"
+    out_dir = Path(config.output_dir) if config.output_dir else clf.path.parent / "eval"
     if accelerator.is_main_process:
         ensure_writable(out_dir)
     start_trackers(accelerator, config.log_with, out_dir / "logs", out_dir.name)
@@ -89,12 +93,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     to_input = ModelInput(pre.mean, pre.std, config.channels_last)
     preds = evaluate(accelerator, model, loader, len(classes), to_input=to_input)
-    metrics = {"checkpoint": str(config.ckpt), "data": str(data_dir),
+    metrics = {"checkpoint": str(clf.path), "data": str(data_dir),
                **summarise(classes, preds.targets, preds.topk)}
     if accelerator.is_main_process:
-        show(report, classes, metrics)
+        # Files before printing: a reader that stops early (| head -1) must not cost them.
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
         atomic_write_text(out_dir / "predictions.csv", predictions_csv(dataset, classes, preds))
+        show(report, classes, metrics, config.plots)
         report.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
         if config.plots:
             write_pictures(accelerator, out_dir, dataset, classes, metrics, preds, pre)
@@ -104,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
-def show(report: Reporter, classes: list[str], metrics: dict[str, Any]) -> None:
+def show(report: Reporter, classes: list[str], metrics: dict[str, Any], plots: bool = False) -> None:
+    from finetune.reporting import confusion_table, per_class_table
+
     line = f"accuracy {metrics['accuracy']:.4f} on {metrics['num_samples']} images"
     if "top5_accuracy" in metrics:
         line += f"; top-5 accuracy {metrics['top5_accuracy']:.4f}"
@@ -115,12 +122,18 @@ def show(report: Reporter, classes: list[str], metrics: dict[str, Any]) -> None:
     table = confusion_table(classes, metrics["confusion_matrix"])
     if table is not None:
         report.print(table)
+    else:
+        report.print(f"confusion matrix: {len(classes)} classes are too many to print; it is in metrics.json"
+                     + (" and confusion.png" if plots else ""))
 
 
 def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[str], metrics: dict[str, Any],
                    preds: Any, pre: Preprocessing) -> None:
     """``confusion.png`` and ``mistakes.png`` (the most confidently wrong images, as the model saw
     them), also sent to TensorBoard's images tab where it is the tracker."""
+    from finetune.plots import confusion_png, decode_png, mistakes_png, save_png
+    from finetune.tracking import log_png
+
     wrong = (preds.topk[:, 0] != preds.targets).nonzero().flatten()
     worst = wrong[preds.confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_SHOWN].tolist()
     preset = pre.eval_preset()

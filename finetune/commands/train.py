@@ -12,33 +12,39 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from accelerate.utils import set_seed
-
 from finetune.config import TrainConfig, parse_config
-from finetune.data import load_splits
-from finetune.demo import demo_dataset
 from finetune.errors import UserError, run_cli
-from finetune.models import build_classifier, check_model_name
-from finetune.preflight import apply_policy, check_dataset
-from finetune.reporting import Reporter, preflight_table
-from finetune.rundir import prepare_run_dir
-from finetune.runtime import build_accelerator
-from finetune.session import fit, prepare_session
-from finetune.state import latest_state, load_training_state
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``train.py`` with these arguments (``None``: ``sys.argv[1:]``); see ``train``."""
+    # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     return train(parse_config(argv, TrainConfig, description=__doc__.splitlines()[0]))
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """One training run: the run folder, the per-epoch history, the classes and the trained model."""
+    from accelerate.utils import set_seed
+
+    from finetune.data import load_splits
+    from finetune.demo import demo_dataset
+    from finetune.models import build_classifier, check_model_name
+    from finetune.preflight import apply_policy, check_dataset
+    from finetune.reporting import Reporter
+    from finetune.rundir import prepare_run_dir
+    from finetune.runtime import build_accelerator
+    from finetune.sanity import check_classes, check_model_input, probable_mistakes
+    from finetune.session import fit, prepare_session
+    from finetune.state import latest_state, load_training_state
+
     check_model_name(config.model)  # before anything is written
+    check_model_input(config.model, config.image_size, config.batch_size, config.freeze)
     accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile, config.threads,
                                     cpu=config.cpu)
     report = Reporter(enabled=accelerator.is_main_process)
     set_seed(config.seed)
+    for note in probable_mistakes(config):
+        report.print(f"warning: {note}")
 
     with accelerator.main_process_first():  # one process writes the demo dataset, the others reuse it
         data_dir = Path(config.data) if config.data else demo_dataset()
@@ -46,6 +52,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return check_data(data_dir, report)
     exclude, notes = apply_policy(check_dataset(data_dir, full=False), config.bad_data)
     splits = load_splits(data_dir, frozenset(exclude))  # also checks the layout: train/, test/, class folders
+    check_classes(splits.classes, splits.train.root)
     for note in notes + splits.warnings:
         report.print(f"warning: {note}")
     run_dir = prepare_run_dir(config, data_dir, accelerator.is_main_process)
@@ -63,6 +70,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         report.print("reused pretrained classifier rows: " + ", ".join(f"{t} <- {s}" for t, s in clf.reused.items()))
     if clf.frozen:
         report.print("frozen: " + ("the whole backbone" if config.freeze == "backbone" else ", ".join(clf.frozen)))
+    if getattr(session.epoch_sampler, "leaves_out_one", False):
+        report.print(f"note: {len(splits.train)} images make a last batch of one, on which BatchNorm cannot train: "
+                     "each epoch leaves out the last image of its shuffled order")
     if session.cached_features:
         report.print(f"linear probe on cached features ({session.cached_features} per image)")
 
@@ -88,6 +98,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
     """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
+    from finetune.data import load_splits
+    from finetune.preflight import check_dataset
+    from finetune.reporting import preflight_table
+
     load_splits(data_dir)  # the layout first: the report covers files only
     found = check_dataset(data_dir, full=True)
     report.print(preflight_table(found.counts))

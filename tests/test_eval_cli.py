@@ -1,0 +1,56 @@
+"""eval.py as a user calls it: a run folder as --ckpt, many classes, output cut short by a pipe."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eval as eval_cmd
+import train
+from conftest import FAST, ROOT, write_image_folder
+from finetune.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def many_classes_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("many")
+    classes = {f"c{i:02d}": 2 for i in range(31)}
+    write_image_folder(root / "data" / "train", classes, size=8)
+    write_image_folder(root / "data" / "test", {k: 1 for k in classes}, size=8, seed=1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train.main(["--data", str(root / "data"), "--output-dir", str(root / "run"), *FAST,
+                             "--log-with", "none", "--no-plots"])
+    return result["run_dir"], root / "data"
+
+
+def test_a_run_folder_is_its_model_and_a_wide_matrix_is_explained(many_classes_run, tmp_path: Path):
+    run, data = many_classes_run
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        metrics = eval_cmd.main(["--ckpt", str(run), "--data", str(data), "--num-workers", "0",
+                                 "--output-dir", str(tmp_path / "e")])
+    assert metrics["checkpoint"] == str(run / "model.safetensors")
+    assert "confusion matrix: 31 classes are too many to print; it is in metrics.json" in out.getvalue()
+    assert len(metrics["confusion_matrix"]) == 31
+
+
+def test_a_folder_without_a_model_is_one_clear_error(tmp_path: Path):
+    with pytest.raises(UserError, match="is a folder without model.safetensors"):
+        eval_cmd.main(["--ckpt", str(tmp_path), "--data", str(tmp_path)])
+
+
+def test_output_cut_short_by_a_pipe_still_writes_the_metrics(many_classes_run, tmp_path: Path):
+    run, data = many_classes_run
+    out = tmp_path / "e"
+    # `true` reads nothing and exits: every write to the pipe fails (head -1 would be a race).
+    command = (f"{sys.executable} {ROOT / 'eval.py'} --ckpt {run} --data {data} --num-workers 0 "
+               f"--output-dir {out} | true; echo status ${{PIPESTATUS[0]}}")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "status 0", proc.stdout + proc.stderr
+    assert (out / "metrics.json").is_file() and (out / "predictions.csv").is_file()
