@@ -127,7 +127,7 @@ def library_versions() -> dict[str, str]:
 
 
 def describe_checkpoint(config: Any, clf: Any, classes: list[str], metrics: dict[str, Any],
-                        arch_kwargs: dict[str, Any]) -> dict[str, Any]:
+                        arch_kwargs: dict[str, Any], precision: str | None = None) -> dict[str, Any]:
     """The metadata that lets eval.py rebuild a model and its preprocessing with no other input.
 
     Args:
@@ -136,6 +136,8 @@ def describe_checkpoint(config: Any, clf: Any, classes: list[str], metrics: dict
         classes: class names in label order.
         metrics: final metrics of the run so far.
         arch_kwargs: constructor arguments the architecture needs (``models.recorded_arch_kwargs``).
+        precision: the mixed precision the run's test pass ran in (``no``, ``bf16``, ``fp16``):
+            eval.py evaluates in it by default, so that its accuracy agrees with the training's.
     """
     import dataclasses
 
@@ -146,4 +148,5 @@ def describe_checkpoint(config: Any, clf: Any, classes: list[str], metrics: dict
         "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
         "weights": clf.weights.name, "head": clf.head, "config": dataclasses.asdict(config),
         "metrics": metrics, "versions": library_versions(),
+        **({"precision": precision} if precision else {}),
     }

@@ -161,6 +161,20 @@ def configure_device(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+def eval_precision(requested: str, meta: dict, env: dict[str, str] | None = None) -> str:
+    """The precision eval.py asks for: ``requested``, or for ``auto`` the precision the training's
+    own test pass ran in (``meta["precision"]``) unless ``accelerate launch`` was told one.
+
+    Args:
+        requested: eval.py's ``--mixed-precision``.
+        meta: the checkpoint's metadata (older checkpoints lack ``precision``: ``auto`` then).
+        env: the environment (default ``os.environ``).
+    """
+    if requested != "auto" or launcher_precision(os.environ if env is None else env) is not None:
+        return requested
+    return meta.get("precision") or "auto"
+
+
 def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: bool = False,
                       cpu_threads: int = -1, cpu: bool = False) -> Accelerator:
     """An Accelerator for this machine: the GPU when there is one, else (many) CPU processes on gloo.

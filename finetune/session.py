@@ -172,7 +172,8 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
             if acc.is_main_process:
                 metrics = {"epoch": epoch + 1, "test_accuracy": preds.accuracy, "train_loss": stats.loss,
                            "num_test_samples": len(preds.targets)}
-                meta = describe_checkpoint(config, clf, classes, metrics, recorded_arch_kwargs(clf.net))
+                meta = describe_checkpoint(config, clf, classes, metrics, recorded_arch_kwargs(clf.net),
+                                           precision=acc.mixed_precision)
                 state_dict = clf.net.state_dict()  # the whole model, also when only its head trained
                 save_checkpoint(run_dir / "model.safetensors", state_dict, meta)
                 if preds.accuracy > progress["best_accuracy"]:

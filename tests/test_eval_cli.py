@@ -54,3 +54,40 @@ def test_output_cut_short_by_a_pipe_still_writes_the_metrics(many_classes_run, t
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.stdout.strip() == "status 0", proc.stdout + proc.stderr
     assert (out / "metrics.json").is_file() and (out / "predictions.csv").is_file()
+
+
+def test_eval_agrees_with_the_training_test_pass(tiny_data: Path, tmp_path: Path):
+    """Training printed 0.6944 and eval.py 0.6111 for one checkpoint: eval folded BatchNorm (in bf16).
+
+    By default eval.py now runs the numerics of the training's own test pass: the precision it
+    recorded, no folding. The reference is that test pass (engine.evaluate on the model as
+    Accelerate prepared it for training); the confidences must agree to the CSV's last digit.
+    """
+    import csv
+
+    import torch
+
+    from finetune.data import image_folder, make_eval_loader
+    from finetune.engine import evaluate
+    from finetune.inference import load_classifier
+    from finetune.presets import ModelInput
+    from finetune.runtime import build_accelerator
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
+                             "--mixed-precision", "bf16", "--log-with", "none", "--no-plots"])
+        metrics = eval_cmd.main(["--ckpt", str(result["run_dir"]), "--data", str(tiny_data), "--num-workers", "0",
+                                 "--output-dir", str(tmp_path / "e"), "--no-plots", "--log-with", "none"])
+    clf = load_classifier(result["run_dir"])
+    assert clf.meta["precision"] == "bf16"
+    assert metrics["accuracy"] == result["history"][-1]["test_acc"]
+
+    accelerator = build_accelerator(clf.meta["precision"])
+    test = image_folder(tiny_data / "test", clf.classes)
+    model, loader = accelerator.prepare(clf.model.to(memory_format=torch.channels_last),
+                                        make_eval_loader(test, clf.preprocessing, batch_size=8, num_workers=0))
+    mean, std = clf.preprocessing.mean, clf.preprocessing.std
+    reference = evaluate(accelerator, model, loader, len(clf.classes), to_input=ModelInput(mean, std, True))
+    with open(tmp_path / "e" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(reference.confidence.tolist(), abs=6e-7)

@@ -103,7 +103,7 @@ def test_eval_loads_through_load_classifier_and_agrees_with_predict(ckpt: Path, 
     preds = load_classifier(ckpt).predict(data)
     assert len(preds) == len(rows) == 9
     for p in preds:
-        # eval.py folds BatchNorm into the convolutions: the same numbers up to rounding.
+        # eval.py runs in fp32 here (--mixed-precision no), as predict does: the same numbers up to rounding.
         assert float(rows[p.source]["confidence"]) == pytest.approx(p.probabilities[0], abs=1e-4)
         assert rows[p.source]["predicted"] == p.classes[0]
 

@@ -33,9 +33,13 @@ class EvalConfig:
     num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)", minimum=0, auto=-1)
     threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)",
                           minimum=1, auto=-1)
-    mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS, false_means="no")
+    mixed_precision: str = option("auto", "auto: what the training's own test pass ran in (recorded in the "
+                                          "checkpoint), else as train.py decides; or no, bf16, fp16",
+                                  choices=PRECISIONS, false_means="no")
     cpu: bool = option(False, "run on the CPU even where a GPU is visible")
     channels_last: bool = option(True, "use the channels-last memory format")
+    fold_batchnorm: bool = option(False, "fold BatchNorm into the convolutions: faster on CPUs, but an image at the "
+                                         "decision boundary may then flip against the accuracy training printed")
     plots: bool = option(True, "draw confusion.png and mistakes.png in the output folder")
     log_with: str = option("tensorboard", "experiment tracker for the pictures and accuracy: tensorboard (under "
                                         "OUTPUT/logs/), wandb, mlflow, aim or none", choices=TRACKERS)
@@ -58,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from finetune.presets import ModelInput, Preprocessing
     from finetune.reporting import Reporter
     from finetune.rundir import ensure_writable
-    from finetune.runtime import build_accelerator, num_workers
+    from finetune.runtime import build_accelerator, eval_precision, num_workers
     from finetune.tracking import check_tracker, start_trackers
 
     if not config.ckpt or not config.data:
@@ -66,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_tracker(config.log_with)
     clf = inference.load_classifier(config.ckpt)
     classes, pre = clf.classes, clf.preprocessing
-    accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads, cpu=config.cpu)
+    # By default the numerics of the training's own test pass, so that the accuracy agrees with it.
+    accelerator = build_accelerator(eval_precision(config.mixed_precision, clf.meta), cpu_threads=config.threads,
+                                    cpu=config.cpu)
     report = Reporter(enabled=accelerator.is_main_process)
     out_dir = Path(config.output_dir) if config.output_dir else clf.path.parent / "eval"
     if accelerator.is_main_process:
@@ -82,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
     loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers,
                               pin_memory=accelerator.device.type == "cuda")
-    net = fuse_for_inference(clf.model)
+    net = fuse_for_inference(clf.model) if config.fold_batchnorm else clf.model
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     # Evaluation mode: mixed precision and device placement, no DDP wrapper. Inference has no
