@@ -65,6 +65,9 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum", minimum=0)
     warmup_epochs: float = option(1.0, "linear learning-rate warmup, in epochs, before the cosine decay", minimum=0)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    class_weights: str = option("none", "per-class loss weights: none, or auto (inverse class frequency in the "
+                                        "training set, for imbalanced classes)", choices=("none", "auto"),
+                                false_means="none")
     freeze: str = option("none", "freeze the lower backbone: 'none', 'backbone' (linear probe: only the head trains), "
                                "a block name such as layer2 or features.7 (frozen up to and including it), "
                                "or a fraction of the blocks such as 0.5", false_means="none")
@@ -96,7 +99,8 @@ class TrainConfig:
                               "start stop the run)")
     check_data: bool = option(False, "check the dataset thoroughly (decode every image, find train/test duplicates), "
                                      "print a report and exit")
-    bad_data: str = option("fail", "what to do with images that cannot be decoded: fail or skip (and list them)",
+    bad_data: str = option("fail", "what to do with images that cannot be decoded, found before the run or during "
+                                   "it: fail or skip (and name them)",
                          choices=BAD_DATA_POLICIES)
     log_with: str = option("tensorboard", "experiment tracker, through Accelerate: tensorboard (under RUN/logs/), "
                                         "wandb, mlflow, aim or none", choices=TRACKERS)

@@ -103,7 +103,7 @@ def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None 
     train_counts = [n for n in report.counts.get("train", {}).values() if n > 0]
     if train_counts and max(train_counts) > IMBALANCE_RATIO * min(train_counts):
         report.warnings.append(f"classes are very imbalanced in train: {max(train_counts)} vs {min(train_counts)} "
-                               "images (consider class weights or more data)")
+                               "images (consider --class-weights auto or more data)")
     report.duplicates = [(hashes["train"][h], p) for h, p in hashes["test"].items() if h in hashes["train"]]
     if report.duplicates:
         report.warnings.append(f"{len(report.duplicates)} test image(s) also appear in train: "

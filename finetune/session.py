@@ -4,6 +4,7 @@ its checkpoints, resumable states, stop signals and numerical checks."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from torch import nn
 
 from finetune.checkpoint import describe_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
-from finetune.data import Splits, make_eval_loader, make_train_loader
+from finetune.data import SkippedImages, Splits, make_eval_loader, make_train_loader
 from finetune.engine import SYNC_EVERY_STEPS, NonFiniteLossError, evaluate, train_one_epoch
 from finetune.errors import Stopped, UserError
 from finetune.features import cached_loaders, probe_module
@@ -41,6 +42,15 @@ class Session:
     epoch_sampler: Any  # the sampler behind train_loader (Accelerate's skip wrapper hides it)
     to_input: Callable[[torch.Tensor], torch.Tensor]
     cached_features: int | None  # features per image when the head trains on cached features
+    class_weights: torch.Tensor | None = None  # the loss's per-class weights (--class-weights auto)
+    skipped: SkippedImages | None = None  # images that failed to decode, under --bad-data skip
+
+
+def inverse_frequency_weights(targets: list[int], num_classes: int) -> torch.Tensor:
+    """Per-class loss weights ``N / (classes x images of the class)``: every class weighs as much
+    in the loss as in a balanced training set (scikit-learn's "balanced")."""
+    counts = torch.bincount(torch.tensor(targets, dtype=torch.long), minlength=num_classes).double()
+    return (len(targets) / (num_classes * counts.clamp(min=1))).float()
 
 
 def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifier, splits: Splits) -> Session:
@@ -56,6 +66,7 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
     workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
     to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
+    skipped = SkippedImages() if config.bad_data == "skip" else None
     probe = None
     if config.freeze == "backbone" and config.augment == "none" and config.cache_features:
         blank = torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8)
@@ -73,17 +84,19 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
         train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
                                          seed=config.seed, num_workers=workers,
                                          augment=config.augment == "classic", pin_memory=pin,
-                                         global_batch=global_batch)
+                                         global_batch=global_batch, skipped=skipped)
         test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size,
-                                       num_workers=workers, pin_memory=pin)
+                                       num_workers=workers, pin_memory=pin, skipped=skipped)
     epoch_sampler = train_loader.sampler
     model, optimizer, train_loader, test_loader = accelerator.prepare(trainable, optimizer, train_loader, test_loader)
     optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process
     scheduler = accelerator.prepare(build_scheduler(optimizer, round(config.warmup_epochs * optimizer_steps),
                                                     config.epochs * optimizer_steps))
     features = train_loader.dataset.features.shape[1] if probe is not None else None
+    weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)) \
+        if config.class_weights == "auto" else None
     return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, epoch_sampler, to_input,
-                   features)
+                   features, weights, skipped)
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -104,7 +117,15 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
     """
     acc, s = session.accelerator, session
     steps_per_epoch = len(s.train_loader)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    weight = s.class_weights.to(acc.device) if s.class_weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    # The rate the epoch table shows: the first group's (the backbone's, or the head's when only it trains).
+    lr_column = "lr " + str(s.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay")
+
+    def name_skipped() -> None:
+        for _, why in (s.skipped.new() if s.skipped else []):  # each process names what it skipped, once
+            message = f"warning: --bad-data skip: {why}"
+            report.print(message) if acc.is_main_process else print(message, file=sys.stderr)
     stop = StopSignal()
 
     optimizer_steps_per_epoch = math.ceil(steps_per_epoch / config.grad_accum_steps)
@@ -161,8 +182,9 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
                 raise UserError(f"{err}; last good checkpoint: {' and '.join(last) or 'none yet'}; "
                                 "try a lower --lr") from None
             preds = evaluate(acc, s.model, s.test_loader, len(classes), to_input=s.to_input)
+            name_skipped()
             row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
-                   "test_acc": preds.accuracy, "lr": s.scheduler.get_last_lr()[0], "img/s": stats.images_per_s,
+                   "test_acc": preds.accuracy, lr_column: s.scheduler.get_last_lr()[0], "img/s": stats.images_per_s,
                    "seconds": stats.seconds, "rss_mib": rss_mib()}
             report.end_epoch(row)
             progress["history"].append(row)

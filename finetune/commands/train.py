@@ -89,11 +89,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     final = progress["history"][-1] if progress["history"] else {}
+    skipped = session.skipped.named if session.skipped else {}
+    if skipped:
+        report.print(f"skipped {len(skipped)} image(s) this process could not decode (--bad-data skip; named above)")
     report.print(f"saved {run_dir / 'model.safetensors'} (test accuracy "
                  f"{final.get('test_acc', float('nan')):.4f}); evaluate it with:\n"
                  f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {splits.test.root}")
     accelerator.end_training()
-    return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes, "model": clf.net}
+    return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes, "model": clf.net,
+            "skipped": list(skipped)}
 
 
 def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
