@@ -147,6 +147,12 @@ def describe_checkpoint(config: Any, clf: Any, classes: list[str], metrics: dict
         "image_size": pre.image_size, "resize_size": pre.resize_size, "crop_size": pre.image_size,
         "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
         "weights": clf.weights.name, "head": clf.head, "config": dataclasses.asdict(config),
-        "metrics": metrics, "versions": library_versions(),
+        "metrics": metrics, "versions": {**library_versions(), **_timm_version(config.model)},
         **({"precision": precision} if precision else {}),
     }
+
+
+def _timm_version(model: str) -> dict[str, str]:
+    from finetune import timm_models
+
+    return {"timm": timm_models.version()} if timm_models.is_timm(model) else {}

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
+from finetune import timm_models
 from finetune.config import option, parse_config
 from finetune.errors import run_cli
 from finetune.models import check_model_name
@@ -19,13 +20,17 @@ from finetune.weights import ensure_cached, torchvision_weights
 
 @dataclass
 class FetchConfig:
-    model: str = option("mobilenet_v2", "torchvision model name")
+    model: str = option("mobilenet_v2", "torchvision model name, or timm/NAME")
     weights: str = option("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config: FetchConfig = parse_config(argv, FetchConfig, description=__doc__.splitlines()[0])
     check_model_name(config.model)
+    if timm_models.is_timm(config.model):  # timm downloads into the Hugging Face cache
+        _, info = timm_models.build_pretrained(config.model, config.weights)
+        print(f"{info.name}: in the Hugging Face cache (HF_HOME, default ~/.cache/huggingface)")
+        return
     path = ensure_cached(torchvision_weights(config.model, config.weights))
     print(f"{config.model} {config.weights}: {path}")
 

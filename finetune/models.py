@@ -1,4 +1,4 @@
-"""Building torchvision classifiers: with their starting weights (``weights``), with a new head
+"""Building torchvision (and timm) classifiers: with their starting weights (``weights``), with a new head
 for the target classes, or empty to load a checkpoint into.
 """
 
@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, list_models
 
+from finetune import timm_models
 from finetune.errors import UserError, first_line
 from finetune.presets import Preprocessing
 from finetune.surgery import find_head, freeze, match_classes, replace_head
@@ -28,18 +29,24 @@ def classification_models() -> list[str]:
 
 
 def check_model_name(name: str) -> None:
+    """A UserError unless ``name`` is a torchvision classification model or ``timm/NAME``."""
+    if timm_models.is_timm(name):
+        return timm_models.check_name(name)
     if name not in classification_models():
         raise UserError(f"unknown model '{name}'; choose a torchvision classification model such as "
-                        "resnet18, mobilenet_v2, efficientnet_b0, convnext_tiny, vit_b_16")
+                        "resnet18, mobilenet_v2, efficientnet_b0, convnext_tiny, vit_b_16, or timm/NAME")
 
 
-def build_pretrained(model: str, weights: str) -> tuple[nn.Module, WeightsInfo]:
-    """A torchvision classifier with its starting weights, still with its original head.
+def build_pretrained(model: str, weights: str, image_size: int | None = None) -> tuple[nn.Module, WeightsInfo]:
+    """A classifier with its starting weights, still with its original head.
 
     Args:
-        model: torchvision model name.
+        model: torchvision model name, or ``timm/NAME`` (see ``timm_models``).
         weights: torchvision weights name, a local file, or ``none``.
+        image_size: the training crop (timm models built for one input size are built for it).
     """
+    if timm_models.is_timm(model):
+        return timm_models.build_pretrained(model, weights, image_size)
     check_model_name(model)
     if weights.lower() == "none":
         return get_model(model, weights=None, **arch_kwargs(model)), WeightsInfo(name="none")
@@ -118,6 +125,8 @@ def recorded_arch_kwargs(net: nn.Module) -> dict[str, Any]:
     """The ``arch_kwargs`` to store in a checkpoint so that ``build_for_checkpoint`` matches ``net``."""
     from torchvision.models.vision_transformer import VisionTransformer
 
+    if hasattr(net, "pretrained_cfg"):  # a timm model
+        return timm_models.recorded_kwargs(net)
     if isinstance(net, VisionTransformer):
         return {"image_size": net.image_size}
     return {"transform_input": bool(net.transform_input)} if hasattr(net, "transform_input") else {}
@@ -149,6 +158,8 @@ def fit_input_size(net: nn.Module, image_size: int) -> nn.Module:
 
 def build_for_checkpoint(arch: str, num_classes: int, meta: dict[str, Any] | None = None) -> nn.Module:
     """An uninitialised model of ``arch`` with ``num_classes`` outputs, to load a checkpoint into."""
+    if timm_models.is_timm(arch):
+        return timm_models.build_for_checkpoint(arch, num_classes, meta)
     check_model_name(arch)
     return get_model(arch, weights=None, num_classes=num_classes, **arch_kwargs(arch, meta))
 
@@ -177,7 +188,7 @@ def build_classifier(model: str, weights: str, classes: list[str], *, image_size
         freeze_spec: ``surgery.freeze`` spec.
         reuse_classifier: start rows of classes that match a pretrained category from its row.
     """
-    net, info = build_pretrained(model, weights)
+    net, info = build_pretrained(model, weights, image_size)
     net = fit_input_size(net, image_size)
     reuse = match_classes(classes, info.categories) if reuse_classifier and info.pretrained else {}
     replace_head(net, len(classes), reuse)

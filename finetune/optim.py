@@ -13,8 +13,10 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Lo
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
-    """Names of bias and normalisation parameters (and ViT/Swin embeddings, which are 1-D or tokens)."""
-    names = set()
+    """Names of bias and normalisation parameters (and ViT/Swin embeddings, which are 1-D or tokens),
+    and of what the model itself says to leave undecayed (timm's ``no_weight_decay()``: position
+    embeddings, class tokens)."""
+    names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name

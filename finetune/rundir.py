@@ -13,7 +13,7 @@ from finetune.errors import UserError
 
 def default_run_dir(config: TrainConfig, data_dir: Path) -> Path:
     """``runs/MODEL-DATANAME`` (``$SLURM_JOB_ID`` appended inside a SLURM job)."""
-    name = f"{config.model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', data_dir.resolve().name)}"
+    name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', config.model)}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', data_dir.resolve().name)}"
     if os.environ.get("SLURM_JOB_ID"):
         name += f"-{os.environ['SLURM_JOB_ID']}"
     return Path("runs") / name

@@ -24,13 +24,17 @@ def shape_model(model: str, image_size: int, freeze_spec: str = "none") -> nn.Mo
     from accelerate import init_empty_weights
     from torchvision.models import get_model
 
+    from finetune import timm_models
     from finetune.models import arch_kwargs, size_kwargs
     from finetune.surgery import freeze, replace_head, set_frozen_norm_eval
 
     try:
         with init_empty_weights(), warnings.catch_warnings():  # parameters on meta; buffers (small) below
             warnings.simplefilter("ignore")  # inception's note on its initialisation: none happens here
-            net = get_model(model, weights=None, **arch_kwargs(model), **size_kwargs(model, image_size))
+            if timm_models.is_timm(model):
+                net = timm_models.build_for_size(model, image_size)
+            else:
+                net = get_model(model, weights=None, **arch_kwargs(model), **size_kwargs(model, image_size))
     except AssertionError as err:  # torchvision's ViT refuses sizes that are not a multiple of its patch
         raise UserError(f"{model} cannot take --image-size {image_size}: {first_line(err)}") from None
     net = net.to("meta")

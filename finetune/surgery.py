@@ -24,6 +24,11 @@ def find_head(model: nn.Module) -> str:
     Raises:
         ValueError: if the model has none of the known head attributes.
     """
+    if _is_timm(model):  # timm says where its classifier is
+        head = model.get_classifier()
+        name = next((n for n, m in model.named_modules() if m is head and n), None)
+        if name is not None and isinstance(head, (nn.Linear, nn.Conv2d)):
+            return name
     for attr in HEAD_ATTRIBUTES:
         module = getattr(model, attr, None)
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -45,23 +50,37 @@ def replace_head(model: nn.Module, num_classes: int, reuse: dict[int, int] | Non
     """
     name = find_head(model)
     old = model.get_submodule(name)
+    if _is_timm(model):  # timm's own replacement keeps its head's structure (pooling, pre-logits)
+        model.reset_classifier(num_classes)
+        new = model.get_submodule(find_head(model))
+        _init_rows(new, old, reuse)
+        return model
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     else:
         new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
                         bias=old.bias is not None)
-    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    _init_rows(new, old, reuse)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
+def _init_rows(new: nn.Module, old: nn.Module, reuse: dict[int, int] | None) -> None:
+    """xavier-uniform weights and zero bias, then the reused rows copied from ``old``."""
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
     nn.init.xavier_uniform_(new.weight)
     if new.bias is not None:
         nn.init.zeros_(new.bias)
     with torch.no_grad():
         for target, source in (reuse or {}).items():
-            new.weight[target] = old.weight[source]
+            new.weight[target] = old.weight[source].reshape(new.weight[target].shape)
             if new.bias is not None and old.bias is not None:
                 new.bias[target] = old.bias[source]
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    return model
+
+
+def _is_timm(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("get_classifier", "reset_classifier", "pretrained_cfg"))
 
 
 def _normalise(label: str) -> str:
@@ -89,6 +108,8 @@ def backbone_blocks(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     and position embedding) belong to the first block. The head itself is not a block.
     """
     head = find_head(model)
+    if _is_timm(model) and hasattr(model, "group_matcher"):
+        return _timm_blocks(model, head)
     blocks: list[tuple[str, list[nn.Parameter]]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -108,6 +129,34 @@ def backbone_blocks(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     if loose and blocks:
         blocks[0] = (blocks[0][0], loose + blocks[0][1])
     return blocks
+
+
+def _timm_blocks(model: nn.Module, head: str) -> list[tuple[str, list[nn.Parameter]]]:
+    """timm's own coarse stage grouping (``group_matcher``), input side first, without the head.
+
+    A block is named by the module path its parameters share, two levels at most (``stages.1``,
+    ``blocks.3``), else ``group0``, ``group1``, ... (stems that mix several top-level modules).
+    """
+    from timm.models import group_parameters
+
+    params = dict(model.named_parameters())
+    blocks = []
+    for number, names in enumerate(group_parameters(model, model.group_matcher(coarse=True)).values()):
+        names = [n for n in names if n != head and not n.startswith(f"{head}.")]
+        if names:
+            prefix = _common_module(names)
+            blocks.append((prefix or f"group{number}", [params[n] for n in names]))
+    return blocks
+
+
+def _common_module(names: Sequence[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common[:2])
 
 
 def freeze(model: nn.Module, spec: str) -> list[str]:

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not config.ckpt:
         raise UserError("export.py needs --ckpt FILE")
     clf = load_classifier(config.ckpt)
-    output = Path(config.output) if config.output else Path(config.ckpt).with_suffix(FORMATS[config.format])
+    output = Path(config.output) if config.output else clf.path.with_suffix(FORMATS[config.format])
     export(clf, config.format, output)
     print(f"wrote {output} ({config.format}, {len(clf.classes)} classes, input 3 x {clf.preprocessing.image_size} "
           f"x {clf.preprocessing.image_size}, any batch size)")
