@@ -17,6 +17,8 @@ from conftest import ROOT, run_cmd
     ("linear_probe", ["--epochs", "2", "--image-size", "64"], ["full_over_cached"]),
     ("loader_speed", ["--images", "4", "--rounds", "1", "--workers", "1"],
      ["train_now_over_before", "eval_now_over_before"]),
+    ("inference_speed", ["--images", "8", "--repeats", "1", "--iters", "1"],
+     ["predict_over_eval", "eager_over_onnx_b1", "eager_over_onnx_b32"]),
 ])
 def test_benchmark_smoke_run(script: str, args: list[str], keys: list[str], tmp_path: Path):
     out = tmp_path / "out.json"
