@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +18,7 @@ from finetune.config import TrainConfig
 from finetune.data import SkippedImages, Splits, make_eval_loader, make_train_loader
 from finetune.engine import SYNC_EVERY_STEPS, NonFiniteLossError, evaluate, train_one_epoch
 from finetune.errors import Stopped, UserError
+from finetune.evalsplit import describe_split
 from finetune.features import cached_loaders, probe_module
 from finetune.models import Classifier, recorded_arch_kwargs
 from finetune.optim import build_optimizer, build_scheduler, param_groups
@@ -44,6 +45,7 @@ class Session:
     cached_features: int | None  # features per image when the head trains on cached features
     class_weights: torch.Tensor | None = None  # the loss's per-class weights (--class-weights auto)
     skipped: SkippedImages | None = None  # images that failed to decode, under --bad-data skip
+    splits: dict[str, Any] = field(default_factory=dict)  # the checkpoint's record of the test split (evalsplit)
 
 
 def inverse_frequency_weights(targets: list[int], num_classes: int) -> torch.Tensor:
@@ -96,7 +98,7 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)) \
         if config.class_weights == "auto" else None
     return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, epoch_sampler, to_input,
-                   features, weights, skipped)
+                   features, weights, skipped, {"test": describe_split(splits.test, "test")})
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -196,6 +198,7 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
                            "num_test_samples": len(preds.targets)}
                 meta = describe_checkpoint(config, clf, classes, metrics, recorded_arch_kwargs(clf.net),
                                            precision=acc.mixed_precision)
+                meta["splits"] = session.splits  # eval.py without --data evaluates these files again
                 state_dict = clf.net.state_dict()  # the whole model, also when only its head trained
                 save_checkpoint(run_dir / "model.safetensors", state_dict, meta)
                 if preds.accuracy > progress["best_accuracy"]:

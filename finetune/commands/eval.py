@@ -1,6 +1,7 @@
 """Evaluate a checkpoint written by train.py on an ImageFolder.
 
     python eval.py --ckpt runs/NAME/model.safetensors --data DATA/test
+    python eval.py --ckpt runs/NAME/model.safetensors     # the test folder the run was tested on
 
 Everything needed to rebuild the model and its preprocessing comes from the checkpoint.
 """
@@ -26,7 +27,8 @@ class EvalConfig:
     ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors), or its run folder",
                               path=True)
     data: str | None = option(None, "ImageFolder to evaluate (one sub-folder per class); "
-                                  "a dataset folder with train/ and test/ (or val/) uses its test split", path=True)
+                                  "a dataset folder with train/ and test/ (or val/) uses its test split; omitted: the test folder "
+                                  "recorded in the checkpoint, if its files are unchanged", path=True)
     output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: eval/ beside the "
                                           "checkpoint)", path=True)
     batch_size: int = option(64, "images per process per batch", minimum=1)
@@ -55,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from finetune.data import EVAL_SPLITS, find_split, image_folder, make_eval_loader, missing_classes
     from finetune.engine import evaluate
+    from finetune.evalsplit import recorded_split
     from finetune.files import atomic_write_text
     from finetune.metrics import summarise
     from finetune import inference
@@ -65,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from finetune.runtime import build_accelerator, eval_precision, num_workers
     from finetune.tracking import check_tracker, start_trackers
 
-    if not config.ckpt or not config.data:
-        raise UserError("eval.py needs --ckpt FILE and --data DIR")
+    if not config.ckpt:
+        raise UserError("eval.py needs --ckpt FILE (and --data DIR, unless the checkpoint's own test folder is meant)")
     check_tracker(config.log_with)
     clf = inference.load_classifier(config.ckpt)
     classes, pre = clf.classes, clf.preprocessing
@@ -79,10 +82,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ensure_writable(out_dir)
     start_trackers(accelerator, config.log_with, out_dir / "logs", out_dir.name)
 
-    data_dir = Path(config.data)
-    if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):
-        data_dir = find_split(data_dir, EVAL_SPLITS)
-    dataset = image_folder(data_dir, classes)
+    if config.data is None:  # the folder the run was tested on, as long as its files are the same
+        dataset = recorded_split(clf.meta, classes, clf.path)
+        data_dir = Path(dataset.root)
+        report.print(f"evaluating on {data_dir}, the test folder recorded in the checkpoint")
+    else:
+        data_dir = Path(config.data)
+        if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):
+            data_dir = find_split(data_dir, EVAL_SPLITS)
+        dataset = image_folder(data_dir, classes)
     for name in missing_classes(classes, dataset):
         report.print(f"warning: class '{name}' has no images in {data_dir}")
     workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
