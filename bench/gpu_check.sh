@@ -18,9 +18,9 @@ LOG=$RESULTS/gpu_check.log
 : >"$LOG"
 export PYTHONUNBUFFERED=1
 if [ "${SMOKE:-0}" = 1 ]; then
-  TRAIN_IMAGES=16 EPOCHS=1 BENCH_IMAGES=32 BENCH_EPOCHS=1 BATCHES="16" IMAGE_SIZE=64 NEED_CUDA=False
+  TRAIN_IMAGES=16 EPOCHS=1 BENCH_IMAGES=32 BENCH_EPOCHS=1 BATCHES="16" IMAGE_SIZE=64 NEED_CUDA=False LOADER="--images 2 --rounds 1 --workers 0"
 else
-  TRAIN_IMAGES=512 EPOCHS=2 BENCH_IMAGES=4096 BENCH_EPOCHS=3 BATCHES="128 32" IMAGE_SIZE=224 NEED_CUDA=True
+  TRAIN_IMAGES=512 EPOCHS=2 BENCH_IMAGES=4096 BENCH_EPOCHS=3 BATCHES="128 32" IMAGE_SIZE=224 NEED_CUDA=True LOADER="--images 64 --rounds 3"
 fi
 failed=()
 
@@ -36,9 +36,15 @@ step() {  # step NAME COMMAND...: run it (4 minutes at most, within BUDGET), log
   [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)" | tee -a "$LOG"; failed+=("$name"); }
 }
 
-step env "$PYTHON" -c "import torch, torchvision, accelerate; assert torch.cuda.is_available() or not $NEED_CUDA, 'no CUDA GPU'; \
+# Everything the project imports: each package of requirements.txt, then the commands and benchmarks.
+step env "$PYTHON" -c "import importlib, re, torch, torchvision, accelerate; \
+names = {'pillow': 'PIL', 'pyyaml': 'yaml', 'scikit-image': 'skimage'}; \
+reqs = [re.split('[<>=!~ ]', l.strip())[0] for l in open('requirements.txt') if l.strip() and not l.startswith('#')]; \
+[importlib.import_module(names.get(r.lower(), r.replace('-', '_'))) for r in reqs]; \
+[importlib.import_module(m) for m in ('finetune.commands.train', 'finetune.commands.eval', 'bench.throughput', 'bench.loader_speed')]; \
+assert torch.cuda.is_available() or not $NEED_CUDA, 'no CUDA GPU'; \
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', 'torch', torch.__version__, 'torchvision', torchvision.__version__, \
-'accelerate', accelerate.__version__)"
+'accelerate', accelerate.__version__, '; imported', len(reqs), 'requirements')"
 [ ${#failed[@]} -eq 0 ] || exit 1
 # Loader workers pass batches through shared memory; a small /dev/shm would crash them.
 step machine bash -c "nproc; df -h /dev/shm | tail -n 1; ulimit -n"
@@ -50,9 +56,13 @@ from bench.datasets import photo_folder; photo_folder(Path('$DATA'), $TRAIN_IMAG
 for mp in bf16 fp16 no; do  # each precision trains and evaluates on the GPU
   step "train-$mp" "$PYTHON" train.py --data "$DATA" --model resnet18 --weights none --epochs $EPOCHS \
     --image-size $IMAGE_SIZE --mixed-precision "$mp" --output-dir "$DATA/run-$mp"
-  step "eval-$mp" "$PYTHON" eval.py --ckpt "$DATA/run-$mp/model.safetensors" --data "$DATA/test" \
+  step "eval-$mp" "$PYTHON" eval.py --ckpt "$DATA/run-$mp/model.safetensors" --data "$DATA/test" --mixed-precision "$mp" \
     --output-dir "$DATA/eval-$mp"
 done
+
+# The loader alone, on this host's cores (one core and all workers): what can feed the GPU, next
+# to the training figures below.
+step loader "$PYTHON" -m bench.loader_speed $LOADER --out "$RESULTS/loader_speed.json"
 
 # Target: at least 3x the 1062 img/s of the classic chapter's 2-GPU run, JPEG decoding included;
 # at the chapter's batch of 128, then at the CPU figure's 32.

@@ -6,7 +6,9 @@ Writes three small folders (500x375 JPEGs, 3000x2000 JPEGs, 500x375 PNGs; photo 
 scikit-image) and, for each, measures:
 - one core: the train and eval presets as the dataset calls them (seeding per image included),
   the old presets (bench/legacy_presets.py) and the new ones interleaved round by round, so
-  that the other load of a shared machine hits both alike; ratios are medians of per-round ratios;
+  that the other load of a shared machine hits both alike; ratios are medians of per-round ratios.
+  Images per second of this process's CPU time (one thread): what a core of its own would do,
+  also where other programs share the cores (wall-clock rates then fall with their load);
 - a bare full decode of the same files (Pillow, and libjpeg-turbo through simplejpeg): the floor
   a pipeline that decodes every pixel cannot beat;
 - N loader workers (default: this machine's cores): whole DataLoader epochs, old and new interleaved.
@@ -68,7 +70,8 @@ def pipelines(folder: Path) -> dict[str, Callable[[int], Any]]:
 
 
 def one_core(folder: Path, rounds: int) -> dict[str, Any]:
-    """Images/s per pipeline (median of rounds) and the now/before ratios (median of per-round ratios)."""
+    """Images per CPU-second per pipeline (median of rounds) and the now/before ratios (median of
+    per-round ratios)."""
     runs = pipelines(folder)
     n = len(data.image_folder(folder / "train").samples)
     for run in runs.values():  # warm up: imports, first-call allocations, the page cache
@@ -76,10 +79,10 @@ def one_core(folder: Path, rounds: int) -> dict[str, Any]:
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start = time.process_time()
             for i in range(n):
                 run(i)
-            rates[name].append(n / (time.perf_counter() - start))
+            rates[name].append(n / (time.process_time() - start))
     out: dict[str, Any] = {name: statistics.median(r) for name, r in rates.items()}
     for kind in ("train", "eval"):
         out[f"{kind} ratio"] = statistics.median(
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=48, help="images per folder")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (odd: a clean median)")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="loader workers")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="loader workers (0: one core only)")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core: what a loader worker has
@@ -130,13 +134,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sets = write_sets(Path(tmp), args.images)
         for name, folder in sets.items():
             core = one_core(folder, args.rounds)
-            multi = with_workers(folder, args.workers, max(1, args.rounds // 2))
-            results[name] = {"one core": core, f"{args.workers} workers": multi}
-            print(f"{name}, one core (img/s):")
+            results[name] = {"one core": core}
+            print(f"{name}, one core (images per CPU-second):")
             for key, value in core.items():
                 print(f"  {key:28s} {value:8.2f}{'x' if 'ratio' in key else ''}")
-            print(f"  train loader, {args.workers} workers: {multi['now']:.1f} vs {multi['before']:.1f} img/s "
-                  f"before: {multi['ratio']:.2f}x")
+            if args.workers > 0:
+                multi = with_workers(folder, args.workers, max(1, args.rounds // 2))
+                results[name][f"{args.workers} workers"] = multi
+                print(f"  train loader, {args.workers} workers: {multi['now']:.1f} vs {multi['before']:.1f} img/s "
+                      f"before: {multi['ratio']:.2f}x")
     core = results["jpeg 500x375"]["one core"]
     results["train_now_over_before"], results["eval_now_over_before"] = core["train ratio"], core["eval ratio"]
     feed = (HOST_CORES - 1) * core["train now"]

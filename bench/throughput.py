@@ -26,21 +26,25 @@ from torchvision import datasets, models, transforms
 from finetune.commands import train
 from bench.common import peak_rss_mib, quietly
 from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_dataset
-from finetune.runtime import resolve_precision
+from finetune.runtime import num_workers, resolve_precision
 
 BATCH = 32  # the issue's CPU figure; the GPU check also runs the chapter's 128
 # The GPU when there is one (train.py picks it by itself), else the CPU.
 DEVICE = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+# The loader workers train.py picks on this machine (2 on the 2-core CPU box, 15 on a 16-core GPU host).
+WORKERS = num_workers(-1, on_gpu=DEVICE.type == "cuda")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def classic(data: Path, epochs: int, batch: int, lr: float = 5e-4) -> tuple[list[float], float]:
     """(a) The d2l.ai fine-tuning chapter's loop, as a plain user writes it: fp32, default memory
-    format and thread settings, non-persistent workers, loss.item() every step. Images/s per epoch."""
+    format and thread settings, non-persistent workers, loss.item() every step. Images/s per epoch.
+    It gets as many loader workers as the project would (``runtime.num_workers``), so that the
+    ratio compares pipelines, not worker counts."""
     augs = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     train_ds = datasets.ImageFolder(str(data / "train"), transform=augs)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=batch, shuffle=True, num_workers=2)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=batch, shuffle=True, num_workers=WORKERS)
     net = models.resnet18(weights=None)  # d2l loads ImageNet weights; no downloads here
     net.fc = nn.Linear(512, len(train_ds.classes))
     net = net.to(DEVICE)  # the chapter trains on its GPUs when there are any
@@ -69,7 +73,7 @@ def test_accuracy(net: nn.Module, folder: Path, batch: int) -> float:
     augs = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
                                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform=augs), batch_size=batch,
-                                         num_workers=2)
+                                         num_workers=WORKERS)
     net.eval()
     correct = total = 0
     with torch.no_grad():
@@ -115,7 +119,7 @@ def settings(precision: str, batch: int) -> dict[str, Any]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "interop_threads": torch.get_num_interop_threads(), "cores": len(os.sched_getaffinity(0)),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "project_precision": precision,
-            "batch": batch, "device": str(DEVICE)}
+            "batch": batch, "device": str(DEVICE), "loader_workers": WORKERS}
 
 
 def print_table(res: dict[str, Any]) -> None:

@@ -40,7 +40,8 @@ def load_rgb(path: str, reduce_to: tuple[int, int] | None = None) -> Image.Image
     return _pillow_rgb(path, path, reduce_to)
 
 
-def _pillow_rgb(source: str | BinaryIO, path: str, reduce_to: tuple[int, int] | None) -> Image.Image:
+def _pillow_rgb(source: str | BinaryIO, path: str, reduce_to: tuple[int, int] | None,
+                turn: bool = True) -> Image.Image:
     try:
         with Image.open(source) as img:
             if reduce_to is not None and img.format == "JPEG":
@@ -48,10 +49,28 @@ def _pillow_rgb(source: str | BinaryIO, path: str, reduce_to: tuple[int, int] | 
                 if _orientation(img) in (5, 6, 7, 8):  # stored rotated by 90 degrees
                     width, height = height, width
                 img.draft(img.mode, (max(1, width), max(1, height)))
-            img = ImageOps.exif_transpose(img)
+            if turn:
+                img = ImageOps.exif_transpose(img)
+            img.load()  # before the file closes: to_rgb may hand back this very image
             return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot decode image {path}: {err}") from None
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """The EXIF orientation from what ``Image.open`` parsed: Pillow's PNG reader would decode the
+    whole image to look for an eXIf chunk after the pixels, which the PNG spec places before them."""
+    if img.format == "PNG":
+        exif = img.info.get("exif")
+        if not exif:
+            return 1
+        try:
+            parsed = Image.Exif()
+            parsed.load(exif)
+            return int(parsed.get(0x0112, 1))
+        except (ValueError, TypeError, SyntaxError, OSError):
+            return 1
+    return _orientation(img)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -83,7 +102,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 # The DCT scalings libjpeg-turbo decodes fast (its SIMD code covers 1/2, 1/4 and 1/8; the 3/4,
@@ -116,7 +135,7 @@ def read_header(data: bytes, path: str) -> Header:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            orientation = _orientation(img)
+            orientation = _header_orientation(img)
             jpeg = img.format == "JPEG"
             libjpeg_rgb = jpeg and img.mode in ("RGB", "L")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
@@ -139,7 +158,7 @@ def jpeg_reduction(header: Header, region: tuple[int, int], out: tuple[int, int]
 
 def decode_stored(data: bytes, header: Header, path: str, reduction: int = 1) -> tuple[np.ndarray, int]:
     """Decode an image to an (height, width, 3) uint8 array as stored, and the EXIF orientation
-    still to apply to it (``orient``): 1 where Pillow applied it already.
+    to apply to it (``orient``).
 
     Args:
         data: the file's bytes.
@@ -152,7 +171,8 @@ def decode_stored(data: bytes, header: Header, path: str, reduction: int = 1) ->
         reduce_to = None
         if reduction > 1:
             reduce_to = (math.ceil(header.width / reduction), math.ceil(header.height / reduction))
-        return np.asarray(_pillow_rgb(io.BytesIO(data), path, reduce_to)), 1
+        # Pillow leaves the pixels as stored; the header's orientation is the one to apply.
+        return np.asarray(_pillow_rgb(io.BytesIO(data), path, reduce_to, turn=False)), header.orientation
     stored_w, stored_h = header.width, header.height
     if header.orientation in ROTATED:
         stored_w, stored_h = stored_h, stored_w

@@ -38,11 +38,23 @@ def test_gpu_check_script_smoke_run(tmp_path: Path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     log = (out / "gpu_check.log").read_text()
     steps = ("env", "machine", "data", "train-bf16", "eval-bf16", "train-fp16", "eval-fp16", "train-no", "eval-no",
-             "throughput-16")
+             "loader", "throughput-16")
     for step in steps:
         assert f"== {step}: " in log, step
     assert "FAILED" not in log and "all GPU checks passed" in log
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "throughput-gpu-16.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "loader_speed.json", "throughput-gpu-16.json"]
+    for mp in ("bf16", "fp16", "no"):  # eval runs in each precision, as train did
+        assert f"eval.py --ckpt {_data_dir(log)}/run-{mp}/model.safetensors --data {_data_dir(log)}/test --mixed-precision {mp}" in log
+    requirements = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert f"; imported {len(requirements)} requirements" in log  # the env step imports every one
+    assert json.loads((out / "loader_speed.json").read_text())["train_now_over_before"] > 0
     result = json.loads((out / "throughput-gpu-16.json").read_text())
     assert result["finetune_over_classic"] > 0 and result["finetune_over_compute"] > 0
     assert result["settings"]["batch"] == 16
+
+
+def _data_dir(log: str) -> str:
+    """The temporary data folder the GPU check's log names."""
+    import re
+    return re.search(r"--data (\S+) --model resnet18", log).group(1)

@@ -106,14 +106,15 @@ def test_random_crop_preset_rejects_a_resize_below_the_crop():
         RandomCropPreset(size=224, resize_size=200)
 
 
-@pytest.mark.parametrize("orientation", range(1, 9))
-def test_every_exif_orientation_is_shown_as_pillow_shows_it(photos: list[Path], tmp_path: Path, orientation: int):
+@pytest.mark.parametrize("orientation, ext", [*((o, ".jpg") for o in range(1, 9)), (6, ".png"), (3, ".png")])
+def test_every_exif_orientation_is_shown_as_pillow_shows_it(photos: list[Path], tmp_path: Path, orientation: int,
+                                                            ext: str):
     """The pipeline crops the stored pixels and turns the small output; the result is the crop of
     the image as Pillow's exif_transpose shows it."""
-    path = tmp_path / f"o{orientation}.jpg"
+    path = tmp_path / f"o{orientation}{ext}"
     exif = Image.Exif()
     exif[0x0112] = orientation
-    Image.open(photos[0]).save(path, quality=95, exif=exif)
+    Image.open(photos[0]).save(path, exif=exif, **({"quality": 95} if ext == ".jpg" else {}))
     shown = load_rgb(str(path))
     assert images.read_header(path.read_bytes(), str(path)).width == shown.width
     for preset, ref in ((TrainPreset(size=48, hflip_prob=0.5), v1.Compose([v1.RandomResizedCrop(48, antialias=True),
@@ -146,6 +147,18 @@ def test_every_mode_goes_through_the_presets_as_through_torchvision(tmp_path: Pa
              (EvalPreset(crop_size=24, resize_size=28), v1.Compose([v1.Resize(28, antialias=True), v1.CenterCrop(24)])))
     for preset, ref in pairs:
         assert mean_difference(run(preset, path, 3), reference(ref, path, 3)) < EXACT_TOLERANCE * 10
+
+
+def test_a_png_header_is_read_without_decoding_the_pixels(tmp_path: Path):
+    """Pillow looks for a PNG's EXIF by decoding the whole image; the header read does not (the
+    presets would decode every PNG twice)."""
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:2000])  # the pixel data cut short
+    header = images.read_header(path.read_bytes(), str(path))
+    assert (header.width, header.height, header.orientation) == (80, 64, 1)
+    with pytest.raises(UserError, match="cannot decode image"):
+        EvalPreset(crop_size=16, resize_size=18)(str(path))
 
 
 def test_undecodable_files_name_the_file(tmp_path: Path):
