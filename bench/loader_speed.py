@@ -41,15 +41,20 @@ GPU_CEILING = (12_000, 14_000)
 HOST_CORES = 16
 
 
-def write_sets(root: Path, n: int) -> dict[str, Path]:
-    """The three folders, ``n`` training images each."""
-    sets = {"jpeg 500x375": photo_folder(root / "small", n, 0),
-            "jpeg 3000x2000": photo_folder(root / "large", n, 0, size=(3000, 2000)),
-            "png 500x375": root / "png"}
-    for jpg in sorted((root / "small" / "train").rglob("*.jpg")):
-        out = root / "png" / "train" / jpg.parent.name / (jpg.stem + ".png")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.open(jpg).save(out)
+SETS = {"small": "jpeg 500x375", "large": "jpeg 3000x2000", "png": "png 500x375"}
+
+
+def write_sets(root: Path, n: int, which: list[str]) -> dict[str, Path]:
+    """The folders named in ``which`` (of ``SETS``; 500x375 JPEGs always), ``n`` training images each."""
+    sets = {SETS["small"]: photo_folder(root / "small", n, 0)}
+    if "large" in which:
+        sets[SETS["large"]] = photo_folder(root / "large", n, 0, size=(3000, 2000))
+    if "png" in which:
+        sets[SETS["png"]] = root / "png"
+        for jpg in sorted((root / "small" / "train").rglob("*.jpg")):
+            out = root / "png" / "train" / jpg.parent.name / (jpg.stem + ".png")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(jpg).save(out)
     return sets
 
 
@@ -126,12 +131,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (odd: a clean median)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="loader workers (0: one core only)")
+    parser.add_argument("--sets", default="small,large,png",
+                        help="which folders: small (500x375 JPEGs, always), large (3000x2000 JPEGs), png")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core: what a loader worker has
     results: dict[str, Any] = {"cores": len(os.sched_getaffinity(0)), "workers": args.workers, "size": SIZE}
     with tempfile.TemporaryDirectory() as tmp:
-        sets = write_sets(Path(tmp), args.images)
+        sets = write_sets(Path(tmp), args.images, args.sets.split(","))
         for name, folder in sets.items():
             core = one_core(folder, args.rounds)
             results[name] = {"one core": core}
