@@ -126,7 +126,7 @@ def test_optimizer_choices_are_the_ones_optim_knows():
     assert set(OPTIMIZERS) == set(optim.OPTIMIZERS)
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py", "export.py"])
 def test_help_and_bad_flags_answer_before_torch_is_imported(script):
     """--help used to take seconds: torch was imported before argparse ran."""
     import subprocess

@@ -108,6 +108,12 @@ def test_torchscript_and_exported_program_reload_without_the_project(pretrained:
     assert torch.equal(logits.argmax(1), expected.argmax(1))
 
 
+def test_the_command_knows_the_formats_export_writes():
+    from finetune import export
+
+    assert export_cmd.FORMATS == export.FORMATS
+
+
 def test_bad_input_is_one_line(tmp_path: Path):
     with pytest.raises(UserError, match="needs --ckpt FILE"):
         export_cmd.main([])

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from finetune.config import check_values, option, parse_config
 from finetune.errors import UserError, run_cli
-from finetune.export import FORMATS, export, onnx_max_difference
-from finetune.inference import load_classifier
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}  # export.FORMATS, without torch
 
 
 @dataclass
@@ -31,7 +31,11 @@ class ExportConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: ExportConfig = parse_config(argv, ExportConfig, description=__doc__.splitlines()[0])
+    from finetune.export import export, onnx_max_difference
+    from finetune.inference import load_classifier
+
     if not config.ckpt:
         raise UserError("export.py needs --ckpt FILE")
     clf = load_classifier(config.ckpt)

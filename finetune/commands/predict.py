@@ -18,20 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
-import torch
-from rich.table import Table
-from torch.utils.data import DataLoader, Dataset
-
 from finetune.config import BAD_DATA_POLICIES, PRECISIONS, check_values, option, parse_config
 from finetune.errors import UserError, run_cli
-from finetune.files import atomic_path
-from finetune.images import BadImageError
-from finetune.inference import load_classifier
-from finetune.inputs import image_paths
-from finetune.models import fuse_for_inference
-from finetune.presets import EvalPreset, ModelInput
-from finetune.reporting import Reporter
-from finetune.runtime import build_accelerator, num_workers
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -47,18 +35,22 @@ class PredictConfig:
     bad_data: str = option("skip", "images that cannot be decoded: skip (and list them) or fail", choices=BAD_DATA_POLICIES)
     num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
     threads: int = option(-1, "CPU compute threads per process (-1: the cores shared among this machine's processes)")
-    mixed_precision: str = option("auto", "auto, no, bf16 or fp16", choices=PRECISIONS)
+    mixed_precision: str = option("auto", "auto: what the training's own test pass ran in (recorded in the "
+                                          "checkpoint), as eval.py; or no, bf16, fp16", choices=PRECISIONS)
     channels_last: bool = option(True, "use the channels-last memory format")
+    fold_batchnorm: bool = option(False, "fold BatchNorm into the convolutions: faster on CPUs, but an image at the "
+                                         "decision boundary may then flip against eval.py")
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
         check_values(self)
 
 
-class _Images(Dataset):
-    """Each image as eval.py prepares it; an unreadable one gives a blank image and its error."""
+class _Images:
+    """Each image as eval.py prepares it (a map-style dataset); an unreadable one gives a blank image
+    and a 0 in its ``readable`` slot."""
 
-    def __init__(self, paths: list[Path], preset: EvalPreset, fail: bool):
+    def __init__(self, paths: list[Path], preset: Any, fail: bool):
         self.paths = paths
         self.preset = preset
         self.fail = fail
@@ -66,7 +58,11 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        import torch
+
+        from finetune.images import BadImageError
+
         try:
             return self.preset(str(self.paths[index])), index, 1
         except BadImageError:
@@ -77,7 +73,18 @@ class _Images(Dataset):
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: PredictConfig = parse_config(argv, PredictConfig, description=__doc__.splitlines()[0])
+    import torch
+    from torch.utils.data import DataLoader
+
+    from finetune.inference import load_classifier
+    from finetune.inputs import image_paths
+    from finetune.models import fuse_for_inference
+    from finetune.presets import ModelInput
+    from finetune.reporting import Reporter
+    from finetune.runtime import build_accelerator, eval_precision, num_workers
+
     if not config.ckpt or not config.inputs:
         raise UserError("predict.py needs --ckpt FILE and at least one INPUT (image, folder or .txt list)")
     out_path = Path(config.output) if config.output else None
@@ -88,13 +95,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not paths:
         raise UserError(f"no images found in {', '.join(config.inputs)}")
 
-    accelerator = build_accelerator(config.mixed_precision, cpu_threads=config.threads)
+    accelerator = build_accelerator(eval_precision(config.mixed_precision, clf.meta), cpu_threads=config.threads)
     report = Reporter(enabled=accelerator.is_main_process)
     on_gpu = accelerator.device.type == "cuda"
     dataset = _Images(paths, clf.preprocessing.eval_preset(), fail=config.bad_data == "fail")
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, pin_memory=on_gpu,
                         num_workers=max(0, num_workers(config.num_workers, on_gpu=on_gpu)))
-    net = fuse_for_inference(clf.model)
+    net = fuse_for_inference(clf.model) if config.fold_batchnorm else clf.model
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = accelerator.prepare_model(net, evaluation_mode=True)  # no DDP wrapper: see eval.py
@@ -125,15 +132,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {**counts, "skipped_paths": skipped, "output": out_path}
 
 
-@torch.inference_mode()
-def _predict(accelerator: Any, model: torch.nn.Module, loader: Any, to_input: ModelInput,
+def _predict(accelerator: Any, model: Any, loader: Any, to_input: Any,
              k: int) -> Iterator[tuple[int, bool, list[int], list[float]]]:
     """(dataset index, readable, top-k classes, their probabilities) of every image once, a batch at a time."""
+    import torch
+
     model.eval()
     for images, indices, readable in loader:
-        probs = model(to_input(images)).float().softmax(dim=1)
-        top_p, top_i = probs.topk(k, dim=1)
-        gathered = accelerator.gather_for_metrics((indices, readable, top_i, top_p))
+        with torch.inference_mode():
+            probs = model(to_input(images)).float().softmax(dim=1)
+            top_p, top_i = probs.topk(k, dim=1)
+            gathered = accelerator.gather_for_metrics((indices, readable, top_i, top_p))
         order = gathered[0].argsort()  # gathered batches interleave the processes' shares
         yield from zip(*(part[order].tolist() for part in gathered))
 
@@ -144,11 +153,11 @@ class _Sink:
 
     TABLE_ROWS = 64
 
-    def __init__(self, path: Path | None, k: int, report: Reporter):
+    def __init__(self, path: Path | None, k: int, report: Any):
         self.path, self.k, self.report = path, k, report
         self._stack = ExitStack()
         self._file: TextIO | None = None
-        self._table: Table | None = None
+        self._table: Any = None
         self._shown = 0
 
     def __enter__(self) -> "_Sink":
@@ -156,6 +165,8 @@ class _Sink:
             return self
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            from finetune.files import atomic_path
+
             tmp = self._stack.enter_context(atomic_path(self.path))  # renamed into place only when complete
             self._file = self._stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))
         except OSError as err:
@@ -177,6 +188,8 @@ class _Sink:
                                          "probabilities": [round(p, 6) for p in probs]}) + "\n")
 
     def _add_row(self, path: str, classes: list[str], probs: list[float]) -> None:
+        from rich.table import Table
+
         if self._table is None:
             self._table = Table(show_header=self._shown == 0)
             self._table.add_column("path", overflow="fold")
