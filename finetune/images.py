@@ -180,8 +180,14 @@ def decode_stored(data: bytes, header: Header, path: str, reduction: int = 1) ->
         # min_width/min_height select the DCT scaling: exactly 1/reduction (libjpeg rounds sizes up).
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(stored_w / reduction),
                                      min_height=math.ceil(stored_h / reduction))
-    except (ValueError, RuntimeError) as err:
-        raise BadImageError(f"cannot decode image {path}: {err}") from None
+    except (ValueError, RuntimeError):
+        # simplejpeg stops at libjpeg's warnings too ("extraneous bytes before marker"), which
+        # Pillow decodes through, as the pipeline always did; a file Pillow cannot decode either
+        # is a BadImageError from Pillow.
+        reduce_to = None
+        if reduction > 1:
+            reduce_to = (math.ceil(header.width / reduction), math.ceil(header.height / reduction))
+        arr = np.asarray(_pillow_rgb(io.BytesIO(data), path, reduce_to, turn=False))
     return arr, header.orientation
 
 

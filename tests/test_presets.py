@@ -161,6 +161,16 @@ def test_a_png_header_is_read_without_decoding_the_pixels(tmp_path: Path):
         EvalPreset(crop_size=16, resize_size=18)(str(path))
 
 
+def test_jpeg_with_a_libjpeg_warning_decodes_as_pillow_decodes_it(photos: list[Path], tmp_path: Path):
+    """Stray bytes before a marker: libjpeg warns, simplejpeg refuses, Pillow (and so the pipeline
+    before, and now) decodes the image."""
+    data = photos[1].read_bytes()
+    stray = tmp_path / "stray.jpg"
+    stray.write_bytes(data[:-2] + b"\x12\x34" + data[-2:])
+    for preset in (TrainPreset(size=64), EvalPreset(crop_size=64, resize_size=72)):
+        assert torch.equal(run(preset, stray, 1), run(preset, photos[1], 1))
+
+
 def test_undecodable_files_name_the_file(tmp_path: Path):
     bad = write_truncated_jpeg(tmp_path / "cut.jpg")
     (tmp_path / "junk.jpg").write_bytes(b"not an image")
