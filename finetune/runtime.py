@@ -213,11 +213,24 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
     configure_device(accelerator.device)
     if on_cpu:
         set_cpu_threads(cpu_threads)
+        if compile:
+            quiet_cuda_lookup()
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     if launched_world != accelerator.num_processes:
         raise UserError(f"launched {launched_world} processes but they did not form one group "
                         f"({accelerator.num_processes}); on CPUs set ACCELERATE_USE_CPU=1")
     return accelerator
+
+
+def quiet_cuda_lookup() -> None:
+    """Keep torch's "No CUDA runtime is found, using CUDA_HOME=..." from a CPU run's output.
+
+    A CUDA build of torch on a machine without a GPU logs it when inductor first loads
+    ``torch.utils.cpp_extension`` (``--compile``): nothing the user can or needs to act on.
+    """
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def _cores() -> int:

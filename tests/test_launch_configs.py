@@ -39,3 +39,15 @@ def test_cpu_configs_run_train(name: str, env: dict, processes: int, tmp_path: P
                     "--output-dir", str(tmp_path / "run"), *FAST], env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{processes} process(es) on cpu" in proc.stdout
+
+
+def test_install_writes_a_default_config_so_a_plain_launch_does_not_warn(tmp_path: Path):
+    """A plain `accelerate launch train.py` printed "--num_processes was set to a value of 0"."""
+    line = next(l for l in (ROOT / "scripts" / "install.sh").read_text().splitlines() if "accelerate config default" in l)
+    venv = Path(sys.executable).parent.parent
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    assert run_cmd(["bash", "-c", line.replace(".venv/", f"{venv}/")], env=env).returncode == 0
+    assert (tmp_path / "hf" / "accelerate" / "default_config.yaml").is_file()
+    proc = run_cmd([sys.executable, "-m", "accelerate.commands.launch", str(ROOT / "train.py"), "--help"], env=env)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    assert "num_processes" not in proc.stderr and "mixed_precision" not in proc.stderr, proc.stderr

@@ -215,3 +215,18 @@ def test_cuda_runs_get_tf32_and_autotuning_cpu_runs_nothing():
 def test_ddp_buckets_hold_the_gradients_and_buffers_are_broadcast():
     accelerator = runtime.build_accelerator("no", cpu=True)
     assert accelerator.ddp_handler.gradient_as_bucket_view and accelerator.ddp_handler.broadcast_buffers
+
+
+def test_compile_on_cpu_keeps_the_cuda_home_note_from_the_output(capfd):
+    """A CUDA build of torch on a GPU-less machine logged a CUDA_HOME warning under --compile."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    previous = logger.level
+    try:
+        logger.setLevel(logging.NOTSET)
+        runtime.build_accelerator("no", compile=True, cpu=True)
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'")  # torch's own line
+        assert "CUDA_HOME" not in capfd.readouterr().err
+    finally:
+        logger.setLevel(previous)
