@@ -36,7 +36,9 @@ def shape_model(model: str, image_size: int, freeze_spec: str = "none") -> nn.Mo
             else:
                 net = get_model(model, weights=None, **arch_kwargs(model), **size_kwargs(model, image_size))
     except AssertionError as err:  # torchvision's ViT refuses sizes that are not a multiple of its patch
-        raise UserError(f"{model} cannot take --image-size {image_size}: {first_line(err)}") from None
+        patch = model.rsplit("_", 1)[-1]
+        hint = f" (it takes multiples of its {patch}-pixel patches)" if patch.isdigit() else ""
+        raise UserError(f"{model} cannot take --image-size {image_size}: {first_line(err)}{hint}") from None
     net = net.to("meta")
     replace_head(net, 2)
     try:
