@@ -49,90 +49,120 @@ def earliest_bad_step(first_bad: torch.Tensor) -> int | None:
     return int(seen.min().item()) if seen.numel() else None
 
 
-def train_one_epoch(accelerator: Accelerator, model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *, seed: int = 0,
-                    epoch: int = 0, start_step: int = 0,
-                    to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-                    on_step: Callable[[int, float, float, float], None] | None = None,
-                    after_step: Callable[[int, Callable[[], None], Callable[[], list[float]]], None] | None = None,
-                    sums: Sequence[float] = (0.0, 0.0, 0.0)) -> EpochStats:
-    """One pass over ``loader`` (already skipped to ``start_step`` when resuming).
+class Trainer:
+    """The training step, and the running sums of the epoch it is in, kept on the device.
+
+    Call ``start_epoch``, then ``train_step`` for every batch, then ``end_epoch``. Nothing here
+    reads from the device unless asked (``check_finite``, ``epoch_sums``, ``running``,
+    ``end_epoch``): each read is a host sync, which would stall a GPU's queue of work.
 
     Args:
-        seed, epoch: with the step index and process, they seed the model's randomness (``step_seed``).
-        start_step: index of the first batch ``loader`` yields within the epoch.
+        accelerator: the run's Accelerator (``model``, ``optimizer`` and ``scheduler`` prepared by it).
+        loss_fn: maps ``(logits, targets)`` to the loss.
+        seed: with the epoch, step and process, seeds the model's randomness (``step_seed``).
         to_input: turns a loader batch into the model's input (``data.ModelInput``).
-        on_step: progress callback ``(steps_done, loss, accuracy, images_per_s)`` on sync steps.
-        after_step: called after every batch with the step index, ``check_finite``, which raises
-            if a loss so far was not finite (call it before saving anything), and ``epoch_sums``,
-            the epoch's loss sum, correct predictions and images so far, over all processes (both
-            are collectives: every process must call them at the same step).
-        sums: ``epoch_sums`` saved before a resume mid-epoch (give them to one process only), so
-            the epoch's figures cover all of it.
-
-    Raises:
-        NonFiniteLossError: naming the step, when the loss is NaN or infinite.
     """
-    model.train()
-    set_frozen_norm_eval(accelerator.unwrap_model(model))
-    device = accelerator.device
-    loss_sum = torch.tensor(float(sums[0]), device=device)
-    correct = torch.tensor(int(sums[1]), device=device, dtype=torch.long)
-    # The first step whose loss was not finite, kept on the device: checking every step would
-    # stall the pipeline on a host sync.
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    seen, skipped_in_a_row = int(sums[2]), 0
-    seen_before = seen
-    start = time.perf_counter()
 
-    def epoch_sums() -> list[float]:
-        return accelerator.reduce(torch.stack([loss_sum.float(), correct.float(),
-                                               torch.tensor(float(seen), device=device)]), reduction="sum").tolist()
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *, seed: int = 0,
+                 to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.loss_fn, self.seed, self.to_input = loss_fn, seed, to_input
+        self.start_epoch(0)
 
-    def check_finite() -> None:
-        """Raise if any process met a non-finite loss (a collective with several processes)."""
-        bad = first_bad[None]
-        if accelerator.num_processes > 1:
-            bad = accelerator.gather(bad)
-        step = earliest_bad_step(bad)
-        if step is not None:
-            raise NonFiniteLossError(f"the loss became NaN or infinite at step {step + 1} of epoch {epoch + 1}")
+    def start_epoch(self, epoch: int, start_step: int = 0, sums: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
+        """Put the model in training mode and start the epoch's sums.
 
-    for step, (images, targets) in enumerate(loader, start=start_step):
-        images = to_input(images)
-        torch.manual_seed(step_seed(seed, epoch, step, accelerator.process_index))
-        with accelerator.accumulate(model):
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                scheduler.step()
-        if accelerator.scaler is not None and accelerator.sync_gradients:  # fp16: the scaler skips overflowing steps
-            skipped_in_a_row = skipped_in_a_row + 1 if optimizer.step_was_skipped else 0
-            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
-                raise NonFiniteLossError(f"fp16 gradients overflowed {skipped_in_a_row} steps in a row (up to step "
-                                         f"{step + 1} of epoch {epoch + 1}); use --mixed-precision bf16 or no")
+        Args:
+            start_step: index of the first batch this run of the epoch trains (a resume mid-epoch).
+            sums: the epoch's loss sum, correct predictions and images before ``start_step``,
+                over all processes (``epoch_sums`` saved before a resume; give them to one
+                process only), so that the epoch's figures cover all of it.
+        """
+        self.model.train()
+        set_frozen_norm_eval(self.accelerator.unwrap_model(self.model))
+        device = self.accelerator.device
+        self.epoch, self.start_step = epoch, start_step
+        self.loss_sum = torch.tensor(float(sums[0]), device=device)
+        self.correct = torch.tensor(int(sums[1]), device=device, dtype=torch.long)
+        # The first step whose loss was not finite, kept on the device: checking every step would
+        # stall the pipeline on a host sync.
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.seen = self.seen_before = int(sums[2])
+        self.skipped_in_a_row = 0
+        self.started = time.perf_counter()
+
+    def train_step(self, step: int, images: torch.Tensor, targets: torch.Tensor) -> bool:
+        """Forward, backward and (at the end of an accumulation) the optimizer and scheduler step.
+
+        Args:
+            step: the batch's index within the epoch.
+
+        Returns:
+            Whether the optimizer stepped (the last batch of an accumulation, or of the epoch).
+
+        Raises:
+            NonFiniteLossError: when fp16 gradients overflowed too many steps in a row.
+        """
+        acc = self.accelerator
+        images = self.to_input(images)
+        torch.manual_seed(step_seed(self.seed, self.epoch, step, acc.process_index))
+        with acc.accumulate(self.model):
+            logits = self.model(images)
+            loss = self.loss_fn(logits, targets)
+            acc.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                self.scheduler.step()
+        if acc.scaler is not None and acc.sync_gradients:  # fp16: the scaler skips overflowing steps
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.optimizer.step_was_skipped else 0
+            if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise NonFiniteLossError(f"fp16 gradients overflowed {self.skipped_in_a_row} steps in a row (up to "
+                                         f"step {step + 1} of epoch {self.epoch + 1}); use --mixed-precision bf16 or no")
         n = targets.shape[0]
         loss = loss.detach().float()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        loss_sum += loss * n
-        correct += (logits.detach().argmax(dim=1) == targets).sum()
-        seen += n
-        if (step + 1) % SYNC_EVERY_STEPS == 0 or step == start_step:
-            check_finite()
-            if on_step is not None:
-                on_step(step + 1, loss_sum.item() / seen, correct.item() / seen,
-                        (seen - seen_before) / (time.perf_counter() - start))
-        if after_step is not None:
-            after_step(step, check_finite, epoch_sums)
-    check_finite()
-    totals = accelerator.reduce(torch.tensor([loss_sum.item(), correct.item(), seen, seen - seen_before],
-                                             device=device, dtype=torch.float64), reduction="sum")
-    loss_total, correct_total, seen_total, seen_now = totals.tolist()
-    return EpochStats(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1), int(seen_now),
-                      time.perf_counter() - start)
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.loss_sum += loss * n
+        self.correct += (logits.detach().argmax(dim=1) == targets).sum()
+        self.seen += n
+        return acc.sync_gradients
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` naming the earliest step at which any process met a
+        non-finite loss (a collective with several processes: all must call it at the same step)."""
+        bad = self.first_bad[None]
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.gather(bad)
+        step = earliest_bad_step(bad)
+        if step is not None:
+            raise NonFiniteLossError(f"the loss became NaN or infinite at step {step + 1} of epoch {self.epoch + 1}")
+
+    def epoch_sums(self) -> list[float]:
+        """The epoch's loss sum, correct predictions and images so far, over all processes (a collective)."""
+        device = self.accelerator.device
+        return self.accelerator.reduce(torch.stack([self.loss_sum.float(), self.correct.float(),
+                                                    torch.tensor(float(self.seen), device=device)]),
+                                       reduction="sum").tolist()
+
+    def running(self) -> tuple[float, float, float]:
+        """This process's mean loss, accuracy so far in the epoch, and images/s of this run of it."""
+        return (self.loss_sum.item() / self.seen, self.correct.item() / self.seen,
+                (self.seen - self.seen_before) / (time.perf_counter() - self.started))
+
+    def end_epoch(self) -> EpochStats:
+        """The epoch's figures over all processes (a collective).
+
+        Raises:
+            NonFiniteLossError: naming the step, when a loss of the epoch was NaN or infinite.
+        """
+        self.check_finite()
+        totals = self.accelerator.reduce(
+            torch.tensor([self.loss_sum.item(), self.correct.item(), self.seen, self.seen - self.seen_before],
+                         device=self.accelerator.device, dtype=torch.float64), reduction="sum")
+        loss_total, correct_total, seen_total, seen_now = totals.tolist()
+        return EpochStats(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1), int(seen_now),
+                          time.perf_counter() - self.started)
 
 
 @dataclass

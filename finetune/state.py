@@ -8,8 +8,10 @@ in by renames, so a kill at any moment leaves the previous state or the new one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,32 @@ STATE = "state"
 PROGRESS = "progress.json"
 
 
-def save_training_state(accelerator: Accelerator, run_dir: Path, progress: dict[str, Any]) -> None:
+@dataclass
+class Progress:
+    """Where a run stands: what ``progress.json`` holds.
+
+    ``epoch`` and ``step`` name the next batch to train: batch ``step`` (counted per process)
+    of epoch ``epoch`` (both from 0); ``epoch == epochs`` once the run is finished.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row of figures per finished epoch
+    best_accuracy: float = -1.0  # the best test accuracy so far (-1: none yet)
+    # The epoch's loss sum, correct predictions and images before ``step``, over all processes:
+    # a resumed epoch still reports all of its batches.
+    epoch_sums: list[float] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Progress":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, progress: Progress) -> None:
     """Save a resumable state of the run (call on every process)."""
     final, tmp, old = run_dir / STATE, run_dir / f"{STATE}.tmp", run_dir / f"{STATE}.old"
     if accelerator.is_main_process:
@@ -36,7 +63,7 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, progress: dict[
                         f"the previous state in {final} is intact") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_text(tmp / PROGRESS, json.dumps(progress, indent=1))
+        atomic_write_text(tmp / PROGRESS, progress.to_json())
         fsync_tree(tmp)  # Accelerate writes without fsync: make the state durable before it replaces the last
         # state -> state.old, state.tmp -> state, drop state.old: one of them is whole at any instant.
         shutil.rmtree(old, ignore_errors=True)
@@ -56,7 +83,7 @@ def latest_state(run_dir: Path) -> Path | None:
     return None
 
 
-def load_training_state(accelerator: Accelerator, folder: Path) -> dict[str, Any]:
+def load_training_state(accelerator: Accelerator, folder: Path) -> Progress:
     """Restore a state saved by ``save_training_state`` into the prepared objects; return its progress."""
     try:
         progress = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
@@ -68,4 +95,4 @@ def load_training_state(accelerator: Accelerator, folder: Path) -> dict[str, Any
         accelerator.load_state(str(folder))
     except Exception as err:  # a state of another model, a truncated file, a pickle we refuse to run
         raise UserError(f"cannot resume from {folder}: {first_line(err)[:300]}") from None
-    return progress
+    return Progress.from_dict(progress)

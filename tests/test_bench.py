@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT, run_cmd
 
+pytestmark = pytest.mark.slow  # benchmark scripts end to end
+
 
 @pytest.mark.parametrize("script, args, keys", [
     ("eval_speed", ["--images", "32"], ["finetune_over_plain", "agreement"]),

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import FAST, ROOT, run_cmd, write_image_folder
 
+pytestmark = pytest.mark.slow  # several processes launched through accelerate and torchrun
+
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
 CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.engine import NonFiniteLossError, earliest_bad_step, train_one_epoch
+from finetune.engine import SYNC_EVERY_STEPS, NonFiniteLossError, Trainer, earliest_bad_step
 from finetune.runtime import build_accelerator
 
 
@@ -39,13 +39,15 @@ def test_the_first_non_finite_step_is_named_whenever_it_is_found(bad_step: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(15)]
-    checks = []
-
-    def after_step(step, check_finite, epoch_sums):
-        checks.append(step)
-
+    trainer = Trainer(accelerator, model, optimizer, scheduler, NanAt(bad_step))
+    trainer.start_epoch(1)
+    trained = []
     with pytest.raises(NonFiniteLossError, match=rf"at step {bad_step + 1} of epoch 2$"):
-        train_one_epoch(accelerator, model, batches, optimizer, scheduler, NanAt(bad_step), epoch=1,
-                        after_step=after_step)
+        for step, (x, y) in enumerate(batches):
+            trainer.train_step(step, x, y)
+            trained.append(step)
+            if (step + 1) % SYNC_EVERY_STEPS == 0:  # the loop's cadence (loop.after_step)
+                trainer.check_finite()
+        trainer.end_epoch()
     # Training went on past the bad step until a check found it (every 10 steps, or the end).
-    assert max(checks, default=0) >= bad_step
+    assert max(trained) >= bad_step and max(trained) in (SYNC_EVERY_STEPS - 1, len(batches) - 1)

@@ -13,7 +13,7 @@ import torch
 from finetune.commands import train
 from conftest import FAST, write_image_folder
 
-LOOP_FILES = ("engine.py", "session.py", "preemption.py")
+LOOP_FILES = ("engine.py", "session.py", "loop.py", "preemption.py")
 
 
 def test_training_reads_from_the_device_every_few_steps_only(tmp_path: Path, monkeypatch):

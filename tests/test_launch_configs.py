@@ -26,6 +26,7 @@ def test_config_loads(path: Path):
         assert config.use_cpu
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, env, processes", [
     ("cpu", {}, 1),
     ("cpu_ddp", {"ACCELERATE_USE_CPU": "1"}, 2),

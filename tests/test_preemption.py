@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from finetune.commands import train
 from conftest import FAST, ROOT, python_cmd
 
+pytestmark = pytest.mark.slow  # runs stopped by signals and resumed
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_saves_state_and_resume_matches_uninterrupted(tiny_data: Path, tmp_path: Path, sig):

@@ -18,6 +18,8 @@ import pytest
 
 from conftest import ROOT, run_cmd, write_image_folder
 
+pytestmark = pytest.mark.slow  # runs of 1, 2 and 4 processes
+
 GLOBAL_BATCH = 8
 LOSS_RTOL = 1e-3  # per-epoch mean training loss, relative (fp32): all-reduce order only
 

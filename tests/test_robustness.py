@@ -44,6 +44,7 @@ def quiet_train(argv: list[str]) -> dict:
         return train.main(argv)
 
 
+@pytest.mark.slow
 def test_random_sigkills_resume_to_bit_identical_weights(tiny_data: Path, tmp_path: Path):
     args = ["--data", str(tiny_data), *FAST, "--epochs", "4", "--batch-size", "2", "--save-every", "1",
             "--num-workers", "1"]

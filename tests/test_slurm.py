@@ -24,8 +24,9 @@ CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
 TRAIN_FLAGS = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--num-workers", "0",
                "--threads", "1"]
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get") and not shutil.which("sbatch"),
-                                reason="a one-host SLURM cluster needs root and Debian packages")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get") and not shutil.which("sbatch"),
+                                 reason="a one-host SLURM cluster needs root and Debian packages")]
 
 
 @pytest.fixture(scope="module")

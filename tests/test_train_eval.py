@@ -170,6 +170,7 @@ def test_resume_without_state_starts_from_the_beginning(tiny_data: Path, tmp_pat
     assert "no saved state in" in out.getvalue() and "starting from the beginning" in out.getvalue()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: Path):
     args = ["--data", str(tiny_data), *FAST, "--epochs", "3", "--batch-size", "4", "--save-every", "2"]
     reference = quiet_train([*args, "--output-dir", str(tmp_path / "ref")])
@@ -220,6 +221,7 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_broken(tiny_dat
             assert all(torch.isfinite(t).all() for t in load_file(str(path)).values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_compile_option_trains_and_saves_clean_keys(tiny_data: Path, tmp_path: Path):
     result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--compile",
                           "--model", "resnet18"])

@@ -13,6 +13,8 @@ from finetune.commands import train
 from bench.datasets import FASHION_DIR, fashion_mnist
 from finetune.demo import demo_dataset
 
+pytestmark = pytest.mark.slow  # real fine-tuning runs to an accuracy
+
 
 def final_accuracy(argv: list[str]) -> float:
     with contextlib.redirect_stdout(io.StringIO()):

@@ -34,8 +34,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from finetune.rundir import prepare_run_dir
     from finetune.runtime import build_accelerator
     from finetune.sanity import check_classes, check_model_input, probable_mistakes
-    from finetune.session import fit, prepare_session
-    from finetune.state import latest_state, load_training_state
+    from finetune.loop import fit
+    from finetune.session import prepare_session
+    from finetune.state import Progress, latest_state, load_training_state
 
     check_model_name(config.model)  # before anything is written
     check_model_input(config.model, config.image_size, config.batch_size, config.freeze)
@@ -76,19 +77,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if session.cached_features:
         report.print(f"linear probe on cached features ({session.cached_features} per image)")
 
-    progress = {"epoch": 0, "step": 0, "history": [], "best_accuracy": -1.0}
+    progress = Progress()
     if config.resume:
         state = latest_state(run_dir)
         if state is None:
             report.print(f"no saved state in {run_dir}: starting from the beginning")
         else:
             progress = load_training_state(accelerator, state)
-            report.print(f"resumed from {state} at epoch {progress['epoch'] + 1}, step {progress['step']}")
+            report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
 
     progress = fit(session, config, clf, splits.classes, run_dir, report, progress)
 
     accelerator.wait_for_everyone()
-    final = progress["history"][-1] if progress["history"] else {}
+    final = progress.history[-1] if progress.history else {}
     skipped = session.skipped.named if session.skipped else {}
     if skipped:
         report.print(f"skipped {len(skipped)} image(s) this process could not decode (--bad-data skip; named above)")
@@ -96,7 +97,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                  f"{final.get('test_acc', float('nan')):.4f}); evaluate it with:\n"
                  f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {splits.test.root}")
     accelerator.end_training()
-    return {"run_dir": run_dir, "history": progress["history"], "classes": splits.classes, "model": clf.net,
+    return {"run_dir": run_dir, "history": progress.history, "classes": splits.classes, "model": clf.net,
             "skipped": list(skipped)}
 
 
