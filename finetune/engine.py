@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from finetune.surgery import set_frozen_norm_eval
+from finetune.surgery import set_frozen_eval
 
 SYNC_EVERY_STEPS = 10  # read loss back from the device this often: every step would stall the pipeline
 MAX_SKIPPED_STEPS = 50  # fp16 steps the loss scaler may skip in a row before the run stops
@@ -38,8 +38,9 @@ def step_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
 
     Re-seeding every step makes that randomness a function of the step alone, so a run resumed
     mid-epoch draws what an uninterrupted run drew, whatever the data loaders consumed meanwhile.
+    Reduced below 2**63: ``torch.manual_seed`` refuses larger numbers.
     """
-    return (seed * 1_000_003 + epoch * 100_003 + step) * 1_009 + process_index
+    return ((seed * 1_000_003 + epoch * 100_003 + step) * 1_009 + process_index) % 2**63
 
 
 def earliest_bad_step(first_bad: torch.Tensor) -> int | None:
@@ -80,7 +81,7 @@ class Trainer:
                 process only), so that the epoch's figures cover all of it.
         """
         self.model.train()
-        set_frozen_norm_eval(self.accelerator.unwrap_model(self.model))
+        set_frozen_eval(self.accelerator.unwrap_model(self.model))
         device = self.accelerator.device
         self.epoch, self.start_step = epoch, start_step
         self.loss_sum = torch.tensor(float(sums[0]), device=device)

@@ -26,7 +26,7 @@ def shape_model(model: str, image_size: int, freeze_spec: str = "none") -> nn.Mo
 
     from finetune import timm_models
     from finetune.models import arch_kwargs, size_kwargs
-    from finetune.surgery import freeze, replace_head, set_frozen_norm_eval
+    from finetune.surgery import freeze, replace_head, set_frozen_eval
 
     try:
         with init_empty_weights(), warnings.catch_warnings():  # parameters on meta; buffers (small) below
@@ -46,7 +46,7 @@ def shape_model(model: str, image_size: int, freeze_spec: str = "none") -> nn.Mo
     except ValueError as err:
         raise UserError(str(err)) from None
     net.train()
-    set_frozen_norm_eval(net)
+    set_frozen_eval(net)
     return net
 
 

@@ -194,14 +194,17 @@ def freeze(model: nn.Module, spec: str) -> list[str]:
     return names[:count]
 
 
-def set_frozen_norm_eval(model: nn.Module) -> None:
-    """Put BatchNorm layers whose parameters are all frozen in eval mode.
+def set_frozen_eval(model: nn.Module) -> None:
+    """Put every module whose parameters are all frozen in eval mode, with all it holds.
 
-    A frozen layer should keep its pretrained running statistics; call this after every
-    ``model.train()``.
+    A frozen block should compute what it computed when pretrained: BatchNorm keeps its running
+    statistics, and dropout and stochastic depth inside it are off, so that a probe trained
+    through the frozen backbone sees the same clean features as one trained on cached features.
+    A dropout that sits with the trainable head (its container holds trainable parameters) stays
+    on. Call this after every ``model.train()``.
     """
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.training:
             params = list(module.parameters())
             if params and not any(p.requires_grad for p in params):
-                module.eval()
+                module.eval()  # the whole sub-tree: its own modules come later in modules(), already off

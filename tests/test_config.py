@@ -48,6 +48,8 @@ def test_bad_yaml_is_one_clear_error(tmp_path: Path, text: str, message: str):
     (["--lr", "-1"], "--lr must be greater than 0"),
     (["--weight-decay", "-1"], "--weight-decay must not be negative"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--seed", "-1"], "--seed must not be negative"),
+    (["--seed", str(2**32)], "--seed must be at most 4294967295"),  # numpy's seeds stop there
 ])
 def test_bad_flags_are_one_clear_error(argv, message):
     with pytest.raises(UserError, match=message):

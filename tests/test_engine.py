@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 
-from finetune.engine import SYNC_EVERY_STEPS, NonFiniteLossError, Trainer, earliest_bad_step
+from finetune.engine import SYNC_EVERY_STEPS, NonFiniteLossError, Trainer, earliest_bad_step, step_seed
 from finetune.runtime import build_accelerator
 
 
@@ -51,3 +52,13 @@ def test_the_first_non_finite_step_is_named_whenever_it_is_found(bad_step: int):
         trainer.end_epoch()
     # Training went on past the bad step until a check found it (every 10 steps, or the end).
     assert max(trained) >= bad_step and max(trained) in (SYNC_EVERY_STEPS - 1, len(batches) - 1)
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**32 - 1])
+def test_step_seeds_are_valid_torch_seeds_for_every_accepted_seed(seed: int):
+    for epoch, step, process in ((0, 0, 0), (10**4, 10**7, 1023), (10**6, 10**9, 65535)):
+        value = step_seed(seed, epoch, step, process)
+        assert 0 <= value < 2**63
+        torch.manual_seed(value)  # would raise "Overflow when unpacking long" beyond 2**64
+    set_seed(seed)  # what train.py seeds first (numpy's seeds end at 2**32 - 1: config.py stops --seed there)
+    assert step_seed(seed, 0, 1, 0) != step_seed(seed, 0, 2, 0) != step_seed(seed, 1, 1, 0)

@@ -230,3 +230,20 @@ def test_compile_on_cpu_keeps_the_cuda_home_note_from_the_output(capfd):
         assert "CUDA_HOME" not in capfd.readouterr().err
     finally:
         logger.setLevel(previous)
+
+
+def test_cpu_is_judged_from_the_device_the_accelerator_chose(monkeypatch):
+    """launch/cpu.yaml (ACCELERATE_USE_CPU) on a GPU host: the run is on the CPU, so it gets the
+    CPU's precision and threads, not the GPU's."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # a GPU host
+    monkeypatch.setattr(runtime, "is_bf16_available", lambda: True)  # whose GPU runs bf16
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)  # but whose CPU does not
+    threads = []
+    monkeypatch.setattr(runtime, "set_cpu_threads", lambda n: threads.append(n) or n)
+    PartialState._reset_state()
+    with environment(ACCELERATE_USE_CPU="1", ACCELERATE_MIXED_PRECISION=None):
+        accelerator = runtime.build_accelerator("auto", cpu_threads=3)
+    PartialState._reset_state()
+    assert accelerator.device.type == "cpu"
+    assert accelerator.mixed_precision == "no" and threads == [3]
+    assert accelerator.dataloader_config.non_blocking is False

@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torchvision.models import get_model
 
-from finetune.surgery import backbone_blocks, find_head, freeze, match_classes, replace_head, set_frozen_norm_eval
+from finetune.surgery import backbone_blocks, find_head, freeze, match_classes, replace_head, set_frozen_eval
 
 # One model per torchvision family, and where its output layer is.
 FAMILIES = {
@@ -89,9 +90,37 @@ def test_frozen_batchnorm_stays_in_eval_mode():
     model = replace_head(get_model("resnet18", weights=None), 2)
     freeze(model, "layer1")
     model.train()
-    set_frozen_norm_eval(model)
+    set_frozen_eval(model)
     assert not model.bn1.training and not model.layer1[0].bn1.training
     assert model.layer2[0].bn1.training
     before = model.bn1.running_mean.clone()
     model(torch.randn(2, 3, 32, 32))
     assert torch.equal(model.bn1.running_mean, before)
+
+
+@pytest.mark.parametrize("name, spec", [("efficientnet_b0", "backbone"), ("convnext_tiny", "0.5"), ("swin_t", "0.5")])
+def test_frozen_blocks_have_no_dropout_or_stochastic_depth(name: str, spec: str):
+    # A linear probe trained through the frozen backbone must see the clean features that the
+    # cached probe sees: dropout and stochastic depth off in frozen blocks, not only BatchNorm.
+    model = replace_head(make(name), 2)
+    frozen = freeze(model, spec)
+    model.train()
+    set_frozen_eval(model)
+    random_layers = (nn.Dropout, torchvision.ops.StochasticDepth)
+    in_frozen = [m for block in frozen for m in model.get_submodule(block).modules() if isinstance(m, random_layers)]
+    assert in_frozen and not any(m.training for m in in_frozen)
+    if spec != "backbone":  # the blocks that still train keep their randomness
+        assert any(m.training for m in model.modules() if isinstance(m, random_layers))
+    prefix = nn.Sequential(*[model.get_submodule(b) for b in frozen])
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.equal(prefix(x), prefix(x))  # the frozen part is deterministic in training mode
+
+
+def test_dropout_before_the_head_stays_active_in_a_linear_probe():
+    model = replace_head(make("mobilenet_v2"), 2)
+    freeze(model, "backbone")
+    model.train()
+    set_frozen_eval(model)
+    assert model.classifier[0].training  # the head's own regularisation, kept as in the cached probe
+    assert not model.features.training
