@@ -82,6 +82,9 @@ class Trainer:
         """
         self.model.train()
         set_frozen_eval(self.accelerator.unwrap_model(self.model))
+        # Accelerate counts an accumulation's batches within the epoch (and a loaded state restores
+        # the count it saved): a resume that splits the global batch differently continues at start_step.
+        self.accelerator.step = start_step
         device = self.accelerator.device
         self.epoch, self.start_step = epoch, start_step
         self.loss_sum = torch.tensor(float(sums[0]), device=device)

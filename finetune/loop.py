@@ -83,7 +83,7 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
             check_weights(loop, f"in epoch {epoch + 1}")
             save_checkpoints(loop, epoch, stats, preds)
             save_state(loop, epoch + 1, 0)
-            if epoch + 1 < config.epochs and loop.stop.agreed(loop.accelerator):  # a signal during evaluation or saving
+            if stop_agreed_at_epoch_end(loop, epoch):  # a signal during evaluation or saving
                 raise stopped(loop, epoch + 1, 0)  # the state of the epoch's end is saved just above
     except NonFiniteLossError as err:
         raise non_finite_error(loop, err) from None
@@ -181,6 +181,11 @@ def stop_agreed(loop: Loop, optimizer_step: int) -> bool:
     return optimizer_step % loop.stop_check_every == 0 and loop.stop.agreed(loop.accelerator)
 
 
+def stop_agreed_at_epoch_end(loop: Loop, epoch: int) -> bool:
+    """Whether the processes agree to stop after ``epoch`` (not after the last: the run is done)."""
+    return epoch + 1 < loop.config.epochs and loop.stop.agreed(loop.accelerator)
+
+
 def stopped(loop: Loop, epoch: int, step: int) -> Stopped:
     """The exception that ends a run stopped by a signal, once its state is saved."""
     return Stopped(f"stopped by {loop.stop.received or 'a signal to another process'} at epoch {epoch + 1}, "
@@ -210,7 +215,10 @@ def non_finite_error(loop: Loop, err: NonFiniteLossError) -> UserError:
 def save_state(loop: Loop, epoch: int, step: int, epoch_sums: list[float] | None = None) -> None:
     """Save a resumable state that continues at batch ``step`` of ``epoch`` (on every process;
     check the loss and weights first)."""
-    loop.progress.epoch, loop.progress.step, loop.progress.epoch_sums = epoch, step, epoch_sums
+    progress = loop.progress
+    progress.epoch, progress.step, progress.epoch_sums = epoch, step, epoch_sums
+    # The position as a count of images: a resume may split the same global batch differently.
+    progress.samples = step * loop.config.batch_size * loop.accelerator.num_processes
     save_training_state(loop.accelerator, loop.run_dir, loop.progress)
 
 

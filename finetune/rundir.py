@@ -20,7 +20,8 @@ def default_run_dir(config: TrainConfig, data_dir: Path) -> Path:
 
 
 def prepare_run_dir(config: TrainConfig, data_dir: Path, is_main: bool) -> Path:
-    """Create the run folder, check it can be written before any training, save ``config.yaml``.
+    """Create the run folder, check it can be written before any training, save ``config.yaml``
+    (a resume keeps the run's own: the settings it started with).
 
     Raises:
         UserError: if the folder cannot be created or written.
@@ -29,7 +30,8 @@ def prepare_run_dir(config: TrainConfig, data_dir: Path, is_main: bool) -> Path:
     if not is_main:
         return run_dir
     ensure_writable(run_dir)
-    save_yaml(config, run_dir / "config.yaml")
+    if not (config.resume and (run_dir / "config.yaml").exists()):
+        save_yaml(config, run_dir / "config.yaml")
     return run_dir
 
 

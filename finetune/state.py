@@ -34,6 +34,8 @@ class Progress:
 
     epoch: int = 0
     step: int = 0
+    samples: int = 0  # images of epoch ``epoch`` trained, over all processes: the position a resume maps
+    setup: dict[str, Any] | None = None  # the run's setup (``resume.RunSetup``), checked on resume
     history: list[dict[str, Any]] = field(default_factory=list)  # one row of figures per finished epoch
     best_accuracy: float = -1.0  # the best test accuracy so far (-1: none yet)
     # The epoch's loss sum, correct predictions and images before ``step``, over all processes:
@@ -83,16 +85,20 @@ def latest_state(run_dir: Path) -> Path | None:
     return None
 
 
-def load_training_state(accelerator: Accelerator, folder: Path) -> Progress:
-    """Restore a state saved by ``save_training_state`` into the prepared objects; return its progress."""
+def read_progress(folder: Path) -> Progress:
+    """The ``progress.json`` of a state folder; a UserError if it is not one."""
     try:
-        progress = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
+        raw = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {folder / PROGRESS}: {err}") from None
-    if not isinstance(progress, dict) or not {"epoch", "step"} <= progress.keys():
+    if not isinstance(raw, dict) or not {"epoch", "step"} <= raw.keys():
         raise UserError(f"{folder / PROGRESS} does not describe a training state")
+    return Progress.from_dict(raw)
+
+
+def load_training_state(accelerator: Accelerator, folder: Path) -> None:
+    """Restore a state saved by ``save_training_state`` into the prepared objects."""
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # a state of another model, a truncated file, a pickle we refuse to run
         raise UserError(f"cannot resume from {folder}: {first_line(err)[:300]}") from None
-    return Progress.from_dict(progress)

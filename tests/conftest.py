@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,29 @@ def write_checkpoint(path: Path, classes: list[str], model: str = "mobilenet_v3_
     description = describe_checkpoint(config, clf, classes, {}, recorded_arch_kwargs(clf.net))
     save_checkpoint(path, clf.net.state_dict(), {**description, **meta})
     return path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's rendezvous (fixed ports collide when
+    tests run side by side)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_until_stopped(argv: list[str], monkeypatch: pytest.MonkeyPatch, *, optimizer_step: int | None = None,
+                        epoch: int | None = None) -> None:
+    """Run train.py's main in-process as if a stop signal came at optimizer step ``optimizer_step``
+    of the run, or during the evaluation of ``epoch`` (from 0): it saves its state there and stops."""
+    import contextlib
+    import io
+
+    import finetune.loop as loop
+    from finetune.commands import train
+    from finetune.errors import Stopped
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "stop_agreed", lambda _, step: step == optimizer_step)
+        patch.setattr(loop, "stop_agreed_at_epoch_end", lambda _, done: done == epoch)
+        with pytest.raises(Stopped, match="--resume"), contextlib.redirect_stdout(io.StringIO()):
+            train.main(argv)

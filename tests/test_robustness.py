@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
-from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder
+from conftest import FAST, ROOT, python_cmd, run_cmd, train_until_stopped, write_image_folder
 from finetune.checkpoint import read_metadata
 from finetune.errors import UserError
 from finetune.state import latest_state
@@ -133,12 +133,13 @@ def test_eval_refuses_checkpoints_from_anywhere(tiny_data: Path, tmp_path: Path,
 @pytest.mark.parametrize("kind, message", [
     ("model-random-bytes", "cannot resume from"),
     ("optimizer-with-code", "cannot resume from"),
-    ("other-architecture", "cannot resume from"),
+    ("other-architecture", "--model changed (mobilenet_v3_small -> resnet18)"),
     ("progress-garbage", "cannot read"),
 ])
-def test_resume_refuses_bad_states_without_running_code(tiny_data: Path, tmp_path: Path, kind: str, message: str):
-    run = tmp_path / "run"
-    quiet_train(["--data", str(tiny_data), "--output-dir", str(run), *FAST])
+def test_resume_refuses_bad_states_without_running_code(tiny_data: Path, tmp_path: Path, kind: str, message: str,
+                                                        monkeypatch):
+    run = tmp_path / "run"  # stopped after the first of two epochs
+    train_until_stopped(["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--epochs", "2"], monkeypatch, epoch=0)
     marker = tmp_path / "code-ran"
     args = ["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--epochs", "2", "--resume"]
     if kind == "model-random-bytes":
@@ -159,8 +160,8 @@ def test_resume_refuses_bad_states_without_running_code(tiny_data: Path, tmp_pat
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_data: Path, tmp_path: Path, monkeypatch):
     import finetune.checkpoint as checkpoint
 
-    run = tmp_path / "run"
-    quiet_train(["--data", str(tiny_data), "--output-dir", str(run), *FAST])
+    run = tmp_path / "run"  # stopped after the first of two epochs
+    train_until_stopped(["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--epochs", "2"], monkeypatch, epoch=0)
     before = (run / "model.safetensors").read_bytes()
 
     def full_disk(*args, **kwargs):

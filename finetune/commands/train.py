@@ -35,6 +35,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from finetune.runtime import build_accelerator
     from finetune.sanity import check_classes, check_model_input, probable_mistakes
     from finetune.loop import fit
+    from finetune.resume import resumed_progress, run_setup
     from finetune.session import prepare_session
     from finetune.state import Progress, latest_state, load_training_state
 
@@ -57,6 +58,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for note in notes + splits.warnings:
         report.print(f"warning: {note}")
     run_dir = prepare_run_dir(config, data_dir, accelerator.is_main_process)
+    setup = run_setup(config, splits.classes, [("train", splits.train), ("test", splits.test)],
+                      accelerator.num_processes)
+    progress, state = Progress(setup=setup.to_dict()), latest_state(run_dir) if config.resume else None
+    if config.resume and state is None:
+        report.print(f"no saved state in {run_dir}: starting from the beginning")
+    if state is not None:
+        progress = resumed_progress(state, setup)  # before the model is built: a changed run is named, not loaded
+        if progress.epoch >= config.epochs:
+            return finished(run_dir, progress, splits.test.root, report)
 
     with accelerator.main_process_first():  # one process downloads or copies the weights, the others reuse them
         clf = build_classifier(config.model, config.weights, splits.classes, image_size=config.image_size,
@@ -77,14 +87,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if session.cached_features:
         report.print(f"linear probe on cached features ({session.cached_features} per image)")
 
-    progress = Progress()
-    if config.resume:
-        state = latest_state(run_dir)
-        if state is None:
-            report.print(f"no saved state in {run_dir}: starting from the beginning")
-        else:
-            progress = load_training_state(accelerator, state)
-            report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
+    if state is not None:
+        load_training_state(accelerator, state)
+        report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
 
     progress = fit(session, config, clf, splits.classes, run_dir, report, progress)
 
@@ -99,6 +104,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     accelerator.end_training()
     return {"run_dir": run_dir, "history": progress.history, "classes": splits.classes, "model": clf.net,
             "skipped": list(skipped)}
+
+
+def finished(run_dir: Path, progress: Progress, test_dir: Path, report: Reporter) -> dict[str, Any]:
+    """``--resume`` of a run that has trained all its epochs: say so, change nothing."""
+    final = progress.history[-1] if progress.history else {}
+    report.print(f"the run in {run_dir} is finished ({progress.epoch} epochs, test accuracy "
+                 f"{final.get('test_acc', float('nan')):.4f}); nothing to resume. Evaluate it with:\n"
+                 f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {test_dir}")
+    return {"run_dir": run_dir, "history": progress.history, "finished": True}
 
 
 def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
