@@ -54,19 +54,20 @@ class Loop:
 
 
 def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[str], run_dir: Path,
-        report: Reporter, progress: Progress) -> Progress:
+        report: Reporter, progress: Progress, stop: StopSignal | None = None) -> Progress:
     """Train from ``progress`` to the last epoch; return the final progress.
 
     Saves ``model.safetensors`` (and ``best.safetensors``) after every epoch, a resumable state
     after every epoch and every ``--save-every`` optimizer steps, and stops cleanly on a stop
-    signal (``preemption.StopSignal``).
+    signal (``stop``, installed by the caller since start-up; None: installed here for the loop).
 
     Raises:
         Stopped: after saving a state, when a stop signal arrived.
         UserError: when the loss or the weights became NaN or infinite, naming the step and the
             last good files.
     """
-    loop = start_loop(session, config, clf, classes, run_dir, report, progress)
+    own_stop = stop is None
+    loop = start_loop(session, config, clf, classes, run_dir, report, progress, stop or StopSignal())
     try:
         for epoch in range(progress.epoch, config.epochs):
             start_step = progress.step if epoch == progress.epoch else 0
@@ -88,13 +89,14 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
     except NonFiniteLossError as err:
         raise non_finite_error(loop, err) from None
     finally:
-        loop.stop.restore()
+        if own_stop:
+            loop.stop.restore()
     return progress
 
 
 def start_loop(session: Session, config: TrainConfig, clf: Classifier, classes: list[str], run_dir: Path,
-               report: Reporter, progress: Progress) -> Loop:
-    """The ``Loop`` of a run about to train; installs the stop-signal handlers."""
+               report: Reporter, progress: Progress, stop: StopSignal) -> Loop:
+    """The ``Loop`` of a run about to train; from here on a stop signal waits for a safe point."""
     acc = session.accelerator
     steps_per_epoch = len(session.train_loader)
     weight = session.class_weights.to(acc.device) if session.class_weights is not None else None
@@ -104,7 +106,8 @@ def start_loop(session: Session, config: TrainConfig, clf: Classifier, classes: 
     # Agreeing on a stop across processes reads a flag back from the device: a host sync, which
     # on a GPU would stall the queue of work every step, so there it happens every few steps.
     stop_check_every = 1 if acc.device.type == "cpu" or acc.num_processes == 1 else SYNC_EVERY_STEPS
-    return Loop(session, config, clf, classes, run_dir, report, progress, trainer, StopSignal(),
+    stop.defer()
+    return Loop(session, config, clf, classes, run_dir, report, progress, trainer, stop,
                 steps_per_epoch, math.ceil(steps_per_epoch / config.grad_accum_steps), stop_check_every,
                 "lr " + str(session.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay"))
 

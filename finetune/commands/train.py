@@ -23,7 +23,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
-    """One training run: the run folder, the per-epoch history, the classes and the trained model."""
+    """One training run: the run folder, the per-epoch history, the classes and the trained model.
+
+    Raises:
+        Stopped: on SIGTERM, SIGINT or SIGUSR1, from start-up on, after saving a state once training began.
+    """
+    from finetune.preemption import StopSignal  # first: a signal during the imports below stops cleanly too
+
+    with StopSignal() as stop:
+        return run_training(config, stop)
+
+
+def run_training(config: TrainConfig, stop: "StopSignal") -> dict[str, Any]:
+    """``train`` with the stop-signal handlers installed."""
     from accelerate.utils import set_seed
 
     from finetune.data import load_splits
@@ -91,7 +103,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         load_training_state(accelerator, state)
         report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
 
-    progress = fit(session, config, clf, splits.classes, run_dir, report, progress)
+    progress = fit(session, config, clf, splits.classes, run_dir, report, progress, stop)
 
     accelerator.wait_for_everyone()
     final = progress.history[-1] if progress.history else {}

@@ -1,0 +1,81 @@
+"""SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 at any moment (start-up, training, evaluation, saving), to
+the process, to its whole process group (its loader workers too) or to the launcher: a clean
+stop, with the state saved where there is something to save, exit 143 and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, ROOT, free_port, write_image_folder
+
+PROBE = str(ROOT / "tests" / "signal_probe.py")
+ARGS = [*FAST, "--epochs", "2", "--batch-size", "4"]  # 36 train images: 9 steps an epoch
+
+
+def probe(when: str, sig: str, target: str, *args: str, launch: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run tests/signal_probe.py in a process group of its own (so that ``group`` signals it and its
+    loader workers, and nothing of pytest)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    return subprocess.run([*(launch or [sys.executable]), PROBE, when, sig, target, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
+
+
+def saved_position(run: Path) -> tuple[int, int] | None:
+    progress = run / "state" / "progress.json"
+    if not progress.exists():
+        return None
+    raw = json.loads(progress.read_text())
+    return raw["epoch"], raw["step"]
+
+
+SLOW = pytest.mark.slow  # one case stays in the quick check
+
+
+@pytest.mark.parametrize("when, sig, target, position", [
+    pytest.param("startup", "SIGTERM", "self", None, marks=SLOW),  # nothing to save yet
+    pytest.param("startup", "SIGINT", "group", None, marks=SLOW),
+    ("step:3", "SIGINT", "group", (0, 3)),  # Ctrl-C in a terminal: the process and its workers
+    pytest.param("step:3", "SIGUSR1", "self", (0, 3), marks=SLOW),
+    pytest.param("eval", "SIGTERM", "group", (1, 0), marks=SLOW),  # during the first evaluation: it ends, saves, stops
+    pytest.param("save", "SIGUSR1", "group", (1, 0), marks=SLOW),  # during the first save: it completes, then stops
+])
+def test_a_signal_at_any_moment_stops_cleanly(tiny_data: Path, tmp_path: Path, when: str, sig: str, target: str,
+                                              position: tuple[int, int] | None):
+    run = tmp_path / "run"
+    proc = probe(when, sig, target, "--data", str(tiny_data), *ARGS, "--num-workers", "1", "--output-dir", str(run))
+    assert f"probe: sending {sig} to {target} at {when}" in proc.stderr
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "killed by signal" not in proc.stderr, proc.stderr[-3000:]
+    assert saved_position(run) == position
+    last = proc.stderr.strip().splitlines()[-1]
+    if position is None:
+        assert last.startswith(f"stopped by {sig} while starting, before training: nothing new to save")
+    else:  # says where it stopped and how to continue
+        epoch, step = position
+        assert last == (f"stopped by {sig} at epoch {epoch + 1}, step {step}; state saved in {run / 'state'}; "
+                        "continue with the same command and --resume")
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_launcher_during_evaluation_stops_every_process_cleanly(tmp_path: Path):
+    """accelerate launch forwards SIGTERM to its processes; their loader workers, which used to die of
+    it mid-evaluation and crash every rank, ignore it. The launcher itself still reports the signal
+    (torch's SignalException): that part is Accelerate's."""
+    data = tmp_path / "data"
+    write_image_folder(data / "train", {"a": 8, "b": 8})
+    write_image_folder(data / "test", {"a": 20, "b": 20}, seed=1)
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", str(free_port()),
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = probe("eval", "SIGTERM", "launcher", "--data", str(data), *ARGS, "--batch-size", "2", "--num-workers", "1",
+                 "--output-dir", str(run), launch=launch)
+    assert proc.stderr.count(f"stopped by SIGTERM at epoch 2, step 0; state saved in {run / 'state'}") == 2, \
+        proc.stderr[-3000:]
+    assert "killed by signal" not in proc.stderr and "DataLoader worker" not in proc.stderr
+    assert saved_position(run) == (1, 0) and (run / "model.safetensors").is_file()
