@@ -9,8 +9,8 @@
 # below that): slurm/finetune_gpu.sh asks for 8 CPUs and 64 GB per GPU by default, or pass
 # --cpus-per-gpu/--mem-per-gpu here. This script sets no CPU or memory default itself, since sbatch
 # refuses --cpus-per-task next to --cpus-per-gpu, and --mem-per-gpu without GPUs.
-# Preemption and time limits: SLURM sends USR1 two minutes before the end; the job requeues
-# itself, train.py saves its state on the SIGTERM that follows, and the restarted job resumes.
+# Preemption and time limits: SLURM sends USR1 two minutes before the end; the script passes it
+# to the run, which saves its state and stops, then requeues the job, which resumes.
 #SBATCH --job-name=finetune
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -56,21 +56,34 @@ if [ "$GPUS" -gt 0 ] && [ $((CPUS / NPROC)) -lt 4 ]; then
        "not keep the GPUs busy; ask for more with sbatch --cpus-per-gpu=8 (or use slurm/finetune_gpu.sh)" >&2
 fi
 
-# One run folder per job, stable across requeues, unless train.py flags name one.
-RUN_ARGS=("$@")
-case " $* " in *" --output-dir "* | *" --output-dir="*) ;; *) RUN_ARGS+=(--output-dir "runs/slurm-$SLURM_JOB_ID") ;; esac
+# The run folder is train.py's to decide: --output-dir (a flag, or in --config) if given, else
+# runs/MODEL-DATA-JOBID, the same folder across requeues.
 
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x $NPROC process(es), main $MASTER_ADDR:$MASTER_PORT"
 
-# USR1 = the time limit or a preemption is near: requeue. SLURM then sends SIGTERM to every task;
-# train.py saves its state and exits; the requeued job starts again below, with --resume.
-requeue() {
-  echo "job $SLURM_JOB_ID: got USR1, requeueing"
-  scontrol requeue "$SLURM_JOB_ID"
+# USR1 = the time limit or a preemption is near. Tell the run to save and stop: srun forwards the
+# signal to each node's launcher, which forwards it to its processes (torch's launcher handles
+# USR1 only when asked, below); they save a state at their next step and exit. Once they have, the
+# job requeues itself and starts again below, with --resume.
+PREEMPTED=0
+stop_and_requeue() {
+  PREEMPTED=1
+  if [ -n "${SRUN_PID:-}" ]; then
+    echo "job $SLURM_JOB_ID: got USR1, asking the run to save and stop"
+    kill -USR1 "$SRUN_PID" 2>/dev/null || true
+  fi
 }
-trap requeue USR1
+trap stop_and_requeue USR1
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+# How long the launcher waits for its processes to save before it kills them (SLURM's warning is 120 s).
+export PET_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
 
 export MASTER_ADDR MASTER_PORT NPROC WORLD PYTHON
+if [ "$PREEMPTED" = 1 ]; then  # USR1 before the run started: nothing to save
+  echo "job $SLURM_JOB_ID: got USR1 before starting, requeueing"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
 # launch/multi_node.yaml is the template; each node fills in its rank and the rendezvous. Single quotes: each task expands its own SLURM_NODEID (else every node would claim rank 0).
 # --kill-on-bad-exit: a crash on one node ends the others at once instead of leaving them
 # waiting in a collective until the time limit.
@@ -86,7 +99,7 @@ srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$SLURM_NNODES" --cpus-per
   exec "$PYTHON" -m accelerate.commands.launch --config_file launch/multi_node.yaml \
     --num_machines "$SLURM_NNODES" --num_processes "$WORLD" --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-    train.py --resume "$@"' finetune "${RUN_ARGS[@]}" &
+    train.py --resume "$@"' finetune "$@" &
 SRUN_PID=$!
 # wait returns early when a trapped signal arrives: wait again until srun has really finished.
 status=0
@@ -94,4 +107,9 @@ while :; do
   wait "$SRUN_PID" && status=0 || status=$?
   kill -0 "$SRUN_PID" 2>/dev/null || break
 done
+if [ "$PREEMPTED" = 1 ]; then
+  echo "job $SLURM_JOB_ID: the run has stopped (status $status), requeueing"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
 exit "$status"

@@ -95,28 +95,50 @@ def test_two_node_job_of_four_processes_trains_evaluates_and_every_process_takes
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_samples"] == 13
 
 
-def test_preempted_job_requeues_resumes_and_ends_with_the_same_weights(cluster, slurm_data: Path, tmp_path: Path):
+def test_preempted_job_saves_on_usr1_requeues_resumes_and_ends_with_the_same_weights(cluster, slurm_data: Path,
+                                                                                    tmp_path: Path):
     # Long enough (8 epochs of 5 steps) that the signal lands mid-training.
     args = ["--data", str(slurm_data), *TRAIN_FLAGS, "--epochs", "8", "--batch-size", "2", "--image-size", "64"]
     reference = sbatch(tmp_path, *args, "--output-dir", str(tmp_path / "ref"))
     assert wait_for(reference, 300)["JobState"] == "COMPLETED", log_of(tmp_path, reference)[-3000:]
 
-    job = sbatch(tmp_path, *args, "--output-dir", str(tmp_path / "run"))
-    # The warning signal SLURM sends before the time limit (--signal=B:USR1@120), sent now: mid-training.
+    # The run folder named in --config, not on the command line: the script leaves it to train.py.
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\n")
+    job = sbatch(tmp_path, *args, "--config", str(config))
     wait_for(job, 300, until=lambda _: re.search(r"^epoch 1 ", log_of(tmp_path, job) if
                                                 (tmp_path / f"slurm-{job}.out").exists() else "", re.M))
+    # The warning signal SLURM sends before the time limit (--signal=B:USR1@120), sent now: mid-training.
+    sent = time.time()
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+    wait_for(job, 120, until=lambda _: "stopped by SIGUSR1" in log_of(tmp_path, job))
+    saved_after = (tmp_path / "run" / "state" / "progress.json").stat().st_mtime - sent
+    print(f"USR1 to a saved state: {saved_after:.1f} s")
+    assert 0 < saved_after < 30  # SLURM's default KillWait: the time a job gets after SIGTERM
     wait_for(job, 120, until=lambda info: info.get("Restarts") == "1" and info.get("JobState") == "PENDING")
     # SLURM holds a requeued job for a while before it may start again; release it now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     info = wait_for(job, 300)
     log = log_of(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
-    assert "got USR1, requeueing" in log and "stopped by SIGTERM" in log
+    assert "got USR1, asking the run to save and stop" in log and "the run has stopped" in log
     assert "(restart 1)" in log and "resumed from" in log
+    assert "Traceback" not in log.split("(restart 1)")[1]  # the resumed run ends cleanly
+    assert not list(ROOT.glob(f"runs/*-{job}"))  # no folder of the script's own making
     a = load_file(str(tmp_path / "ref" / "model.safetensors"))
     b = load_file(str(tmp_path / "run" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_default_run_folder_is_named_after_the_job(cluster, slurm_data: Path, tmp_path: Path):
+    job = sbatch(tmp_path, "--data", str(slurm_data), *TRAIN_FLAGS, "--epochs", "1", "--batch-size", "4")
+    info = wait_for(job, 300)
+    run = ROOT / "runs" / f"mobilenet_v3_small-data-{job}"
+    try:
+        assert info["JobState"] == "COMPLETED", log_of(tmp_path, job)[-3000:]
+        assert (run / "model.safetensors").is_file()
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def test_a_crash_in_one_process_ends_the_whole_job_quickly(cluster, slurm_data: Path, tmp_path: Path):
