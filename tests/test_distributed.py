@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, run_cmd, write_image_folder
+from conftest import FAST, ROOT, free_port, run_cmd, write_image_folder
 
 pytestmark = pytest.mark.slow  # several processes launched through accelerate and torchrun
 
@@ -31,7 +31,7 @@ def odd_data(tmp_path: Path) -> Path:
 def test_two_process_training_and_exact_eval(odd_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     run.mkdir()
-    proc = run_cmd([*ACCELERATE, "29611", str(ROOT / "tests" / "ddp_probe.py"), str(run), "--data", str(odd_data),
+    proc = run_cmd([*ACCELERATE, str(free_port()), str(ROOT / "tests" / "ddp_probe.py"), str(run), "--data", str(odd_data),
                     "--output-dir", str(run), *FAST, "--batch-size", "4", "--epochs", "2"], env=CPU_ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout
@@ -41,7 +41,7 @@ def test_two_process_training_and_exact_eval(odd_data: Path, tmp_path: Path):
     out2, out1 = tmp_path / "eval2", tmp_path / "eval1"
     eval_args = [str(ROOT / "eval.py"), "--ckpt", str(run / "model.safetensors"), "--data", str(odd_data / "test"),
                  "--batch-size", "4", "--num-workers", "0"]
-    proc = run_cmd([*ACCELERATE, "29612", *eval_args, "--output-dir", str(out2)], env=CPU_ENV, timeout=300)
+    proc = run_cmd([*ACCELERATE, str(free_port()), *eval_args, "--output-dir", str(out2)], env=CPU_ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_cmd([sys.executable, *eval_args, "--output-dir", str(out1)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,7 +55,7 @@ def test_two_process_training_and_exact_eval(odd_data: Path, tmp_path: Path):
 def test_processes_join_on_cpu_without_accelerate_use_cpu(odd_data: Path, tmp_path: Path):
     # Plain `accelerate launch --multi_gpu` on a machine without GPUs would start processes that
     # each train alone on all the data; train.py asks Accelerate for the CPU itself, so they join.
-    proc = run_cmd([*ACCELERATE, "29613", str(ROOT / "train.py"), "--data", str(odd_data), "--output-dir",
+    proc = run_cmd([*ACCELERATE, str(free_port()), str(ROOT / "train.py"), "--data", str(odd_data), "--output-dir",
                     str(tmp_path / "run"), *FAST], env={"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": None},
                    timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -148,20 +148,38 @@ def test_reused_rows_are_reported(tmp_path: Path):
     (["--mixed-precision", "bf16"], "precision bf16"),
     (["--mixed-precision", "fp16"], "precision bf16"),  # fp16 on CPU would silently be fp32
 ])
-def test_mixed_precision_choices_on_cpu(tiny_data: Path, tmp_path: Path, flags, expected, capsys):
+def test_mixed_precision_choices_on_cpu(tiny_data: Path, tmp_path: Path, flags, expected, capsys, monkeypatch):
+    # The dtype the forward pass computes in, seen at the output layer (Accelerate casts the model's
+    # final output back to fp32, so it is looked at inside).
+    computed = set()
+    prepare = train.prepare_session
+
+    def watched(config, accelerator, clf, splits):
+        clf.net.get_submodule(clf.head).register_forward_hook(
+            lambda module, args, out: computed.add((module.training, out.dtype)))
+        return prepare(config, accelerator, clf, splits)
+
+    monkeypatch.setattr(train, "prepare_session", watched)
     result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, *flags])
     captured = capsys.readouterr()
     assert expected in captured.out and result["history"][-1]["train_loss"] > 0
+    dtype = torch.float32 if expected == "precision no" else torch.bfloat16
+    assert computed == {(True, dtype), (False, dtype)}  # training and evaluation
     if "fp16" in flags:
         assert "fp16 is not supported on the CPU" in captured.err
 
 
-def test_gradient_accumulation_and_adamw_run(tiny_data: Path, tmp_path: Path):
+def test_gradient_accumulation_steps_the_scheduler_once_per_optimizer_step(tiny_data: Path, tmp_path: Path):
     a = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "a"), *FAST, "--batch-size", "4",
-                     "--grad-accum-steps", "2", "--optimizer", "adamw", "--lr", "1e-3"])
-    # 36 images in batches of 4, two batches per optimizer step: 9 batches, 5 scheduler steps.
-    assert a["history"][-1]["train_loss"] > 0
-    assert a["model"] is not None
+                     "--grad-accum-steps", "2", "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "2",
+                     "--warmup-epochs", "0"])
+    # 36 images in batches of 4, two batches per optimizer step: 9 batches, 5 scheduler steps an
+    # epoch, 10 in all. After epoch 1 the cosine is half-way down; after epoch 2 at zero. A step per
+    # batch would leave 1e-3 * 0.5 * (1 + cos(0.9 pi)) = 2.4e-5 after epoch 1.
+    lrs = [next(v for k, v in row.items() if k.startswith("lr ")) for row in a["history"]]
+    assert lrs == pytest.approx([0.5e-3, 0.0], abs=1e-9)
+    state = torch.load(tmp_path / "a" / "state" / "optimizer.bin", weights_only=True)
+    assert {int(s["step"]) for s in state["state"].values()} == {10}  # AdamW's own count of its steps
 
 
 def test_resume_without_state_starts_from_the_beginning(tiny_data: Path, tmp_path: Path):
