@@ -20,9 +20,11 @@ from typing import Any, Sequence
 from finetune.errors import UserError
 from finetune.state import Progress, read_progress
 
-# Settings a resume may change: locations, speed, and how the same global batch is split.
+# Settings a resume may change: locations, speed, the device, what is logged, and how the same
+# global batch is split. Any other setting (a new one too) must stay as the run started.
 MAY_CHANGE = frozenset({"data", "output_dir", "resume", "save_every", "num_workers", "threads", "channels_last",
-                        "check_data", "bad_data", "batch_size", "grad_accum_steps"})
+                        "cpu", "check_data", "bad_data", "batch_size", "grad_accum_steps", "log_with",
+                        "log_every_steps", "log_every_seconds", "plots"})
 
 
 @dataclass(frozen=True)
