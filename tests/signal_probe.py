@@ -13,6 +13,7 @@ import signal
 import sys
 
 import finetune.loop as loop
+import finetune.models
 from finetune.commands import train
 from finetune.errors import run_cli
 
@@ -44,7 +45,7 @@ def before(module, name: str, condition=lambda *args: True) -> None:
 
 
 if when == "startup":
-    before(train, "build_classifier")
+    before(finetune.models, "build_classifier")  # train.py imports it when it runs
 elif when.startswith("step:"):
     step = int(when.split(":")[1])
     original_after_step = loop.after_step

@@ -151,15 +151,17 @@ def test_reused_rows_are_reported(tmp_path: Path):
 def test_mixed_precision_choices_on_cpu(tiny_data: Path, tmp_path: Path, flags, expected, capsys, monkeypatch):
     # The dtype the forward pass computes in, seen at the output layer (Accelerate casts the model's
     # final output back to fp32, so it is looked at inside).
+    import finetune.session
+
     computed = set()
-    prepare = train.prepare_session
+    prepare = finetune.session.prepare_session
 
     def watched(config, accelerator, clf, splits):
         clf.net.get_submodule(clf.head).register_forward_hook(
             lambda module, args, out: computed.add((module.training, out.dtype)))
         return prepare(config, accelerator, clf, splits)
 
-    monkeypatch.setattr(train, "prepare_session", watched)
+    monkeypatch.setattr(finetune.session, "prepare_session", watched)  # train.py imports it when it runs
     result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, *flags])
     captured = capsys.readouterr()
     assert expected in captured.out and result["history"][-1]["train_loss"] > 0
