@@ -46,38 +46,33 @@ class PredictConfig:
         check_values(self)
 
 
-class _Images:
-    """Each image as eval.py prepares it (a map-style dataset); an unreadable one gives a blank image
-    and a 0 in its ``readable`` slot."""
+class _Listed:
+    """The images to predict as the ``samples`` list that ``data.make_eval_loader`` reads, so predict.py
+    decodes and batches exactly as eval.py does. Each image's "target" is its position in ``paths``:
+    the loader keeps the target of an unreadable image (it blanks the image and sets its index to -1),
+    so the position still names the image to list as skipped."""
 
-    def __init__(self, paths: list[Path], preset: Any, fail: bool):
-        self.paths = paths
-        self.preset = preset
-        self.fail = fail
+    def __init__(self, paths: list[Path]):
+        self.samples = [(str(path), position) for position, path in enumerate(paths)]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        import torch
 
-        from finetune.images import BadImageError
+class _Blank:
+    """The loader's ``skipped`` under ``--bad-data skip``: blank an unreadable image, and record nothing,
+    since predict.py names skipped images from the gathered flags (which cover every process's share)
+    rather than from a queue that nothing would read."""
 
-        try:
-            return self.preset(str(self.paths[index])), index, 1
-        except BadImageError:
-            if self.fail:
-                raise
-            size = self.preset.crop_size
-            return torch.zeros(3, size, size, dtype=torch.uint8), index, 0  # an int: gloo gathers no bools
+    def record(self, path: str, why: str) -> None:
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: PredictConfig = parse_config(argv, PredictConfig, description=__doc__.splitlines()[0])
     import torch
-    from torch.utils.data import DataLoader
-
+    from finetune.data import make_eval_loader
     from finetune.inference import load_classifier
     from finetune.inputs import image_paths
     from finetune.models import fuse_for_inference
@@ -98,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator = build_accelerator(eval_precision(config.mixed_precision, clf.meta), cpu_threads=config.threads)
     report = Reporter(enabled=accelerator.is_main_process)
     on_gpu = accelerator.device.type == "cuda"
-    dataset = _Images(paths, clf.preprocessing.eval_preset(), fail=config.bad_data == "fail")
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, pin_memory=on_gpu,
-                        num_workers=max(0, num_workers(config.num_workers, on_gpu=on_gpu)))
+    # eval.py's loader: its preset, worker rule and uint8 channels-last batches, normalised on the device.
+    loader = make_eval_loader(_Listed(paths), clf.preprocessing, batch_size=config.batch_size,
+                              num_workers=num_workers(config.num_workers, on_gpu=on_gpu), pin_memory=on_gpu,
+                              skipped=None if config.bad_data == "fail" else _Blank())
     net = fuse_for_inference(clf.model) if config.fold_batchnorm else clf.model
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -138,11 +134,12 @@ def _predict(accelerator: Any, model: Any, loader: Any, to_input: Any,
     import torch
 
     model.eval()
-    for images, indices, readable in loader:
+    for images, positions, indices in loader:
+        readable = (indices >= 0).int()  # an int: gloo gathers no bools
         with torch.inference_mode():
             probs = model(to_input(images)).float().softmax(dim=1)
             top_p, top_i = probs.topk(k, dim=1)
-            gathered = accelerator.gather_for_metrics((indices, readable, top_i, top_p))
+            gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p))
         order = gathered[0].argsort()  # gathered batches interleave the processes' shares
         yield from zip(*(part[order].tolist() for part in gathered))
 
