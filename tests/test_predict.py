@@ -80,6 +80,31 @@ def test_unreadable_images_are_listed_and_skipped_or_stop_the_run(ckpt: Path, ph
     assert proc.stderr.startswith("error: ") and "broken.jpg" in proc.stderr
 
 
+def test_images_come_through_eval_loader_also_from_workers(ckpt: Path, photos: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    # eval.py's loader (its collate hands over channels-last uint8 batches) is what makes predict.py as fast
+    from finetune import data
+
+    made = []
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    real = data.make_eval_loader
+    monkeypatch.setattr(data, "make_eval_loader", spy)
+    bad = photos / "2025" / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path / "preds.csv"
+    result = predict.main(["--ckpt", str(ckpt), str(photos), "--output", str(out), "--batch-size", "3",
+                           "--num-workers", "1", "--mixed-precision", "no"])
+    assert len(made) == 1 and made[0].collate_fn is data.collate and made[0].num_workers == 1
+    assert result["skipped_paths"] == [str(bad)] and result["predicted"] == 7  # skipped in a worker, still named
+    bad.unlink()
+    expected = load_classifier(ckpt).predict(photos)
+    assert [(r["path"], r["class_1"]) for r in read_csv(out)] == [(p.source, p.classes[0]) for p in expected]
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "needs --ckpt FILE and at least one INPUT"),
     (["nowhere/"], "input not found: nowhere"),
