@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from bench import legacy_presets
 from bench.datasets import photo_folder
-from finetune import data, presets
+from finetune import data, folders, presets
 
 SIZE, RESIZE = 224, 256
 # resnet18 at 224 px, bf16 + channels-last, on one H200: issue 13's estimate, not a measurement.
@@ -60,7 +60,7 @@ def write_sets(root: Path, n: int, which: list[str]) -> dict[str, Path]:
 
 def pipelines(folder: Path) -> dict[str, Callable[[int], Any]]:
     """What one core runs per image: name -> f(index)."""
-    ds = data.image_folder(folder / "train")
+    ds = folders.image_folder(folder / "train")
     paths = [p for p, _ in ds.samples]
     train_old = legacy_presets.SeededDataset(ds, legacy_presets.TrainPreset(size=SIZE), seed=0)
     train_new = data.SeededDataset(ds, presets.TrainPreset(size=SIZE), seed=0)
@@ -78,7 +78,7 @@ def one_core(folder: Path, rounds: int) -> dict[str, Any]:
     """Images per CPU-second per pipeline (median of rounds) and the now/before ratios (median of
     per-round ratios)."""
     runs = pipelines(folder)
-    n = len(data.image_folder(folder / "train").samples)
+    n = len(folders.image_folder(folder / "train").samples)
     for run in runs.values():  # warm up: imports, first-call allocations, the page cache
         run(0)
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -109,7 +109,7 @@ def loader_rate(loader: DataLoader, epochs: int) -> float:
 
 def with_workers(folder: Path, workers: int, rounds: int) -> dict[str, float]:
     """Train-loader images/s with ``workers`` workers, before and now, interleaved."""
-    ds = data.image_folder(folder / "train")
+    ds = folders.image_folder(folder / "train")
     options = {"batch_size": 32, "num_workers": workers, "persistent_workers": True, "prefetch_factor": 4}
     loaders = {
         "before": DataLoader(legacy_presets.SeededDataset(ds, legacy_presets.TrainPreset(size=SIZE), 0),

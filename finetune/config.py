@@ -49,8 +49,16 @@ def option(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     """Everything a training run needs; see ``--help`` for each field."""
 
-    data: str | None = option(None, "dataset folder holding train/ and test/ (or val/) ImageFolder trees; "
+    data: str | None = option(None, "dataset folder holding train/ and test/ (or val/) ImageFolder trees, train/ "
+                                  "alone, or one sub-folder per class (a test part is then held out); "
                                   "omitted: the built-in offline demo (LFW faces vs not faces)", path=True)
+    val_fraction: float = option(0.0, "share of each training class held out for validation, which then chooses "
+                                      "best.safetensors (0: none; a val/ folder beside test/ is used without it)",
+                                 minimum=0)
+    test_fraction: float = option(0.2, "share of each class held out as the test part, where the data has no "
+                                       "test/ (or val/) folder", above=0)
+    split_seed: int = option(0, "which files --val-fraction and --test-fraction hold out (independent of --seed)",
+                             minimum=0, maximum=2**32 - 1)
     model: str = option("mobilenet_v2", "any torchvision classification model name, e.g. resnet18")
     weights: str = option("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), "
                                          "a local .pth/.safetensors file, or 'none' to train from scratch",
@@ -83,6 +91,7 @@ class TrainConfig:
     output_dir: str | None = option(None, "run folder (model.safetensors is written in it); default runs/MODEL-DATA",
                                     path=True)
     resume: bool = option(False, "continue the run in --output-dir from its latest saved state")
+    overwrite: bool = option(False, "replace the run already in --output-dir (without it such a folder is refused)")
     save_every: int = option(0, "also save a resumable state every N optimizer steps (0: at each epoch end only)", minimum=0)
     mixed_precision: str = option("auto", "auto (bf16 where the hardware runs it fast, else fp32), no, bf16, fp16; "
                                         "accelerate launch --mixed_precision also works",
@@ -114,6 +123,12 @@ class TrainConfig:
         check_values(self)
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.test_fraction >= 1 or self.val_fraction >= 1:
+            raise UserError("--test-fraction and --val-fraction must be below 1, got "
+                            f"{self.test_fraction} and {self.val_fraction}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in the output folder and --overwrite replaces it: "
+                            "choose one")
 
 
 def check_values(config: Any) -> None:

@@ -1,19 +1,17 @@
-"""ImageFolder datasets, data loaders, and a resumable, seeded sampling order.
+"""Datasets over ImageFolders, data loaders, and a resumable, seeded sampling order.
 
 Randomness in the data pipeline is a pure function of ``(seed, epoch, sample index)``: the
 sampler's order comes from ``(seed, epoch)`` and each sample's augmentation is drawn after
 seeding from ``(seed, epoch, index)``. So the images a step sees do not depend on the number
 of processes or workers, and a run resumed mid-epoch sees exactly what an uninterrupted one saw.
-Decoding lives in ``images``, the transforms in ``presets``.
+Decoding lives in ``images``, the transforms in ``presets``, finding splits and class folders
+in ``folders``.
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
@@ -21,131 +19,9 @@ from torchvision import datasets
 
 from finetune.decoding import Encoded, EncodedBatch, stack_channels_last
 from finetune.errors import UserError
-from finetune.images import BadImageError, load_rgb
+from finetune.images import BadImageError
 from finetune.preemption import ignore_stop_signals
 from finetune.presets import Preprocessing, TrainPreset
-
-
-
-def _pillow_extensions() -> tuple[str, ...]:
-    """File extensions of every format Pillow opens and decodes by itself (GIF, AVIF, ICO, ...).
-
-    Left out: stub formats that need a plugin Pillow lacks (BUFR, GRIB, HDF5, WMF), EPS (it
-    needs Ghostscript) and MPEG (Pillow reads only its header).
-    """
-    from PIL import Image, ImageFile
-
-    Image.init()
-    decodable = {fmt for fmt, (factory, _) in Image.OPEN.items()
-                 if fmt not in ("EPS", "MPEG")
-                 and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
-    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in decodable))
-
-
-IMAGE_EXTENSIONS = _pillow_extensions()
-EVAL_SPLITS = ("test", "val")
-
-
-def find_split(data_dir: str | Path, names: Sequence[str]) -> Path | None:
-    """The first existing sub-folder of ``data_dir`` among ``names``."""
-    for name in names:
-        if (Path(data_dir) / name).is_dir():
-            return Path(data_dir) / name
-    return None
-
-
-def check_split_folder(root: Path) -> None:
-    """A UserError naming what is wrong with a split folder's layout: missing, not a folder, or
-    without class sub-folders."""
-    if not root.exists():
-        raise UserError(f"data folder not found: {root}")
-    if not root.is_dir():
-        raise UserError(f"not a folder: {root}")
-    if not class_folders(root):
-        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
-        hint = " (images must sit in one sub-folder per class)" if has_images else ""
-        raise UserError(f"{root} has no class sub-folders{hint}")
-
-
-def class_folders(root: Path) -> list[str]:
-    """Names of the class sub-folders of an ImageFolder split, sorted (hidden folders left out)."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (by extension, any case), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-class _ImageFolder(datasets.ImageFolder):
-    """torchvision's ImageFolder with this project's class folders: hidden folders such as
-    ``.ipynb_checkpoints`` are not classes (torchvision's own listing takes them for one)."""
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = class_folders(Path(directory))
-        return classes, {c: i for i, c in enumerate(classes)}
-
-
-def image_folder(root: str | Path, classes: Sequence[str] | None = None,
-                 exclude: frozenset[str] = frozenset()) -> datasets.ImageFolder:
-    """A torchvision ImageFolder over ``root`` with RGB loading; a UserError names a bad layout.
-
-    Args:
-        root: the split folder, one sub-folder per class.
-        classes: the class list to index by (the train split's); ``root`` must not hold others.
-        exclude: paths of files to leave out (see ``preflight``).
-    """
-    root = Path(root)
-    check_split_folder(root)
-    left_out: list[str] = []  # files Pillow cannot open, to say what was left out and why
-
-    def usable(path: str) -> bool:
-        if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
-            if not Path(path).name.startswith("."):  # .DS_Store and the like are nobody's images
-                left_out.append(path)
-            return False
-        return path not in exclude
-
-    ds = _ImageFolder(str(root), loader=load_rgb, allow_empty=True, is_valid_file=usable)
-    ds.left_out = left_out
-    counts = Counter(ds.targets)
-    empty = [c for i, c in enumerate(ds.classes) if counts[i] == 0]
-    if empty:
-        inside = [p for p in left_out if Path(p).parent.relative_to(root).parts[:1] == (empty[0],)]
-        why = f" ({len(inside)} file(s) of types Pillow cannot open: {_suffixes(inside)})" if inside else ""
-        raise UserError(f"class '{empty[0]}' in {root} has no images{why}")
-    if classes is not None:
-        extra = sorted(set(ds.classes) - set(classes))
-        if extra:
-            raise UserError(f"{root} has classes the training set lacks: {', '.join(extra)}")
-        # Index by the train list so a class missing here does not shift the labels.
-        index = {c: i for i, c in enumerate(classes)}
-        ds.samples = [(p, index[ds.classes[t]]) for p, t in ds.samples]
-        ds.targets = [t for _, t in ds.samples]
-        ds.imgs = ds.samples
-        ds.classes = list(classes)
-        ds.class_to_idx = index
-    return ds
-
-
-def _suffixes(paths: Sequence[str]) -> str:
-    counts = Counter(Path(p).suffix.lower() or "no extension" for p in paths)
-    return ", ".join(f"{ext} x{n}" for ext, n in sorted(counts.items()))
-
-
-def left_out_note(ds: datasets.ImageFolder) -> str | None:
-    """A warning naming the files of ``ds``'s folders that were left out as not images, or None."""
-    left_out = getattr(ds, "left_out", [])
-    if not left_out:
-        return None
-    return (f"left out {len(left_out)} file(s) in {ds.root} of types Pillow cannot open ({_suffixes(left_out)}), "
-            f"e.g. {left_out[0]}")
-
-
-def missing_classes(classes: Sequence[str], ds: datasets.ImageFolder) -> list[str]:
-    """Classes of the training list that have no image in ``ds``."""
-    present = set(ds.targets)
-    return [c for i, c in enumerate(classes) if i not in present]
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -298,36 +174,6 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.leaves_out_one
-
-
-@dataclass
-class Splits:
-    """The train and evaluation ImageFolders of a dataset folder, sharing one class list."""
-
-    train: datasets.ImageFolder
-    test: datasets.ImageFolder
-    classes: list[str]
-    warnings: list[str]
-
-
-def load_splits(data_dir: str | Path, exclude: frozenset[str] = frozenset()) -> Splits:
-    """``DATA/train`` and ``DATA/test`` (or ``DATA/val``); the class list is train's.
-
-    A class in test that train lacks is an error; a train class missing from test a warning.
-    """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise UserError(f"data folder not found: {data_dir}")
-    train_dir = find_split(data_dir, ("train",))
-    test_dir = find_split(data_dir, EVAL_SPLITS)
-    if train_dir is None or test_dir is None:
-        missing = "train/" if train_dir is None else "test/ (or val/)"
-        raise UserError(f"{data_dir} has no {missing} folder; expected DATA/train/CLASS/*.jpg and DATA/test/CLASS/*.jpg")
-    train = image_folder(train_dir, exclude=exclude)
-    test = image_folder(test_dir, train.classes, exclude)
-    notes = [f"class '{c}' has no images in {test_dir}" for c in missing_classes(train.classes, test)]
-    notes += [note for note in (left_out_note(train), left_out_note(test)) if note]
-    return Splits(train, test, list(train.classes), notes)
 
 
 def collate(batch: list[tuple]) -> tuple:

@@ -31,7 +31,11 @@ def cache_dir() -> Path:
 
 
 def demo_dataset(root: Path | None = None) -> Path:
-    """The demo ImageFolder (``train/`` and ``test/``), written on first use."""
+    """The demo ImageFolder (``train/`` and ``test/``), written on first use.
+
+    Call it on one process a node (``local_main_process_first``): each node keeps its own cache.
+    Where several nodes share one home folder, they may write it at once; the first to finish wins.
+    """
     root = root or cache_dir() / "lfw-faces"
     if (root / "train").is_dir() and (root / "test").is_dir():
         return root
@@ -56,8 +60,11 @@ def demo_dataset(root: Path | None = None) -> Path:
                 for i in chosen:
                     pixels = (images[i] * 255).round().astype(np.uint8)
                     Image.fromarray(pixels, mode="L").save(folder / f"{i:03d}.png")
-        if not root.exists():
+        try:
             os.replace(staging, root)
+        except OSError:  # another process (another node's, on a shared home) finished first
+            if not ((root / "train").is_dir() and (root / "test").is_dir()):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root

@@ -4,7 +4,7 @@ trains on them alone."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -89,11 +89,16 @@ def extract_features(accelerator: Accelerator, net: nn.Module, head: str, datase
 
 
 def cached_loaders(accelerator: Accelerator, net: nn.Module, head: str, train: datasets.ImageFolder,
-                   test: datasets.ImageFolder, pre: Preprocessing, to_input: Callable[[torch.Tensor], torch.Tensor],
-                   *, batch_size: int, seed: int, num_workers: int) -> tuple[DataLoader, DataLoader]:
-    """Training and test loaders over cached features, with the same sampling order as images."""
+                   held_out: Sequence[datasets.ImageFolder], pre: Preprocessing,
+                   to_input: Callable[[torch.Tensor], torch.Tensor], *, batch_size: int, seed: int,
+                   num_workers: int) -> tuple[DataLoader, list[DataLoader]]:
+    """A training loader over cached features, with the same sampling order as images, and one
+    evaluation loader per held-out split (test, validation)."""
     options = {"batch_size": batch_size, "num_workers": num_workers}
     train_x, train_y = extract_features(accelerator, net, head, train, pre, to_input, **options)
-    test_x, test_y = extract_features(accelerator, net, head, test, pre, to_input, **options)
-    return (DataLoader(CachedFeatures(train_x, train_y), batch_size=batch_size, sampler=EpochSampler(len(train_y), seed)),
-            DataLoader(CachedFeatures(test_x, test_y, with_index=True), batch_size=batch_size, shuffle=False))
+    evals = []
+    for part in held_out:
+        x, y = extract_features(accelerator, net, head, part, pre, to_input, **options)
+        evals.append(DataLoader(CachedFeatures(x, y, with_index=True), batch_size=batch_size, shuffle=False))
+    return DataLoader(CachedFeatures(train_x, train_y), batch_size=batch_size,
+                      sampler=EpochSampler(len(train_y), seed)), evals

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from finetune.data import image_files
+from finetune.folders import image_files
 from finetune.errors import UserError
 
 LIST_SUFFIXES = (".txt", ".lst")

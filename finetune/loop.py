@@ -57,7 +57,8 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
         report: Reporter, progress: Progress, stop: StopSignal | None = None) -> Progress:
     """Train from ``progress`` to the last epoch; return the final progress.
 
-    Saves ``model.safetensors`` (and ``best.safetensors``) after every epoch, a resumable state
+    Saves ``model.safetensors`` (and ``best.safetensors``, chosen on the validation split where
+    there is one, else on the test split) after every epoch, a resumable state
     after every epoch and every ``--save-every`` optimizer steps, and stops cleanly on a stop
     signal (``stop``, installed by the caller since start-up; None: installed here for the loop).
 
@@ -79,10 +80,12 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
             stats = loop.trainer.end_epoch()
             preds = evaluate(loop.accelerator, session.model, session.test_loader, len(classes),
                              to_input=session.to_input)
+            val = None if session.val_loader is None else evaluate(
+                loop.accelerator, session.model, session.val_loader, len(classes), to_input=session.to_input)
             name_skipped(loop)
-            after_epoch(loop, epoch, stats, preds)
+            after_epoch(loop, epoch, stats, preds, val)
             check_weights(loop, f"in epoch {epoch + 1}")
-            save_checkpoints(loop, epoch, stats, preds)
+            save_checkpoints(loop, epoch, stats, preds, val)
             save_state(loop, epoch + 1, 0)
             if stop_agreed_at_epoch_end(loop, epoch):  # a signal during evaluation or saving
                 raise stopped(loop, epoch + 1, 0)  # the state of the epoch's end is saved just above
@@ -150,9 +153,10 @@ def after_step(loop: Loop, epoch: int, step: int) -> None:
         raise stopped(loop, epoch, step + 1)
 
 
-def after_epoch(loop: Loop, epoch: int, stats: EpochStats, preds: Predictions) -> None:
+def after_epoch(loop: Loop, epoch: int, stats: EpochStats, preds: Predictions, val: Predictions | None) -> None:
     """After ``epoch`` was trained and evaluated: its row of figures, shown and kept in the history."""
     row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
+           **({"val_acc": val.accuracy} if val is not None else {}),
            "test_acc": preds.accuracy, loop.lr_column: loop.session.scheduler.get_last_lr()[0],
            "img/s": stats.images_per_s,
            "seconds": stats.seconds, "rss_mib": rss_mib()}
@@ -225,17 +229,25 @@ def save_state(loop: Loop, epoch: int, step: int, epoch_sums: list[float] | None
     save_training_state(loop.accelerator, loop.run_dir, loop.progress)
 
 
-def save_checkpoints(loop: Loop, epoch: int, stats: EpochStats, preds: Predictions) -> None:
-    """``model.safetensors`` after ``epoch``, and ``best.safetensors`` when its accuracy is the best so far."""
+def save_checkpoints(loop: Loop, epoch: int, stats: EpochStats, preds: Predictions, val: Predictions | None) -> None:
+    """``model.safetensors`` after ``epoch``, and ``best.safetensors`` when its accuracy is the best so far:
+    on the validation split where there is one, else on the test split."""
     progress = loop.progress
+    chooser = val if val is not None else preds
+    records = loop.session.splits
     if loop.accelerator.is_main_process:
         metrics = {"epoch": epoch + 1, "test_accuracy": preds.accuracy, "train_loss": stats.loss,
                    "num_test_samples": len(preds.targets)}
+        if val is not None:
+            metrics.update(val_accuracy=val.accuracy, num_val_samples=len(val.targets))
         meta = describe_checkpoint(loop.config, loop.clf, loop.classes, metrics, recorded_arch_kwargs(loop.clf.net),
                                    precision=loop.accelerator.mixed_precision)
-        meta["splits"] = loop.session.splits  # eval.py without --data evaluates these files again
+        meta["splits"] = records  # eval.py without --data evaluates these files again
+        meta["selected_on"] = records.get("val" if val is not None else "test", {}).get("name")
         state_dict = loop.clf.net.state_dict()  # the whole model, also when only its head trained
         save_checkpoint(loop.run_dir / "model.safetensors", state_dict, meta)
-        if preds.accuracy > progress.best_accuracy:
+        if chooser.accuracy > progress.best_accuracy:
             save_checkpoint(loop.run_dir / "best.safetensors", state_dict, meta)
-    progress.best_accuracy = max(progress.best_accuracy, preds.accuracy)
+    if chooser.accuracy > progress.best_accuracy:
+        progress.best_epoch = epoch + 1
+    progress.best_accuracy = max(progress.best_accuracy, chooser.accuracy)

@@ -6,11 +6,16 @@ extension. ``full`` (``train.py --check-data``) also decodes every image (trunca
 hashes every file to find images shared between train and test.
 
 The folder layout itself (splits, class folders, classes with no images left once bad files are
-skipped) is ``data.load_splits``'s to check: the preflight reports on files.
+skipped) is ``folders.load_splits``'s to check: the preflight reports on files.
+
+At scale, the quick check is cached: each file's result is kept with its size and modification
+time, so a restart (a requeued job, a second run on the same data) reads only the files that
+changed. Listing the files and reading their sizes is what remains of a second start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,7 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from finetune.data import EVAL_SPLITS, class_folders, find_split, image_files
+from finetune.folders import class_folders, find_layout
+from finetune.listing import DirListing, ResultCache, list_folder
 from finetune.errors import UserError
 from finetune.files import file_digest
 
@@ -66,45 +72,93 @@ def _check_file(path: Path, full: bool) -> tuple[str | None, str | None, str | N
     return None, wrong, digest
 
 
-def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None = None) -> Report:
-    """Preflight of ``DATA/train`` and ``DATA/test`` (or ``val``); see the module docstring.
+def cache_folder(data_dir: str | Path) -> Path:
+    """Where the quick check's results for ``data_dir`` are kept: a folder per dataset folder, under
+    ``$FINETUNE_CACHE`` (default ``~/.cache/finetune``); on a cluster without a shared home, each
+    node that runs the main process keeps its own."""
+    from finetune.demo import cache_dir
+
+    key = hashlib.sha256(os.path.abspath(data_dir).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return cache_dir() / "preflight" / key
+
+
+def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None = None,
+                  cache: Path | None = None) -> Report:
+    """Preflight of a dataset's split folders (train, and val and test where they exist); see the
+    module docstring.
 
     Args:
         data_dir: the dataset folder.
         full: also decode every image and look for train/test duplicates.
         workers: threads reading files (default: the CPU count).
+        cache: a folder keeping the quick check's result per file (``listing.ResultCache``,
+            ``cache_folder``): files unchanged since they were checked are not read again.
+            The full check always reads everything.
     """
     data_dir = Path(data_dir)
     report = Report()
-    splits = {"train": find_split(data_dir, ("train",)), "test": find_split(data_dir, EVAL_SPLITS)}
-    files: dict[str, dict[str, list[Path]]] = {}
-    for split, folder in splits.items():
-        if folder is None or not folder.is_dir():
-            continue
-        files[split] = {c: image_files(folder / c) for c in class_folders(folder)}
+    root = os.path.abspath(data_dir)
+    # split -> class -> the directories of its images
+    files = {split: {c: list_folder(folder / c) for c in class_folders(folder)}
+             for split, folder in find_layout(data_dir).folders().items()}
 
-    jobs = [(split, c, p) for split, by_class in files.items() for c, paths in by_class.items() for p in paths]
+    store = ResultCache(cache, root) if cache is not None and not full else None
+    # Per directory, the files that are not clean: name -> (problem, wrong format, content digest).
+    found: dict[str, dict[str, tuple[str | None, str | None, str | None]]] = {}
+    jobs: list[tuple[str, str]] = []  # (directory, name) of the files to read
+    pending: list[DirListing] = []  # directories to record in the cache once their files are checked
+    for by_class in files.values():
+        for dirs in by_class.values():
+            for listing in dirs:
+                flagged = store.unchanged(listing) if store else None
+                if flagged is not None:  # nothing changed here: only its flagged files need naming
+                    found[listing.path] = {name: (problem, wrong, None) for name, (problem, wrong) in flagged.items()}
+                    continue
+                known = store.entries(listing) if store else {}
+                here = found.setdefault(listing.path, {})
+                for name, size, mtime in zip(listing.names, listing.sizes, listing.mtimes):
+                    hit = known.get(name)
+                    if hit is not None and hit[:2] == [size, mtime]:
+                        if hit[2] or hit[3]:
+                            here[name] = (hit[2], hit[3], None)
+                    else:
+                        jobs.append((listing.path, name))
+                pending.append(listing)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(lambda job: _check_file(job[2], full), jobs))
-    hashes: dict[str, dict[str, str]] = {"train": {}, "test": {}}
-    bad = set()
-    for (split, _, path), (problem, wrong, digest) in zip(jobs, results):
-        if problem:
-            report.bad.append((str(path), problem))
-            bad.add(path)
-            continue
-        if wrong:
-            report.wrong_extension.append((str(path), wrong))
-        if digest:
-            hashes[split].setdefault(digest, str(path))
+        checked = pool.map(lambda job: _check_file(Path(job[0], job[1]), full), jobs)
+        for (folder, name), result in zip(jobs, checked):
+            if any(result):
+                found[folder][name] = result
+    if store is not None:
+        for listing in pending:
+            store.record(listing, {name: list(r[:2]) for name, r in found[listing.path].items()})
+        store.save()
 
+    hashes: dict[str, dict[str, str]] = {"train": {}, "held-out": {}}
     for split, by_class in files.items():
-        report.counts[split] = {c: sum(p not in bad for p in paths) for c, paths in by_class.items()}
+        report.counts[split] = {}
+        for c, dirs in by_class.items():
+            usable = 0
+            for listing in dirs:
+                usable += len(listing.names)
+                flagged = found[listing.path]
+                for name in (listing.names if full else sorted(flagged)):  # the full check hashes every file
+                    problem, wrong, digest = flagged.get(name, (None, None, None))
+                    path = os.path.join(listing.path, name)
+                    if problem:
+                        report.bad.append((path, problem))
+                        usable -= 1
+                        continue
+                    if wrong:
+                        report.wrong_extension.append((path, wrong))
+                    if digest:
+                        hashes["train" if split == "train" else "held-out"].setdefault(digest, path)
+            report.counts[split][c] = usable
     train_counts = [n for n in report.counts.get("train", {}).values() if n > 0]
     if train_counts and max(train_counts) > IMBALANCE_RATIO * min(train_counts):
         report.warnings.append(f"classes are very imbalanced in train: {max(train_counts)} vs {min(train_counts)} "
                                "images (consider --class-weights auto or more data)")
-    report.duplicates = [(hashes["train"][h], p) for h, p in hashes["test"].items() if h in hashes["train"]]
+    report.duplicates = [(hashes["train"][h], p) for h, p in hashes["held-out"].items() if h in hashes["train"]]
     if report.duplicates:
         report.warnings.append(f"{len(report.duplicates)} test image(s) also appear in train: "
                                "test accuracy will be optimistic")

@@ -1,38 +1,104 @@
-"""The run folder: where it is, that it can be written, and the resolved configuration in it."""
+"""The run folder: where it is, that it can be written, that it does not replace another run, and
+the resolved configuration in it."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 from finetune.config import TrainConfig, save_yaml
 from finetune.errors import UserError
 
+# What a run leaves in its folder (eval/ is eval.py's default output beside the checkpoint).
+RUN_FILES = ("model.safetensors", "best.safetensors", "state", "state.old", "state.tmp", "config.yaml", "eval")
+SAVED = ("model.safetensors", "state", "state.old")  # present once a run has saved anything worth keeping
+
 
 def default_run_dir(config: TrainConfig, data_dir: Path) -> Path:
-    """``runs/MODEL-DATANAME`` (``$SLURM_JOB_ID`` appended inside a SLURM job)."""
-    name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', config.model)}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', data_dir.resolve().name)}"
+    """``runs/MODEL-DATANAME`` (``$SLURM_JOB_ID`` appended inside a SLURM job).
+
+    DATANAME is the folder's name as given: a symlink is named after the link, not its target
+    (two links to one folder are two datasets as far as the user is concerned).
+    """
+    model, data = (re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+                   for text in (config.model, Path(os.path.abspath(data_dir)).name))
+    name = f"{model}-{data}"
     if os.environ.get("SLURM_JOB_ID"):
         name += f"-{os.environ['SLURM_JOB_ID']}"
     return Path("runs") / name
 
 
-def prepare_run_dir(config: TrainConfig, data_dir: Path, is_main: bool) -> Path:
-    """Create the run folder, check it can be written before any training, save ``config.yaml``
-    (a resume keeps the run's own: the settings it started with).
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds (part of) a previous run."""
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def choose_run_dir(config: TrainConfig, data_dir: Path) -> Path:
+    """The run folder: ``--output-dir``, else the default name, moved on to ``NAME-2``, ``NAME-3``...
+    past folders that hold other runs (with ``--resume``: the newest of them).
 
     Raises:
-        UserError: if the folder cannot be created or written.
+        UserError: if ``--output-dir`` holds a previous run and neither ``--resume`` nor
+            ``--overwrite`` was given.
     """
-    run_dir = Path(config.output_dir) if config.output_dir else default_run_dir(config, data_dir)
-    if not is_main:
+    if config.output_dir:
+        run_dir = Path(config.output_dir)
+        if holds_run(run_dir) and not (config.resume or config.overwrite):
+            raise UserError(f"{run_dir} holds a previous run: continue it with --resume, replace it with "
+                            "--overwrite, or choose another --output-dir")
         return run_dir
+    base = default_run_dir(config, data_dir)
+    names = (base if k == 1 else base.with_name(f"{base.name}-{k}") for k in itertools.count(1))
+    if config.overwrite:
+        return base
+    if config.resume:  # the newest run of this name
+        previous = base
+        for candidate in names:
+            if not holds_run(candidate):
+                return previous
+            previous = candidate
+    return next(candidate for candidate in names if not holds_run(candidate))
+
+
+def prepare_run_dir(config: TrainConfig, data_dir: Path) -> tuple[Path, bool]:
+    """Choose the run folder, create it, check it can be written before any training, clear a run
+    it held if ``--overwrite``, save ``config.yaml``. Call on the main process only.
+
+    Returns:
+        The folder, and whether this run created it (see ``discard_unsaved``).
+
+    Raises:
+        UserError: if the folder holds another run (``choose_run_dir``), or cannot be created or written.
+    """
+    run_dir = choose_run_dir(config, data_dir)
+    created = not run_dir.exists()
     ensure_writable(run_dir)
-    if not (config.resume and (run_dir / "config.yaml").exists()):
+    if config.overwrite:
+        for name in RUN_FILES:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    if not (config.resume and (run_dir / "config.yaml").exists()):  # a resume keeps the settings it started with
         save_yaml(config, run_dir / "config.yaml")
-    return run_dir
+    return run_dir, created
+
+
+def discard_unsaved(run_dir: Path, created: bool) -> None:
+    """After a run failed: if it saved nothing, remove what it wrote (the folder too if it made it),
+    so that a failed start leaves no folder holding only ``config.yaml``."""
+    if any((run_dir / name).exists() for name in SAVED):
+        return
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    (run_dir / "config.yaml").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "state.tmp", ignore_errors=True)
 
 
 def ensure_writable(folder: Path) -> None:

@@ -6,13 +6,16 @@ import glob
 import os
 import sys
 import warnings
+from typing import Any, Callable, TypeVar
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import is_bf16_available
+from accelerate.utils import broadcast_object_list, is_bf16_available
 
 from finetune.errors import UserError, first_line
+
+T = TypeVar("T")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -276,3 +279,29 @@ def rss_mib() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20
+
+
+def main_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
+    """Run ``decide`` on the main process only and hand its result to every process.
+
+    For work that must happen once and be seen alike everywhere (the dataset preflight, the run
+    folder's name). The result travels with Accelerate's ``broadcast_object_list``: objects of
+    our own making between the run's processes, never read from a user's file, and no shared
+    filesystem needed. A UserError on the main process is raised on every process.
+
+    Args:
+        accelerator: the run's Accelerator.
+        decide: what to run; it returns something picklable.
+    """
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [("ok", decide())]
+        except UserError as err:
+            outcome = [("error", str(err))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise UserError(value)
+    return value

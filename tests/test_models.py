@@ -128,3 +128,24 @@ def test_fusing_for_inference_keeps_the_outputs(name):
         expected = net(x)
         fused = fuse_for_inference(net)
         assert torch.allclose(fused(x), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_offline_copy_is_checked_against_the_full_sha256(hub_dir: Path, tmp_path: Path, monkeypatch):
+    """A mirror file is used only when its whole sha256 matches, not just the 8 digits in its name."""
+    import hashlib
+    import importlib.util
+
+    from finetune import weights as models
+
+    package, inner, sha256 = models.OFFLINE_MIRRORS["mobilenet_v2-b0353104.pth"]
+    spec = importlib.util.find_spec(package)
+    source = Path(list(spec.submodule_search_locations)[0]) / inner
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == sha256 and len(sha256) == 64
+    target = hub_dir / "checkpoints" / "mobilenet_v2-b0353104.pth"
+    # The same file under a recorded digest that shares its first 8 digits and differs after them:
+    # as a corrupt or substituted copy with the right name would, it is refused.
+    wrong = sha256[:8] + ("0" if sha256[8] != "0" else "1") + sha256[9:]
+    monkeypatch.setitem(models.OFFLINE_MIRRORS, target.name, (package, inner, wrong))
+    assert not models._from_mirror(target) and not target.exists()
+    monkeypatch.setitem(models.OFFLINE_MIRRORS, target.name, (package, inner, sha256))
+    assert models._from_mirror(target) and hashlib.sha256(target.read_bytes()).hexdigest() == sha256

@@ -14,7 +14,7 @@ from PIL import Image
 
 from finetune.commands import train
 from conftest import FAST, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
-from finetune.data import load_splits
+from finetune.folders import load_splits
 from finetune.errors import UserError
 from finetune.preflight import apply_policy, check_dataset
 
@@ -115,3 +115,68 @@ def test_check_data_command_reports_and_exits(messy, tmp_path: Path):
     write_image_folder(clean / "test", {"a": 1, "b": 1}, seed=1)
     proc = run_cmd(python_cmd("train.py", "--check-data", "--data", str(clean)))
     assert proc.returncode == 0 and "no problems that stop a run" in proc.stdout
+
+
+def test_cached_quick_check_reads_only_changed_files(messy, tmp_path: Path, monkeypatch):
+    """A restart re-reads only the files whose size or mtime changed, and reports the same problems."""
+    import os
+
+    from finetune import preflight
+
+    data, bad = messy
+    cache = tmp_path / "cache"
+    read: list[str] = []
+    real = preflight._check_file
+    monkeypatch.setattr(preflight, "_check_file", lambda path, full: read.append(str(path)) or real(path, full))
+    first = check_dataset(data, cache=cache)
+    assert len(read) == 22 and first.bad_paths() == {str(bad[k]) for k in ("zero", "text", "bomb")}
+
+    read.clear()
+    second = check_dataset(data, cache=cache)
+    assert read == []  # nothing changed: no file is opened
+    assert (second.bad, second.wrong_extension, second.counts) == (first.bad, first.wrong_extension, first.counts)
+
+    fixed, touched = bad["zero"], data / "test" / "dog" / "000.jpg"
+    shutil.copy(data / "train" / "cat" / "000.jpg", fixed)  # same name, now a good image
+    os.utime(touched, ns=(1, 1))  # same size, another mtime
+    (data / "train" / "dog" / "notes.jpg").unlink()
+    third = check_dataset(data, cache=cache)
+    assert sorted(read) == sorted([str(fixed), str(touched)])
+    assert third.bad_paths() == {str(bad["bomb"])}
+    assert third.counts == check_dataset(data).counts  # the uncached check agrees
+
+
+def test_unreadable_cache_is_checked_afresh(messy, tmp_path: Path):
+    data, bad = messy
+    cache = tmp_path / "cache"
+    check_dataset(data, cache=cache)
+    for path in cache.iterdir():
+        path.write_text("{not json")
+    assert check_dataset(data, cache=cache).bad_paths() == check_dataset(data).bad_paths()
+
+
+@pytest.mark.slow
+def test_main_process_checks_and_the_others_receive_its_exclusions(messy, tmp_path: Path):
+    import json
+    import sys
+
+    from conftest import ROOT, free_port
+
+    data, bad = messy
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {"ACCELERATE_USE_CPU": "1", "FINETUNE_CACHE": str(tmp_path / "cache")}
+    for policy in ("skip", "fail"):
+        out = tmp_path / policy
+        out.mkdir()
+        proc = run_cmd([*launch, "--main_process_port", str(free_port()), str(ROOT / "tests" / "preflight_probe.py"),
+                        str(out), str(data), policy], env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert ranks[1]["read"] == 0  # only the main process opens files
+        if policy == "skip":
+            assert ranks[0]["read"] == 22
+            assert ranks[0]["exclude"] == ranks[1]["exclude"] == sorted(str(bad[k]) for k in ("zero", "text", "bomb"))
+        else:  # the second start: every header comes from the main process's cache
+            assert ranks[0]["read"] == 0
+            assert "3 image(s) cannot be used" in ranks[0]["error"] and ranks[1]["error"] == ranks[0]["error"]

@@ -12,7 +12,8 @@ from torchvision import transforms as v1
 
 from conftest import write_image_folder, write_truncated_jpeg
 from finetune import images
-from finetune.data import SeededDataset, image_folder, make_eval_loader, make_train_loader
+from finetune.data import SeededDataset, make_eval_loader, make_train_loader
+from finetune.folders import image_folder
 from finetune.decoding import EncodedBatch
 from finetune.errors import UserError
 from finetune.images import load_rgb

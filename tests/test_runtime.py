@@ -9,7 +9,7 @@ import torch
 from accelerate.state import PartialState
 
 from conftest import write_image_folder
-from finetune import data, presets, runtime
+from finetune import data, folders, presets, runtime
 from finetune.errors import UserError
 
 
@@ -73,7 +73,7 @@ def test_default_workers_match_cores_and_device(monkeypatch, gpu, cores, expecte
 
 def test_loaders_pin_batches_only_when_asked(tmp_path):
     """Runs ask for pinned batches on CUDA devices only (session.py, eval.py, features.py)."""
-    ds = data.image_folder(write_image_folder(tmp_path / "train", {"a": 2, "b": 2}))
+    ds = folders.image_folder(write_image_folder(tmp_path / "train", {"a": 2, "b": 2}))
     pre = presets.Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
     for workers in (0, 2):
         assert not data.make_train_loader(ds, pre, batch_size=2, seed=0, num_workers=workers).pin_memory

@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config: EvalConfig = parse_config(argv, EvalConfig, description=__doc__.splitlines()[0])
     import torch
 
-    from finetune.data import EVAL_SPLITS, find_split, image_folder, make_eval_loader, missing_classes
+    from finetune.data import make_eval_loader
+    from finetune.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part
     from finetune.engine import evaluate
     from finetune.evalsplit import recorded_split
     from finetune.files import atomic_write_text
@@ -90,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data_dir = Path(config.data)
         if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):
             data_dir = find_split(data_dir, EVAL_SPLITS)
-        dataset = image_folder(data_dir, classes)
+        # The test part the run held out of a flat folder (or train/ alone), else the whole folder.
+        dataset = recorded_part(data_dir, classes, clf.meta.get("splits", {}).get("test"))
+        if dataset is not None:
+            report.print(f"evaluating the {len(dataset.samples)} images held out of {data_dir} for testing, "
+                         "as recorded in the checkpoint")
+        else:
+            dataset = image_folder(data_dir, classes)
     for name in missing_classes(classes, dataset):
         report.print(f"warning: class '{name}' has no images in {data_dir}")
     workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from finetune.config import TrainConfig, parse_config
 from finetune.errors import UserError, run_cli
+
+if TYPE_CHECKING:  # the module itself stays torch-free: --help answers before torch loads
+    from accelerate import Accelerator
+
+    from finetune.folders import Splits
+    from finetune.preemption import StopSignal
+    from finetune.models import Classifier
+    from finetune.reporting import Reporter
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -38,18 +46,12 @@ def run_training(config: TrainConfig, stop: "StopSignal") -> dict[str, Any]:
     """``train`` with the stop-signal handlers installed."""
     from accelerate.utils import set_seed
 
-    from finetune.data import load_splits
-    from finetune.demo import demo_dataset
-    from finetune.models import build_classifier, check_model_name
-    from finetune.preflight import apply_policy, check_dataset
+    from finetune.folders import load_splits
+    from finetune.models import check_model_name
     from finetune.reporting import Reporter
-    from finetune.rundir import prepare_run_dir
-    from finetune.runtime import build_accelerator
+    from finetune.rundir import discard_unsaved, prepare_run_dir
+    from finetune.runtime import build_accelerator, main_decides
     from finetune.sanity import check_classes, check_model_input, probable_mistakes
-    from finetune.loop import fit
-    from finetune.resume import resumed_progress, run_setup
-    from finetune.session import prepare_session
-    from finetune.state import Progress, latest_state, load_training_state
 
     check_model_name(config.model)  # before anything is written
     check_model_input(config.model, config.image_size, config.batch_size, config.freeze)
@@ -60,18 +62,36 @@ def run_training(config: TrainConfig, stop: "StopSignal") -> dict[str, Any]:
     for note in probable_mistakes(config):
         report.print(f"warning: {note}")
 
-    with accelerator.main_process_first():  # one process writes the demo dataset, the others reuse it
-        data_dir = Path(config.data) if config.data else demo_dataset()
+    data_dir = dataset_folder(accelerator, config)
     if config.check_data:
         return check_data(data_dir, report)
-    exclude, notes = apply_policy(check_dataset(data_dir, full=False), config.bad_data)
-    splits = load_splits(data_dir, frozenset(exclude))  # also checks the layout: train/, test/, class folders
+    exclude, notes = preflight(accelerator, data_dir, config.bad_data)
+    splits = load_splits(data_dir, frozenset(exclude), test_fraction=config.test_fraction,
+                         val_fraction=config.val_fraction, split_seed=config.split_seed)  # also checks the layout
     check_classes(splits.classes, splits.train.root)
+    for note in splits.notes:
+        report.print(note)
     for note in notes + splits.warnings:
         report.print(f"warning: {note}")
-    run_dir = prepare_run_dir(config, data_dir, accelerator.is_main_process)
-    setup = run_setup(config, splits.classes, [("train", splits.train), ("test", splits.test)],
-                      accelerator.num_processes)
+    run_dir, created = main_decides(accelerator, lambda: prepare_run_dir(config, data_dir))
+    try:
+        return train_into(run_dir, config, accelerator, report, data_dir, splits, stop)
+    except BaseException:
+        if accelerator.is_main_process:  # a run that fails before its first save leaves nothing behind
+            discard_unsaved(run_dir, created)
+        raise
+
+
+def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, report: Reporter, data_dir: Path,
+               splits: Splits, stop: "StopSignal") -> dict[str, Any]:
+    """Check a resume, build the model and train it into ``run_dir`` (``train``'s second half)."""
+    from finetune.loop import fit
+    from finetune.resume import resumed_progress, run_setup
+    from finetune.session import prepare_session
+    from finetune.state import Progress, latest_state, load_training_state
+
+    held = [("train", splits.train), ("test", splits.test)] + ([("val", splits.val)] if splits.val else [])
+    setup = run_setup(config, splits.classes, held, accelerator.num_processes)
     progress, state = Progress(setup=setup.to_dict()), latest_state(run_dir) if config.resume else None
     if config.resume and state is None:
         report.print(f"no saved state in {run_dir}: starting from the beginning")
@@ -80,13 +100,12 @@ def run_training(config: TrainConfig, stop: "StopSignal") -> dict[str, Any]:
         if progress.epoch >= config.epochs:
             return finished(run_dir, progress, splits.test.root, report)
 
-    with accelerator.main_process_first():  # one process downloads or copies the weights, the others reuse them
-        clf = build_classifier(config.model, config.weights, splits.classes, image_size=config.image_size,
-                               freeze_spec=config.freeze, reuse_classifier=config.reuse_classifier)
+    clf = build_model(accelerator, config, splits.classes)
     session = prepare_session(config, accelerator, clf, splits)
 
     report.print(f"{config.model} from {clf.weights.name}: {len(splits.classes)} classes, "
-                 f"{len(splits.train)} train / {len(splits.test)} test images from {data_dir}; "
+                 f"{len(splits.train)} train / {'' if splits.val is None else f'{len(splits.val)} val / '}"
+                 f"{len(splits.test)} test images from {data_dir}; "
                  f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
                  f"precision {accelerator.mixed_precision}")
     if clf.reused:
@@ -110,9 +129,16 @@ def run_training(config: TrainConfig, stop: "StopSignal") -> dict[str, Any]:
     skipped = session.skipped.named if session.skipped else {}
     if skipped:
         report.print(f"skipped {len(skipped)} image(s) this process could not decode (--bad-data skip; named above)")
+    best = progress.history[progress.best_epoch - 1] if progress.best_epoch else {}
+    if "val_acc" in best:
+        report.print(f"best.safetensors: epoch {best['epoch']}, chosen on validation accuracy "
+                     f"{best['val_acc']:.4f}; its test accuracy {best['test_acc']:.4f}")
+    # A test part held out of the training folder is evaluated by naming the dataset folder:
+    # eval.py holds out the same files again (the checkpoint records which).
+    eval_data = data_dir if splits.records["test"]["carved"] else splits.test.root
     report.print(f"saved {run_dir / 'model.safetensors'} (test accuracy "
                  f"{final.get('test_acc', float('nan')):.4f}); evaluate it with:\n"
-                 f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {splits.test.root}")
+                 f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {eval_data}")
     accelerator.end_training()
     return {"run_dir": run_dir, "history": progress.history, "classes": splits.classes, "model": clf.net,
             "skipped": list(skipped)}
@@ -127,9 +153,41 @@ def finished(run_dir: Path, progress: Progress, test_dir: Path, report: Reporter
     return {"run_dir": run_dir, "history": progress.history, "finished": True}
 
 
+def dataset_folder(accelerator: Accelerator, config: TrainConfig) -> Path:
+    """``--data``, or the demo dataset, which one process a node writes into its cache (nodes need
+    not share a home folder); the node's other processes then reuse it."""
+    from finetune.demo import demo_dataset
+
+    with accelerator.local_main_process_first():
+        return Path(config.data) if config.data else demo_dataset()
+
+
+def build_model(accelerator: Accelerator, config: TrainConfig, classes: list[str]) -> Classifier:
+    """The classifier to train; one process a node downloads or copies the weights into its
+    torch.hub cache, the node's other processes then load that copy."""
+    from finetune.models import build_classifier
+
+    with accelerator.local_main_process_first():
+        return build_classifier(config.model, config.weights, classes, image_size=config.image_size,
+                                freeze_spec=config.freeze, reuse_classifier=config.reuse_classifier)
+
+
+def preflight(accelerator: Accelerator, data_dir: Path, bad_data: str) -> tuple[set[str], list[str]]:
+    """The quick preflight: the files to leave out and the lines to print (``preflight.apply_policy``).
+
+    The main process reads the headers (those of files unchanged since the last start come from
+    its cache); every process receives what it found.
+    """
+    from finetune.preflight import apply_policy, cache_folder, check_dataset
+    from finetune.runtime import main_decides
+
+    return main_decides(accelerator, lambda: apply_policy(
+        check_dataset(data_dir, full=False, cache=cache_folder(data_dir)), bad_data))
+
+
 def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
     """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
-    from finetune.data import load_splits
+    from finetune.folders import load_splits
     from finetune.preflight import check_dataset
     from finetune.reporting import preflight_table
 

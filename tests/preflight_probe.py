@@ -1,0 +1,27 @@
+"""Run train.py's preflight in each launched process; write what each read and received.
+
+    accelerate launch ... tests/preflight_probe.py OUT_DIR DATA POLICY
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from finetune import preflight
+from finetune.commands import train
+from finetune.errors import UserError
+from finetune.runtime import build_accelerator
+
+out, data, policy = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+read = []
+real = preflight._check_file
+preflight._check_file = lambda path, full: read.append(str(path)) or real(path, full)
+accelerator = build_accelerator("no")
+try:
+    exclude, notes = train.preflight(accelerator, data, policy)
+    result = {"exclude": sorted(exclude), "notes": notes}
+except UserError as err:
+    result = {"error": str(err)}
+rank = int(os.environ.get("RANK", "0"))
+(out / f"rank{rank}.json").write_text(json.dumps({"read": len(read), **result}))
