@@ -29,6 +29,8 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
 BAD_DATA_POLICIES = ("fail", "skip")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "none")  # Accelerate's names (finetune.tracking)
+AUGMENTS = ("auto", "classic", "mild", "crop", "flip", "none")  # presets.train_preset builds each
+SCHEDULES = ("cosine", "constant")  # optim.lr_factor
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -71,7 +73,16 @@ class TrainConfig:
     decay_norm_and_bias: bool = option(False, "also apply weight decay to norm-layer and bias parameters")
     optimizer: str = option("sgd", "sgd (momentum 0.9, nesterov) or adamw", choices=OPTIMIZERS)
     momentum: float = option(0.9, "SGD momentum", minimum=0)
-    warmup_epochs: float = option(1.0, "linear learning-rate warmup, in epochs, before the cosine decay", minimum=0)
+    warmup_epochs: float | None = option(None, "linear learning-rate warmup, in epochs, before the decay "
+                                                "(default: chosen by the recipe, see README)", minimum=0)
+    probe_epochs: float | None = option(None, "train only the new head for this many epochs first, then "
+                                              "everything (linear probe, then fine-tune; default: chosen by the recipe)",
+                                        minimum=0)
+    recalibrate_bn_batches: int = option(100, "before each evaluation, recompute BatchNorm statistics over up to "
+                                              "this many batches of training images (eval preprocessing): short "
+                                              "fine-tunes leave them stale; 0: off", minimum=0)
+    schedule: str = option("cosine", "learning-rate schedule after the warmup: cosine (to 0) or constant",
+                           choices=SCHEDULES)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
     class_weights: str = option("none", "per-class loss weights: none, or auto (inverse class frequency in the "
                                         "training set, for imbalanced classes)", choices=("none", "auto"),
@@ -79,8 +90,11 @@ class TrainConfig:
     freeze: str = option("none", "freeze the lower backbone: 'none', 'backbone' (linear probe: only the head trains), "
                                "a block name such as layer2 or features.7 (frozen up to and including it), "
                                "or a fraction of the blocks such as 0.5", false_means="none")
-    augment: str = option("classic", "training augmentation: classic (RandomResizedCrop + flip) or none "
-                                      "(the eval resize + center crop)", choices=("classic", "none"))
+    augment: str = option("auto", "training augmentation: classic (RandomResizedCrop, area 8-100%%), mild "
+                                   "(RandomResizedCrop, area 35-100%%), crop (resize, then a random crop), flip (the "
+                                   "eval resize and center crop), none (the eval preprocessing, no flip); each flips "
+                                   "horizontally unless --no-hflip; auto: chosen by the recipe", choices=AUGMENTS)
+    hflip: bool = option(True, "flip training images horizontally at random (with every --augment but none)")
     cache_features: bool = option(True, "with --freeze backbone and --augment none, compute the backbone's "
                                         "features once and train the head on them")
     reuse_classifier: bool = option(True, "initialise head rows of classes whose names match a pretrained category "

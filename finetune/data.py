@@ -21,7 +21,7 @@ from finetune.decoding import Encoded, EncodedBatch, stack_channels_last
 from finetune.errors import UserError
 from finetune.images import BadImageError
 from finetune.preemption import ignore_stop_signals
-from finetune.presets import Preprocessing, TrainPreset
+from finetune.presets import Preprocessing, train_preset
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -188,15 +188,15 @@ def collate(batch: list[tuple]) -> tuple:
 
 
 def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_size: int, seed: int,
-                      num_workers: int, augment: bool = True, pin_memory: bool = False,
+                      num_workers: int, augment: str = "classic", hflip: bool = True, pin_memory: bool = False,
                       decode_in_workers: bool = True, global_batch: int = 0,
                       skipped: SkippedImages | None = None) -> DataLoader:
-    """The training DataLoader: classic augmentation seeded per sample, order fixed per epoch.
+    """The training DataLoader: augmentation seeded per sample, order fixed per epoch.
 
     Call ``set_epoch`` on it (or on what Accelerate made of it) before each epoch.
 
     Args:
-        augment: the classic random augmentation; False: the eval preprocessing.
+        augment, hflip: the augmentation (``presets.train_preset``).
         pin_memory: batches in page-locked memory, for a CUDA device to copy in while it computes
             (with Accelerate's non_blocking, see runtime.build_accelerator); CPUs have nothing to overlap.
         decode_in_workers: False: workers read each file and draw its crop, and hand over the bytes
@@ -204,8 +204,7 @@ def make_train_loader(ds: datasets.ImageFolder, pre: Preprocessing, *, batch_siz
         global_batch: see ``EpochSampler``: give it when the model trains BatchNorm layers.
         skipped: see ``SeededDataset`` (``--bad-data skip``).
     """
-    preset = TrainPreset(size=pre.image_size) if augment else \
-        pre.eval_preset()
+    preset = train_preset(augment, pre, hflip)
     return DataLoader(SeededDataset(ds, preset if decode_in_workers else preset.encode, seed, skipped),
                       batch_size=batch_size, sampler=EpochSampler(len(ds), seed, global_batch=global_batch),
                       collate_fn=collate, **_worker_options(num_workers, pin_memory))

@@ -20,7 +20,8 @@ from torch import nn
 
 from finetune.checkpoint import describe_checkpoint, save_checkpoint
 from finetune.config import TrainConfig
-from finetune.engine import SYNC_EVERY_STEPS, EpochStats, NonFiniteLossError, Predictions, Trainer, evaluate
+from finetune.engine import (SYNC_EVERY_STEPS, EpochStats, NonFiniteLossError, Predictions, Trainer, evaluate,
+                             recalibrate_batchnorm)
 from finetune.errors import Stopped, UserError
 from finetune.models import Classifier, recorded_arch_kwargs
 from finetune.preemption import StopSignal
@@ -78,6 +79,7 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
                 loop.trainer.train_step(step, images, targets)
                 after_step(loop, epoch, step)
             stats = loop.trainer.end_epoch()
+            recalibrate(loop)
             preds = evaluate(loop.accelerator, session.model, session.test_loader, len(classes),
                              to_input=session.to_input)
             val = None if session.val_loader is None else evaluate(
@@ -95,6 +97,14 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
         if own_stop:
             loop.stop.restore()
     return progress
+
+
+def recalibrate(loop: Loop) -> None:
+    """Fresh BatchNorm statistics for the evaluation and the checkpoint (``--recalibrate-bn-batches``)."""
+    s = loop.session
+    if s.calibration_loader is not None:
+        recalibrate_batchnorm(loop.accelerator, s.model, s.calibration_loader,
+                              max_batches=loop.config.recalibrate_bn_batches, to_input=s.to_input)
 
 
 def start_loop(session: Session, config: TrainConfig, clf: Classifier, classes: list[str], run_dir: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -83,7 +84,35 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR applying ``warmup_cosine`` to every group's own learning rate."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
+def lr_factor(step: int, *, part: str, warmup_steps: int, total_steps: int, probe_steps: int = 0,
+              schedule: str = "cosine") -> float:
+    """Learning-rate factor of one param group (``part``: ``backbone`` or ``head``) at ``step``.
+
+    With ``probe_steps`` (linear probe, then fine-tune: LP-FT), the backbone stands still for the
+    first ``probe_steps`` while the head trains at its full rate; then every group warms up again
+    and decays over the remaining steps, so the backbone starts moving under a trained head
+    rather than a random one, whose large early gradients distort the pretrained features.
+
+    Args:
+        step: optimizer steps taken so far.
+        part: which group (``param_groups`` names start with it).
+        warmup_steps: linear warmup of the (fine-tuning) phase.
+        total_steps: optimizer steps of the whole run.
+        probe_steps: steps of the head-only phase at the start.
+        schedule: ``cosine`` (warmup then cosine to 0) or ``constant`` (warmup then flat).
+    """
+    if step < probe_steps:
+        return 1.0 if part == "head" else 0.0
+    step, total_steps = step - probe_steps, total_steps - probe_steps
+    if schedule == "constant":
+        return (step + 1) / (warmup_steps + 1) if step < warmup_steps else 1.0
+    return warmup_cosine(step, warmup_steps, total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, probe_steps: int = 0,
+                    schedule: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR applying ``lr_factor`` to every group's own learning rate (see ``lr_factor``)."""
+    parts = ["head" if str(g.get("name", "")).startswith("head") else "backbone" for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        functools.partial(lr_factor, part=part, warmup_steps=warmup_steps, total_steps=total_steps,
+                          probe_steps=probe_steps, schedule=schedule) for part in parts])

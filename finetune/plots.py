@@ -184,6 +184,28 @@ def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
     return _render(draw)
 
 
+def study_curves_png(histories: dict[str, Sequence[dict[str, Any]]]) -> bytes:
+    """Test accuracy and train loss per epoch, one line per strategy of a study (``study.py``)."""
+    def draw():
+        fig = _figure(8.0, 3.2, layout=None)
+        fig.subplots_adjust(left=0.07, right=0.78, bottom=0.15, top=0.91, wspace=0.25)
+        acc_ax, loss_ax = fig.subplots(1, 2)
+        for name, history in histories.items():
+            epochs = [row["epoch"] for row in history]
+            marker = "o" if len(epochs) < 30 else None
+            acc_ax.plot(epochs, [row["test_acc"] for row in history], marker=marker, label=name)
+            loss_ax.plot(epochs, [row["train_loss"] for row in history], marker=marker, label=name)
+        acc_ax.set_ylim(-0.02, 1.02)
+        for ax, title in ((acc_ax, "test accuracy"), (loss_ax, "train loss")):
+            ax.set_xlabel("epoch")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        loss_ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        return fig
+    return _render(draw)
+
+
 def most_confused(matrix: np.ndarray, keep: int) -> list[int]:
     """Indices of the ``keep`` classes with the largest share of errors, as true or as predicted
     class, in their original order.

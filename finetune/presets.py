@@ -188,3 +188,42 @@ class ModelInput:
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         x = (images.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+
+class RandomFlip:
+    """Another preset's output, flipped horizontally with probability ``p`` (the ``flip`` augmentation)."""
+
+    def __init__(self, preset, p: float = 0.5):
+        self.preset = preset
+        self.p = p
+
+    def __call__(self, path: str) -> torch.Tensor:
+        image = self.preset(path)
+        return image.flip(-1) if torch.rand(1).item() < self.p else image
+
+
+# RandomResizedCrop's area range per augmentation name: the classic recipe's, and a milder floor
+# (fastai's min_scale of about 0.35) that keeps most of a small or low-resolution object in view.
+CROP_SCALES = {"classic": (0.08, 1.0), "mild": (0.35, 1.0)}
+
+
+def train_preset(augment: str, pre: Preprocessing, hflip: bool = True):
+    """The training transform for an ``--augment`` choice (``classic``, ``mild``, ``crop``, ``flip``, ``none``).
+
+    Args:
+        augment: the augmentation name (``auto`` must be resolved by the recipe first).
+        pre: crop size, eval resize and normalisation of the model.
+        hflip: flip horizontally at random (``none`` never flips).
+    """
+    p = 0.5 if hflip else 0.0
+    if augment in CROP_SCALES:
+        return TrainPreset(size=pre.image_size, scale=CROP_SCALES[augment], hflip_prob=p)
+    if augment == "crop":
+        return RandomCropPreset(size=pre.image_size, resize_size=pre.resize_size, hflip_prob=p)
+    evaluation = pre.eval_preset()
+    if augment == "flip" and hflip:
+        return RandomFlip(evaluation)
+    if augment in ("flip", "none"):
+        return evaluation
+    raise ValueError(f"unknown augmentation {augment!r}")

@@ -155,3 +155,15 @@ def preflight_table(counts: dict[str, dict[str, int]]) -> Table:
     for c in classes:
         table.add_row(Text(c), *(str(counts[s].get(c, "-")) for s in splits))
     return table
+
+
+def study_table(results: Sequence[dict[str, Any]]) -> Table:
+    """One row per strategy of a study: accuracy, best epoch, time, speed, trainable parameters."""
+    table = Table(title="transfer strategies")
+    for name in ("strategy", "test accuracy", "best (epoch)", "seconds", "images/s", "trainable params"):
+        table.add_column(name, justify="left" if name == "strategy" else "right")
+    for r in results:
+        table.add_row(Text(r["strategy"]), f"{r['test_accuracy']:.4f}", f"{r['best_accuracy']:.4f} ({r['best_epoch']})",
+                      f"{r['seconds']:.1f}", f"{r['images_per_s']:.1f}",
+                      "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}")
+    return table

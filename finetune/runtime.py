@@ -305,3 +305,10 @@ def main_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     if kind == "error":
         raise UserError(value)
     return value
+
+
+def process_state(cpu: bool = False) -> PartialState:
+    """The process group alone (no precision or model settings): for commands that coordinate
+    several runs, such as study.py, on the device ``build_accelerator`` would choose."""
+    on_cpu = cpu_forced(cpu) or not torch.accelerator.is_available()
+    return PartialState(cpu=on_cpu)

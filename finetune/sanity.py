@@ -110,9 +110,12 @@ def check_classes(classes: Sequence[str], where: Any) -> None:
 def probable_mistakes(config: Any) -> list[str]:
     """Warnings for settings that run but are probably not what was meant."""
     notes = []
-    if config.warmup_epochs > config.epochs:
+    if config.warmup_epochs is not None and config.warmup_epochs > config.epochs:  # None: the recipe's
         notes.append(f"--warmup-epochs {config.warmup_epochs:g} is longer than the run (--epochs {config.epochs}): "
                      "the learning rate never reaches --lr")
+    if config.probe_epochs is not None and config.probe_epochs >= config.epochs:
+        notes.append(f"--probe-epochs {config.probe_epochs:g} is the whole run (--epochs {config.epochs}): "
+                     "the backbone never trains")
     if config.freeze == "backbone" and str(config.weights).lower() == "none":
         notes.append("--freeze backbone with --weights none trains a linear probe on random features")
     return notes

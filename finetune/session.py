@@ -33,6 +33,7 @@ class Session:
     train_loader: Any
     test_loader: Any
     val_loader: Any  # None without a validation split: then the test split chooses best.safetensors
+    calibration_loader: Any | None  # training images, eval preprocessing: for recalibrating BatchNorm
     epoch_sampler: Any  # the sampler behind train_loader (Accelerate's skip wrapper hides it)
     to_input: Callable[[torch.Tensor], torch.Tensor]
     cached_features: int | None  # features per image when the head trains on cached features
@@ -79,7 +80,7 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
         global_batch = config.batch_size * accelerator.num_processes if trains_batch_norm(clf.net) else 0
         train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
                                          seed=config.seed, num_workers=workers,
-                                         augment=config.augment == "classic", pin_memory=pin,
+                                         augment=config.augment, hflip=config.hflip, pin_memory=pin,
                                          global_batch=global_batch, skipped=skipped)
         eval_loaders = [make_eval_loader(part, clf.preprocessing, batch_size=config.batch_size,
                                          num_workers=workers, pin_memory=pin, skipped=skipped) for part in held_out]
@@ -87,11 +88,17 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     model, optimizer, train_loader, *eval_loaders = accelerator.prepare(trainable, optimizer, train_loader,
                                                                        *eval_loaders)
     test_loader, val_loader = eval_loaders[0], (eval_loaders[1] if len(eval_loaders) > 1 else None)
+    calibration_loader = None
+    if probe is None and config.recalibrate_bn_batches > 0:
+        calibration_loader = accelerator.prepare_data_loader(make_eval_loader(
+            splits.train, clf.preprocessing, batch_size=config.batch_size, num_workers=workers,
+            pin_memory=accelerator.device.type == "cuda", skipped=skipped))
     optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process
-    scheduler = accelerator.prepare(build_scheduler(optimizer, round(config.warmup_epochs * optimizer_steps),
-                                                    config.epochs * optimizer_steps))
+    scheduler = accelerator.prepare(build_scheduler(
+        optimizer, round(config.warmup_epochs * optimizer_steps), config.epochs * optimizer_steps,
+        probe_steps=round(config.probe_epochs * optimizer_steps), schedule=config.schedule))
     features = train_loader.dataset.features.shape[1] if probe is not None else None
     weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)) \
         if config.class_weights == "auto" else None
-    return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, val_loader, epoch_sampler,
-                   to_input, features, weights, skipped, splits.records)
+    return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, val_loader,
+                   calibration_loader, epoch_sampler, to_input, features, weights, skipped, splits.records)

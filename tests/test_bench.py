@@ -61,3 +61,20 @@ def _data_dir(log: str) -> str:
     """The temporary data folder the GPU check's log names."""
     import re
     return re.search(r"--data (\S+) --model resnet18", log).group(1)
+
+
+@pytest.mark.slow
+def test_sweep_quick_prints_the_grid_and_the_regret(tmp_path: Path):
+    out = tmp_path / "sweep.json"
+    proc = run_cmd([sys.executable, "-m", "bench.sweep_defaults", "--quick", "--jobs", "1",
+                    "--work", str(tmp_path / "work"), "--out", str(out)], timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["case"] for row in result["rows"]] == ["lfw100 64px 1ep", "digits300 32px 1ep"]
+    for row in result["rows"]:
+        assert set(row["recipes"]) == {"chapter", "previous default", "mild", "flip"}
+        best = max([r["test_acc"] for r in row["recipes"].values()] + [row["default"]["test_acc"]])
+        assert row["regret"] == pytest.approx(best - row["default"]["test_acc"])
+        assert "--augment" in row["default_flags"]
+    assert "worst-case regret" in proc.stdout and "mean regret" in proc.stdout
+    assert result["summary"]["worst_regret"] == max(row["regret"] for row in result["rows"])

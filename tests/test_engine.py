@@ -62,3 +62,25 @@ def test_step_seeds_are_valid_torch_seeds_for_every_accepted_seed(seed: int):
         torch.manual_seed(value)  # would raise "Overflow when unpacking long" beyond 2**64
     set_seed(seed)  # what train.py seeds first (numpy's seeds end at 2**32 - 1: config.py stops --seed there)
     assert step_seed(seed, 0, 1, 0) != step_seed(seed, 0, 2, 0) != step_seed(seed, 1, 1, 0)
+
+
+def test_recalibrated_batchnorm_holds_the_exact_statistics_of_the_training_images():
+    from finetune.engine import recalibrate_batchnorm
+
+    accelerator = build_accelerator("no")
+    torch.manual_seed(0)
+    frozen = nn.BatchNorm2d(4)
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.BatchNorm2d(4), frozen)
+    batches = [(torch.randn(8, 3, 5, 5) * 3 + 2, torch.zeros(8), torch.zeros(8)) for _ in range(4)]
+    pretrained_mean = frozen.running_mean.clone()
+    assert recalibrate_batchnorm(accelerator, net, batches, max_batches=3) == 2  # the frozen one is left alone
+    with torch.no_grad():
+        features = torch.cat([net[0](images) for images, _, _ in batches[:3]])  # the first 3 batches only
+    assert torch.allclose(net[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert net[1].momentum == 0.1 and net.training  # settings restored
+    assert torch.equal(frozen.running_mean, pretrained_mean)
+    # Dropout was off while measuring: the layer after it saw exactly the normalised features.
+    normalised = net[1].eval()(features)
+    assert torch.allclose(net[3].running_mean, normalised.mean(dim=(0, 2, 3)), atol=1e-5)

@@ -59,3 +59,33 @@ def test_scheduler_scales_every_group():
         sched.step()
     lrs = sorted(g["lr"] for g in opt.param_groups)
     assert lrs[0] == pytest.approx(0.005) and lrs[-1] == pytest.approx(0.05)
+
+
+def test_lp_ft_holds_the_backbone_still_while_the_head_trains():
+    from finetune.optim import lr_factor
+
+    backbone = [lr_factor(s, part="backbone", warmup_steps=2, total_steps=10, probe_steps=4) for s in range(10)]
+    head = [lr_factor(s, part="head", warmup_steps=2, total_steps=10, probe_steps=4) for s in range(10)]
+    assert backbone[:4] == [0.0] * 4 and head[:4] == [1.0] * 4
+    # then both warm up again and decay together over the remaining 6 steps
+    assert backbone[4:] == head[4:] and backbone[4] == pytest.approx(1 / 3) and backbone[6] == 1.0
+    assert backbone[-1] < backbone[6]
+
+
+def test_constant_schedule_stays_flat_after_warmup():
+    from finetune.optim import lr_factor
+
+    factors = [lr_factor(s, part="head", warmup_steps=2, total_steps=10, schedule="constant") for s in range(10)]
+    assert factors[:2] == pytest.approx([1 / 3, 2 / 3]) and factors[2:] == [1.0] * 8
+
+
+def test_scheduler_gives_each_group_its_phase():
+    model = replace_head(get_model("resnet18", weights=None), 2)
+    opt = build_optimizer("sgd", param_groups(model, "fc", 0.01, 10, 0), 0.01)
+    sched = build_scheduler(opt, 0, 10, probe_steps=3)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["backbone_no_decay"] == 0.0 and lrs["head_no_decay"] == pytest.approx(0.1)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["backbone_no_decay"] == pytest.approx(0.01)

@@ -24,14 +24,20 @@ if TYPE_CHECKING:  # the module itself stays torch-free: --help answers before t
     from finetune.reporting import Reporter
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None, *, keep_process_group: bool = False) -> dict[str, Any]:
     """``train.py`` with these arguments (``None``: ``sys.argv[1:]``); see ``train``."""
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
-    return train(parse_config(argv, TrainConfig, description=__doc__.splitlines()[0]))
+    return train(parse_config(argv, TrainConfig, description=__doc__.splitlines()[0]),
+                 keep_process_group=keep_process_group)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
+def train(config: TrainConfig, *, keep_process_group: bool = False) -> dict[str, Any]:
     """One training run: the run folder, the per-epoch history, the classes and the trained model.
+
+    Args:
+        config: the resolved configuration.
+        keep_process_group: leave the processes' group up for another run in the same processes
+            (study.py); by default the run ends it, as a script should.
 
     Raises:
         Stopped: on SIGTERM, SIGINT or SIGUSR1, from start-up on, after saving a state once training began.
@@ -39,13 +45,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from finetune.preemption import StopSignal  # first: a signal during the imports below stops cleanly too
 
     with StopSignal() as stop:
-        return run_training(config, stop)
+        return run_training(config, stop, keep_process_group)
 
 
-def run_training(config: TrainConfig, stop: "StopSignal") -> dict[str, Any]:
+def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bool = False) -> dict[str, Any]:
     """``train`` with the stop-signal handlers installed."""
     from accelerate.utils import set_seed
 
+    from finetune import recipe
     from finetune.folders import load_splits
     from finetune.models import check_model_name
     from finetune.reporting import Reporter
@@ -73,9 +80,15 @@ def run_training(config: TrainConfig, stop: "StopSignal") -> dict[str, Any]:
         report.print(note)
     for note in notes + splits.warnings:
         report.print(f"warning: {note}")
+    config, made = recipe.resolve(config, recipe.facts_of(config, splits.train.samples, len(splits.classes),
+                                                          accelerator.num_processes))
+    if made:
+        report.print("recipe: " + "; ".join(f"--{c.name.replace('_', '-')} {c.value:g} ({c.why})"
+                                            if isinstance(c.value, float) else
+                                            f"--{c.name.replace('_', '-')} {c.value} ({c.why})" for c in made))
     run_dir, created = main_decides(accelerator, lambda: prepare_run_dir(config, data_dir))
     try:
-        return train_into(run_dir, config, accelerator, report, data_dir, splits, stop)
+        return train_into(run_dir, config, accelerator, report, data_dir, splits, stop, keep_process_group)
     except BaseException:
         if accelerator.is_main_process:  # a run that fails before its first save leaves nothing behind
             discard_unsaved(run_dir, created)
@@ -83,7 +96,7 @@ def run_training(config: TrainConfig, stop: "StopSignal") -> dict[str, Any]:
 
 
 def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, report: Reporter, data_dir: Path,
-               splits: Splits, stop: "StopSignal") -> dict[str, Any]:
+               splits: Splits, stop: "StopSignal", keep_process_group: bool = False) -> dict[str, Any]:
     """Check a resume, build the model and train it into ``run_dir`` (``train``'s second half)."""
     from finetune.loop import fit
     from finetune.resume import resumed_progress, run_setup
@@ -139,7 +152,11 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
     report.print(f"saved {run_dir / 'model.safetensors'} (test accuracy "
                  f"{final.get('test_acc', float('nan')):.4f}); evaluate it with:\n"
                  f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {eval_data}")
-    accelerator.end_training()
+    if keep_process_group:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
     return {"run_dir": run_dir, "history": progress.history, "classes": splits.classes, "model": clf.net,
             "skipped": list(skipped)}
 

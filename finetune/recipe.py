@@ -1,0 +1,91 @@
+"""The data-aware defaults: what a run can see before it starts -> the settings left on ``auto``.
+
+Like BiT's HyperRule, one small rule, chosen from ``bench/sweep_defaults.py`` over many datasets,
+image sizes and budgets (the README's "Why these defaults" is that sweep's output), picks the
+settings that no single value suits everywhere. A flag given by the user always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import statistics
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from finetune.images import oriented_size
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a run knows before training: the training set and the budget."""
+
+    num_images: int
+    num_classes: int
+    short_side: int  # median shorter side of the training images, in pixels (as stored)
+    image_size: int  # the training crop (--image-size)
+    epochs: int
+    steps_per_epoch: int  # optimizer steps
+    pretrained: bool = True
+    frozen_backbone: bool = False  # --freeze backbone: a linear probe
+
+
+def median_short_side(paths: Sequence[str], sample: int = 256, seed: int = 0) -> int:
+    """The median shorter side of up to ``sample`` images (headers only), chosen at random but reproducibly."""
+    chosen = list(paths) if len(paths) <= sample else random.Random(seed).sample(list(paths), sample)
+    sides = []
+    for path in chosen:
+        try:
+            sides.append(min(oriented_size(path)))
+        except Exception:  # an unreadable image is the preflight's business, not the recipe's
+            continue
+    return int(statistics.median(sides)) if sides else 0
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str  # the config field
+    value: Any
+    why: str
+
+
+def choose(facts: DatasetFacts) -> list[Choice]:
+    """The recipe's value for every setting that defaults to ``auto``, each with its reason.
+
+    Args:
+        facts: the training set and budget (``DatasetFacts``).
+    """
+    # Upscaled images (stored much smaller than the crop) hold little detail: a random crop of 8%
+    # of one is a few blurred source pixels, and costs accuracy; photos at or above the crop size
+    # gain from the classic zoom.
+    upscaled = facts.short_side * 2 <= facts.image_size
+    augment = Choice("augment", "flip" if upscaled else "mild",
+                     f"training images ({facts.short_side} px) are at most half the crop ({facts.image_size} px)"
+                     if upscaled else f"training images ({facts.short_side} px) are not upscaled much")
+    if facts.frozen_backbone:
+        augment = Choice("augment", "none", "a linear probe trains fastest on cached features")
+    # Warm up for a tenth of the run, at most one epoch: a whole epoch of warmup is a third of a
+    # 3-epoch run.
+    warmup_steps = max(1, round(0.1 * facts.epochs * facts.steps_per_epoch))
+    warmup_epochs = min(1.0, warmup_steps / max(1, facts.steps_per_epoch))
+    warmup = Choice("warmup_epochs", round(warmup_epochs, 4), "a tenth of the run, at most one epoch")
+    probe = Choice("probe_epochs", 0.0, "the head trains with the backbone from the start")
+    return [augment, warmup, probe]
+
+
+def facts_of(config: Any, samples: Sequence[tuple[str, int]], num_classes: int, num_processes: int) -> DatasetFacts:
+    """The ``DatasetFacts`` of a run: ``config`` (a ``TrainConfig``), its training samples (path, label)."""
+    batches = math.ceil(len(samples) / (config.batch_size * num_processes))
+    return DatasetFacts(
+        num_images=len(samples), num_classes=num_classes,
+        short_side=median_short_side([path for path, _ in samples], seed=config.seed),
+        image_size=config.image_size, epochs=config.epochs,
+        steps_per_epoch=math.ceil(batches / config.grad_accum_steps),
+        pretrained=config.weights.lower() != "none", frozen_backbone=config.freeze == "backbone")
+
+
+def resolve(config: Any, facts: DatasetFacts) -> tuple[Any, list[Choice]]:
+    """``config`` with its ``auto`` (None or ``"auto"``) fields filled by ``choose``; the choices made."""
+    made = [c for c in choose(facts) if getattr(config, c.name) in (None, "auto")]
+    return dataclasses.replace(config, **{c.name: c.value for c in made}), made

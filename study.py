@@ -1,0 +1,13 @@
+"""Compare transfer strategies on one dataset: ``python study.py --help``.
+
+A thin entry point: the command lives in ``finetune/commands/study.py`` (also installed as
+``finetune-study``).
+"""
+
+import sys
+
+from finetune.commands.study import main
+from finetune.errors import run_cli
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

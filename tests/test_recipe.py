@@ -1,0 +1,48 @@
+"""The data-aware defaults (finetune.recipe): each choice follows what the run can see, and a flag wins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune import recipe
+from finetune.config import TrainConfig
+from tests.conftest import write_image_folder
+
+
+def facts(**overrides) -> recipe.DatasetFacts:
+    base = dict(num_images=600, num_classes=10, short_side=28, image_size=64, epochs=3, steps_per_epoch=19)
+    return recipe.DatasetFacts(**{**base, **overrides})
+
+
+def chosen(f: recipe.DatasetFacts) -> dict:
+    return {c.name: c.value for c in recipe.choose(f)}
+
+
+def test_upscaled_images_get_no_random_crop_and_photos_do():
+    assert chosen(facts(short_side=28, image_size=64))["augment"] == "flip"
+    assert chosen(facts(short_side=375, image_size=224))["augment"] == "mild"
+
+
+def test_a_linear_probe_trains_on_cached_features():
+    assert chosen(facts(short_side=375, image_size=224, frozen_backbone=True))["augment"] == "none"
+
+
+def test_warmup_is_a_tenth_of_the_run_and_at_most_one_epoch():
+    assert chosen(facts(epochs=3, steps_per_epoch=20))["warmup_epochs"] == 0.3
+    assert chosen(facts(epochs=50, steps_per_epoch=20))["warmup_epochs"] == 1.0
+    assert chosen(facts(epochs=1, steps_per_epoch=2))["warmup_epochs"] == 0.5  # at least one step
+
+
+def test_resolve_fills_only_what_was_left_on_auto():
+    config, made = recipe.resolve(TrainConfig(augment="classic"), facts())
+    assert config.augment == "classic" and "augment" not in {c.name for c in made}
+    assert config.warmup_epochs is not None and config.probe_epochs is not None
+    assert all(c.why for c in made)
+
+
+def test_median_short_side_reads_headers(tmp_path: Path):
+    write_image_folder(tmp_path / "a", {"x": 3}, size=20)
+    write_image_folder(tmp_path / "b", {"y": 2}, size=40)
+    paths = sorted(str(p) for p in tmp_path.rglob("*.png"))
+    assert recipe.median_short_side(paths) == 20
+    assert recipe.median_short_side(paths + [str(tmp_path / "missing.png")]) == 20  # unreadable: skipped
