@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
+from finetune import plots
+from finetune.data import SeededDataset
 from finetune.errors import UserError
+from finetune.presets import EvalPreset
 
 PROJECT = "finetune"  # TensorBoard's sub-folder, W&B's project, MLflow's experiment
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}  # name: pip package
@@ -106,11 +109,11 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 class StepLog:
     """Train loss, learning rates and images/s every ``every`` optimizer steps.
 
-    The loss stays on the device: ``add`` sums it there each batch and ``end_step`` closes a
-    window at each point; ``flush`` reads every pending point back in one go and logs it. The
-    loop calls ``flush`` where it reads values back anyway (every few steps, before a save and
-    at the end of an epoch), so logging adds no host sync of its own per step. ``flush`` is a
-    collective: every process must call it at the same steps.
+    Works from the loop's running sums, which stay on the device: ``end_step`` keeps a copy of
+    the loss sum at each point, and ``flush`` reads every pending point back in one go and logs
+    it. The loop calls ``flush`` where it reads values back anyway (every few steps, before a
+    save, at the end of an epoch), so logging adds no host sync of its own per step. ``flush``
+    is a collective: every process must call it at the same steps.
 
     Args:
         accelerator: the run's Accelerator (its trackers, processes and device).
@@ -120,38 +123,33 @@ class StepLog:
     def __init__(self, accelerator: Accelerator, every: int):
         self.accelerator = accelerator
         self.every = every
-        self._loss_sum = torch.zeros((), device=accelerator.device)
-        self._window_images = 0
         self._pending: list[tuple[int, torch.Tensor, int, dict[str, float]]] = []
-        self._images = 0
+        self._base_sum: torch.Tensor | None = None
+        self._base_seen = 0
         self._since = time.perf_counter()
 
     @property
     def active(self) -> bool:
         return bool(self.accelerator.trackers)  # the same on every process: init_trackers lists them on all
 
-    def restart_clock(self) -> None:
-        """Images/s counts from now (an epoch's start: evaluation and saving are not training)."""
-        self._images, self._since = 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        """One batch's mean loss (a device scalar) over ``images`` images; no read-back."""
+    def start_epoch(self, loss_sum: torch.Tensor, seen: int) -> None:
+        """At an epoch's start (or its resumption): the loop's running loss sum (a device scalar)
+        and images so far; images/s counts from now."""
         if self.active:
-            self._loss_sum += loss.detach().float() * images  # a Python number: no copy to the device
-            self._window_images += images
-            self._images += images
+            self._base_sum, self._base_seen, self._since = loss_sum.detach().clone(), seen, time.perf_counter()
 
-    def end_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
-        """After optimizer step ``step`` (counted from the run's start): close a point when due."""
-        if not self.active or step % self.every:
+    def end_step(self, step: int, loss_sum: torch.Tensor, seen: int, optimizer: torch.optim.Optimizer) -> None:
+        """After optimizer step ``step`` (counted from the run's start), with the epoch's running
+        loss sum and images: close a point when one is due. No read-back."""
+        if not self.active or step % self.every or self._base_sum is None:
             return
         now = time.perf_counter()
-        speed = self._images * self.accelerator.num_processes / max(now - self._since, 1e-9)
-        values = {**learning_rates(optimizer), "train/images_per_s": speed}
-        self._pending.append((step, self._loss_sum.clone(), self._window_images, values))
-        self._loss_sum.zero_()
-        self._window_images = 0
-        self._images, self._since = 0, now
+        images = seen - self._base_seen
+        values = {**learning_rates(optimizer),
+                  "train/images_per_s": images * self.accelerator.num_processes / max(now - self._since, 1e-9)}
+        loss_sum = loss_sum.detach().float()
+        self._pending.append((step, loss_sum - self._base_sum, images, values))
+        self._base_sum, self._base_seen, self._since = loss_sum.clone(), seen, now
 
     def flush(self) -> None:
         """Log the pending points: one reduction over processes and one read-back."""
@@ -163,3 +161,65 @@ class StepLog:
         for (step, _, _, values), loss_sum, seen in zip(self._pending, *totals):
             self.accelerator.log({"train/loss": loss_sum / max(seen, 1), **values}, step=step)
         self._pending.clear()
+
+
+EPOCH_TAGS = {"train_loss": "epoch/train_loss", "train_acc": "epoch/train_accuracy", "test_acc": "epoch/test_accuracy",
+              "test_loss": "epoch/test_loss"}  # history row key: tag
+
+
+def model_view(loader_dataset: Any, train: Any, pre: Any) -> Callable[[int], torch.Tensor]:
+    """Dataset index -> the image the model trains on: the first epoch's augmented image, drawn as
+    the training loader draws it; the eval crop where the loader holds cached features.
+
+    Args:
+        loader_dataset: the training loader's dataset.
+        train: the training ImageFolder.
+        pre: the model's ``Preprocessing``.
+    """
+    if isinstance(loader_dataset, SeededDataset):
+        return lambda i: loader_dataset[(0, i)][0]  # seeded per image: the training's own draws are untouched
+    preset = EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size)
+    return lambda i: preset(train.samples[i][0])
+
+
+class RunLog:
+    """What a training run logs and draws, for the loop's hooks: the tracker, the step points
+    (``steps``), each epoch's figures, ``samples.png`` and ``curves.png``.
+
+    Args:
+        accelerator: the run's Accelerator.
+        config: the run's ``TrainConfig`` (``log_with``, ``log_every_steps``, ``plots``; all of it
+            is logged as hyperparameters on a fresh start).
+        run_dir: the run folder (logs under ``run_dir/logs``, pictures in it).
+        optimizer_steps_per_epoch: for the default point cadence.
+        resumed_at: optimizer steps done by the state the run resumed from; None: a fresh start.
+    """
+
+    def __init__(self, accelerator: Accelerator, config: Any, run_dir: Path, optimizer_steps_per_epoch: int,
+                 resumed_at: int | None = None):
+        start_trackers(accelerator, config.log_with, run_dir / "logs", run_dir.name,
+                       hparams=hyperparameters(config) if resumed_at is None else None, resume_step=resumed_at)
+        self.steps = StepLog(accelerator, log_every_steps(config.log_every_steps, optimizer_steps_per_epoch))
+        self.accelerator, self.run_dir = accelerator, run_dir
+        self.draws = config.plots and accelerator.is_main_process
+
+    def samples(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                view: Callable[[int], torch.Tensor], seed: int) -> None:
+        """``samples.png`` (``plots.training_samples_png``) at a run's first start."""
+        path = self.run_dir / "samples.png"
+        if self.draws and not path.exists():
+            self._picture("samples", plots.training_samples_png(samples, classes, view, seed), step=0)
+
+    def end_epoch(self, step: int, history: Sequence[dict[str, Any]]) -> None:
+        """After an epoch's evaluation, at optimizer step ``step``: the pending points, the epoch's
+        figures (the last ``history`` row), and ``curves.png`` redrawn. Before the epoch's state is
+        saved, so that a resumed run has them exactly once."""
+        self.steps.flush()
+        row = history[-1]
+        self.accelerator.log({tag: row[key] for key, tag in EPOCH_TAGS.items() if key in row}, step=step)
+        if self.draws:
+            self._picture("curves", plots.curves_png(history), step)
+
+    def _picture(self, name: str, png: bytes, step: int) -> None:
+        plots.save_png(self.run_dir / f"{name}.png", png)
+        log_png(self.accelerator, name, plots.decode_png(png), step)

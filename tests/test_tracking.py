@@ -32,11 +32,15 @@ def optimizer() -> torch.optim.Optimizer:
                             {"params": [head], "lr": 0.1, "name": "head"}], lr=0.01)
 
 
-def run_steps(accelerator: Accelerator, log: tracking.StepLog, steps: range, loss_of, opt) -> None:
+def run_steps(log: tracking.StepLog, steps: range, loss_of, opt) -> None:
+    """The loop's running sums as Trainer keeps them: a device loss sum and a count of images."""
+    loss_sum, seen = torch.tensor(0.0), 0
+    log.start_epoch(loss_sum, seen)
     for step in steps:
         for batch in range(2):  # two batches of 4 images per optimizer step
-            log.add(torch.tensor(loss_of(step, batch)), 4)
-        log.end_step(step, opt)
+            loss_sum += loss_of(step, batch) * 4
+            seen += 4
+        log.end_step(step, loss_sum, seen, opt)
         if step % 3 == 0:  # the loop flushes where it reads back anyway: not every step
             log.flush()
     log.flush()
@@ -46,7 +50,7 @@ def test_points_every_n_steps_with_window_means_and_learning_rates(tmp_path: Pat
     accelerator = Accelerator(cpu=True)
     tracking.start_trackers(accelerator, "tensorboard", tmp_path / "logs", "run", hparams={"lr": 0.01, "data": "none"})
     log = tracking.StepLog(accelerator, every=2)
-    run_steps(accelerator, log, range(1, 8), lambda step, batch: float(step * 10 + batch), optimizer())
+    run_steps(log, range(1, 8), lambda step, batch: float(step * 10 + batch), optimizer())
     accelerator.end_training()
     events = read_events(tmp_path / "logs")
     assert {"train/loss", "train/images_per_s", "lr/backbone", "lr/head"} <= set(events.Tags()["scalars"])
@@ -64,12 +68,12 @@ def test_a_resumed_run_replaces_the_points_after_its_state(tmp_path: Path):
     first = Accelerator(cpu=True)
     tracking.start_trackers(first, "tensorboard", tmp_path / "logs", "run")
     log = tracking.StepLog(first, every=1)
-    run_steps(first, log, range(1, 10), lambda step, batch: float(step), optimizer())
+    run_steps(log, range(1, 10), lambda step, batch: float(step), optimizer())
     first.end_training()
     resumed = Accelerator(cpu=True)
     tracking.start_trackers(resumed, "tensorboard", tmp_path / "logs", "run", resume_step=5)
     log = tracking.StepLog(resumed, every=1)
-    run_steps(resumed, log, range(6, 12), lambda step, batch: float(step + 100), optimizer())
+    run_steps(log, range(6, 12), lambda step, batch: float(step + 100), optimizer())
     resumed.end_training()
     points = scalars(read_events(tmp_path / "logs"), "train/loss")
     assert points == [(s, float(s)) for s in range(1, 6)] + [(s, float(s + 100)) for s in range(6, 12)]
@@ -80,9 +84,7 @@ def test_no_tracker_logs_nothing_and_reads_nothing(tmp_path: Path):
     tracking.start_trackers(accelerator, "none", tmp_path / "logs", "run")
     log = tracking.StepLog(accelerator, every=1)
     assert not log.active
-    log.add(torch.tensor(1.0), 4)
-    log.end_step(1, optimizer())
-    log.flush()
+    run_steps(log, range(1, 3), lambda step, batch: 1.0, optimizer())
     assert not (tmp_path / "logs").exists()
 
 
