@@ -10,6 +10,7 @@ them again.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -188,27 +189,38 @@ class RunLog:
 
     Args:
         accelerator: the run's Accelerator.
-        config: the run's ``TrainConfig`` (``log_with``, ``log_every_steps``, ``plots``; all of it
-            is logged as hyperparameters on a fresh start).
+        config: the run's ``TrainConfig`` (``log_with``, ``log_every_steps``, ``plots``,
+            ``grad_accum_steps``; all of it is logged as hyperparameters on a fresh start).
         run_dir: the run folder (logs under ``run_dir/logs``, pictures in it).
-        optimizer_steps_per_epoch: for the default point cadence.
-        resumed_at: optimizer steps done by the state the run resumed from; None: a fresh start.
+        batches_per_epoch: training batches per process and epoch.
+        resumed_from: the (epoch, batch step) of the state the run resumed from; None: a fresh start.
     """
 
-    def __init__(self, accelerator: Accelerator, config: Any, run_dir: Path, optimizer_steps_per_epoch: int,
-                 resumed_at: int | None = None):
+    def __init__(self, accelerator: Accelerator, config: Any, run_dir: Path, batches_per_epoch: int,
+                 resumed_from: tuple[int, int] | None = None):
+        self.optimizer_steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
+        resumed_at = None
+        if resumed_from is not None:
+            epoch, step = resumed_from
+            resumed_at = epoch * self.optimizer_steps_per_epoch + step // config.grad_accum_steps
         start_trackers(accelerator, config.log_with, run_dir / "logs", run_dir.name,
                        hparams=hyperparameters(config) if resumed_at is None else None, resume_step=resumed_at)
-        self.steps = StepLog(accelerator, log_every_steps(config.log_every_steps, optimizer_steps_per_epoch))
+        self.steps = StepLog(accelerator, log_every_steps(config.log_every_steps, self.optimizer_steps_per_epoch))
         self.accelerator, self.run_dir = accelerator, run_dir
         self.draws = config.plots and accelerator.is_main_process
 
-    def samples(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
-                view: Callable[[int], torch.Tensor], seed: int) -> None:
-        """``samples.png`` (``plots.training_samples_png``) at a run's first start."""
+    def draw_samples(self, train: Any, loader_dataset: Any, pre: Any, seed: int) -> None:
+        """``samples.png`` (``plots.training_samples_png``) at a run's first start.
+
+        Args:
+            train: the training ImageFolder.
+            loader_dataset, pre: for ``model_view``.
+            seed: which images are drawn.
+        """
         path = self.run_dir / "samples.png"
         if self.draws and not path.exists():
-            self._picture("samples", plots.training_samples_png(samples, classes, view, seed), step=0)
+            view = model_view(loader_dataset, train, pre)
+            self._picture("samples", plots.training_samples_png(train.samples, train.classes, view, seed), step=0)
 
     def end_epoch(self, step: int, history: Sequence[dict[str, Any]]) -> None:
         """After an epoch's evaluation, at optimizer step ``step``: the pending points, the epoch's

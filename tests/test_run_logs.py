@@ -4,7 +4,13 @@ own reader), the PNG pictures, and progress lines in a piped log."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +18,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST
+from conftest import FAST, ROOT, python_cmd, run_cmd
 from finetune import tracking
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
@@ -52,6 +58,96 @@ def test_eval_writes_the_confusion_matrix_and_the_mistakes(tiny_data: Path, tmp_
     quiet(eval_cmd.main, ["--ckpt", str(run / "model.safetensors"), "--data", str(tiny_data), "--output-dir",
                           str(tmp_path / "plain"), "--num-workers", "0", "--no-plots", "--log-with", "none"])
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["metrics.json", "predictions.csv"]
+
+
+def scalars(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+EPOCH_TAGS = ["epoch/test_accuracy", "epoch/test_loss", "epoch/train_accuracy", "epoch/train_loss"]
+
+
+@pytest.mark.slow
+def test_a_run_logs_its_curves_and_draws_its_pictures(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    # 36 images in batches of 4: 9 optimizer steps an epoch, a point every 2.
+    history = quiet(train.main, ["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--epochs", "2",
+                                 "--batch-size", "4", "--log-every-steps", "2"])["history"]
+    logged = events(run / "logs")
+    assert sorted(logged.Tags()["scalars"]) == sorted(["train/loss", "train/images_per_s", "lr/backbone", "lr/head",
+                                                       *EPOCH_TAGS])
+    assert [step for step, _ in scalars(logged, "train/loss")] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
+    assert [step for step, _ in scalars(logged, "lr/head")] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
+    for tag, key in (("epoch/train_loss", "train_loss"), ("epoch/test_accuracy", "test_acc")):
+        assert scalars(logged, tag) == [(9, pytest.approx(history[0][key])), (18, pytest.approx(history[1][key]))]
+    assert [e.step for e in logged.Images("samples")] == [0]
+    assert [e.step for e in logged.Images("curves")] == [9, 18]
+    hparams = list((run / "logs" / tracking.PROJECT).glob("*/hparams.yml"))
+    assert len(hparams) == 1 and "batch_size: 4" in hparams[0].read_text()
+    # 3 classes, 6 images each, as loaded and augmented; two panels of curves.
+    assert png_size(run / "samples.png") == (820, 730)
+    assert png_size(run / "curves.png") == (750, 300)
+
+
+@pytest.mark.slow
+def test_no_plots_and_no_tracker_leave_no_logs(tiny_data: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    quiet(train.main, ["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--log-with", "none", "--no-plots"])
+    assert not (run / "logs").exists() and not list(run.glob("*.png"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_tracker_without_its_package_stops_before_anything_is_written(tiny_data: Path, tmp_path: Path):
+    proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
+                              "--log-with", "wandb"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: --log-with wandb needs the 'wandb' package: pip install wandb "
+                                   "(or --log-with none)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_piped_run_prints_progress_lines_at_the_set_cadence(tiny_data: Path, tmp_path: Path):
+    args = ["--data", str(tiny_data), *FAST, "--batch-size", "4", "--log-with", "none", "--no-plots"]
+    every_step = run_cmd(python_cmd("train.py", *args, "--output-dir", str(tmp_path / "a"), "--log-every-seconds", "0"))
+    assert every_step.returncode == 0, every_step.stderr
+    lines = [line for line in every_step.stdout.splitlines() if line.startswith("epoch 1/1  step ")]
+    assert [line.split()[3] for line in lines] == [f"{k}/9" for k in range(1, 10)]
+    assert all(" loss " in line and " img/s  ETA " in line for line in lines)
+    never = run_cmd(python_cmd("train.py", *args, "--output-dir", str(tmp_path / "b"), "--log-every-seconds", "3600"))
+    assert never.returncode == 0 and "  step " not in never.stdout
+    assert "epoch 1  train_loss" in never.stdout  # the epoch's own line stays
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_run_has_the_uninterrupted_curves(tiny_data: Path, tmp_path: Path):
+    """Killed in its second epoch, the run had written points past its last state (the end of the
+    first epoch); TensorBoard hides them and the resumed run writes them again: each step once,
+    with an uninterrupted run's values (CPU runs are exact)."""
+    args = ["--data", str(tiny_data), *FAST, "--epochs", "2", "--batch-size", "2", "--log-every-steps", "1",
+            "--no-plots"]  # 18 optimizer steps an epoch
+    quiet(train.main, [*args, "--output-dir", str(tmp_path / "ref")])
+    run = tmp_path / "run"
+    proc = subprocess.Popen(python_cmd("train.py", *args, "--output-dir", str(run)), cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if (json.loads((run / "state" / "progress.json").read_text())["epoch"] == 1
+                    and max(step for step, _ in scalars(events(run / "logs"), "train/loss")) > 18):
+                break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert max(step for step, _ in scalars(events(run / "logs"), "train/loss")) > 18
+    quiet(train.main, [*args, "--output-dir", str(run), "--resume"])
+    reference, resumed = events(tmp_path / "ref" / "logs"), events(run / "logs")
+    assert scalars(resumed, "train/loss") == scalars(reference, "train/loss")
+    assert [step for step, _ in scalars(resumed, "train/loss")] == list(range(1, 37))
+    for tag in ["lr/backbone", *EPOCH_TAGS]:
+        assert scalars(resumed, tag) == scalars(reference, tag), tag
 
 
 def test_evaluate_reports_each_images_cross_entropy():
