@@ -1,24 +1,22 @@
 """Draw the README's pictures: the offline demo trained and evaluated as the README says, its PNGs
 copied into docs/ with a 128-colour palette so that they stay small.
 
-    .venv/bin/python docs/pictures.py
+    .venv/bin/python -m docs.pictures
 """
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 from PIL import Image
 
-DOCS = Path(__file__).resolve().parent
-sys.path.insert(0, str(DOCS.parent))
+from bench.common import quietly
+from finetune.commands import eval as eval_cmd
+from finetune.commands import train
+from finetune.demo import demo_dataset
 
-import eval as eval_cmd  # noqa: E402
-import train  # noqa: E402
-from bench.common import quietly  # noqa: E402
-from finetune.demo import demo_dataset  # noqa: E402
+DOCS = Path(__file__).resolve().parent
 
 
 def main() -> None:
