@@ -52,8 +52,14 @@ def log_every_steps(requested: int, optimizer_steps_per_epoch: int) -> int:
 
 
 def hyperparameters(config: Any) -> dict[str, Any]:
-    """A dataclass configuration as the flat values trackers take (None as ``"none"``)."""
-    return {k: "none" if v is None else v for k, v in dataclasses.asdict(config).items()}
+    """A dataclass configuration as the flat values trackers take: numbers, strings and booleans
+    as they are, anything else (None, lists) as text."""
+    def flat(value: Any) -> Any:
+        if value is None:
+            return "none"
+        return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    return {k: flat(v) for k, v in dataclasses.asdict(config).items()}
 
 
 def start_trackers(accelerator: Accelerator, name: str, log_dir: Path, run_name: str,

@@ -122,5 +122,6 @@ def test_hyperparameters_are_flat_values():
     class Config:
         data: str | None = None
         lr: float = 0.1
+        scale: tuple[float, float] = (0.08, 1.0)
 
-    assert tracking.hyperparameters(Config()) == {"data": "none", "lr": 0.1}
+    assert tracking.hyperparameters(Config()) == {"data": "none", "lr": 0.1, "scale": "(0.08, 1.0)"}
