@@ -8,7 +8,9 @@ Each run is a fresh process (so importing matplotlib and TensorBoard is counted)
 seconds of the process and its loader workers (on a machine shared with other work, CPU time is
 the steadier measure). The runs alternate with/without, then without/with, so a change in the
 machine's load hits both sides alike. Prints the mean of each side and their ratios; the target
-is at most 1.03.
+is at most 1.03. A shared machine's load makes whole runs differ by several percent, so the runs
+with logging also time what they spend inside it (the ``RunLog`` calls, where the tracker and the
+pictures are started, written and drawn, imports included) against the run's total.
 """
 
 from __future__ import annotations
@@ -26,27 +28,48 @@ from finetune.demo import demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TIMED = ("import contextlib, gc, io, resource, sys, time\n"
-         "from finetune.commands import train\n"
-         "def cpu():\n"
-         "    return sum(r.ru_utime + r.ru_stime\n"
-         "               for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))\n"
-         "t, c = time.perf_counter(), cpu()\n"
-         "with contextlib.redirect_stdout(io.StringIO()):\n"
-         "    train.main(sys.argv[1:])\n"
-         "gc.collect()  # the loader workers end, and are counted\n"
-         "print(time.perf_counter() - t, cpu() - c)\n")
+TIMED = """
+import contextlib, functools, gc, io, resource, sys, time
+from finetune import tracking
+from finetune.commands import train
+
+def cpu():
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+
+inside = [0.0, 0.0]  # wall and CPU seconds inside the logging calls
+
+def timed(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            inside[0] += time.perf_counter() - t
+            inside[1] += time.process_time() - c
+    return wrapper
+
+for cls, names in ((tracking.RunLog, ("__init__", "draw_samples", "end_epoch")),
+                   (tracking.StepLog, ("start_epoch", "end_step", "flush"))):
+    for name in names:
+        setattr(cls, name, timed(getattr(cls, name)))
+t, c = time.perf_counter(), cpu()
+with contextlib.redirect_stdout(io.StringIO()):
+    train.main(sys.argv[1:])
+gc.collect()  # the loader workers end, and are counted
+print(time.perf_counter() - t, cpu() - c, *inside)
+"""
 OFF = ["--log-with", "none", "--no-plots"]
 
 
-def timed_run(argv: list[str]) -> tuple[float, float]:
-    """Wall-clock and CPU seconds ``train.main(argv)`` took in a fresh process."""
+def timed_run(argv: list[str]) -> list[float]:
+    """Wall-clock and CPU seconds ``train.main(argv)`` took in a fresh process, and those spent
+    inside the logging calls."""
     proc = subprocess.run([sys.executable, "-c", TIMED, *argv], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise SystemExit(f"train.py failed: {proc.stderr[-2000:]}")
-    wall, cpu = proc.stdout.strip().splitlines()[-1].split()
-    return float(wall), float(cpu)
+    return [float(x) for x in proc.stdout.strip().splitlines()[-1].split()]
 
 
 def main() -> None:
@@ -57,24 +80,37 @@ def main() -> None:
     args = parser.parse_args()
     figures: dict[str, dict[str, list[float]]] = {"wall": {"with": [], "without": []},
                                                   "cpu": {"with": [], "without": []}}
+    inside: dict[str, list[float]] = {"wall": [], "cpu": []}
     with tempfile.TemporaryDirectory(prefix="tracking-") as tmp:
         base = ["--data", str(demo_dataset()), "--epochs", str(args.epochs)]
         for i in range(args.pairs):
             for side in (("with", "without") if i % 2 == 0 else ("without", "with")):
                 run_dir = Path(tmp) / f"{side}-{i}"
-                wall, cpu = timed_run([*base, "--output-dir", str(run_dir), *(OFF if side == "without" else [])])
+                wall, cpu, in_wall, in_cpu = timed_run([*base, "--output-dir", str(run_dir),
+                                                        *(OFF if side == "without" else [])])
                 figures["wall"][side].append(wall)
                 figures["cpu"][side].append(cpu)
-                print(f"pair {i + 1} {side:8s} {wall:7.2f} s wall {cpu:7.2f} s CPU", flush=True)
+                note = ""
+                if side == "with":
+                    inside["wall"].append(in_wall / wall)
+                    inside["cpu"].append(in_cpu / cpu)
+                    note = f"  (logging: {in_wall:.2f} s wall, {in_cpu:.2f} s CPU)"
+                print(f"pair {i + 1} {side:8s} {wall:7.2f} s wall {cpu:7.2f} s CPU{note}", flush=True)
         logged = Path(tmp) / "with-0"
         if not ((logged / "curves.png").is_file() and (logged / "logs").is_dir()):
             raise SystemExit("the logged run wrote no pictures or logs")
-    res: dict = {"epochs": args.epochs, "pairs": args.pairs, "seconds": figures}
+    res: dict = {"epochs": args.epochs, "pairs": args.pairs, "seconds": figures,
+                 "inside_logging_fraction": inside}
     for name, sides in figures.items():
         with_, without = statistics.mean(sides["with"]), statistics.mean(sides["without"])
         res[f"{name}_with_over_without"] = with_ / without
         print(f"{name:4s} with logs and pictures {with_:.2f} s, without {without:.2f} s (means of {args.pairs}): "
               f"ratio {with_ / without:.4f} (target <= 1.03)")
+    for name, fractions in inside.items():
+        share = statistics.mean(fractions)
+        res[f"{name}_inside_logging"] = share
+        print(f"{name:4s} inside the logging calls: {100 * share:.2f}% of the logged runs' time, "
+              f"an overhead ratio of {1 / (1 - share):.4f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 
