@@ -28,6 +28,7 @@ from finetune.preemption import StopSignal
 from finetune.reporting import Reporter
 from finetune.runtime import rss_mib
 from finetune.session import Session
+from finetune.tracking import RunLog
 from finetune.state import Progress, latest_state, save_training_state
 
 
@@ -47,6 +48,7 @@ class Loop:
     steps_per_epoch: int  # batches per process
     optimizer_steps_per_epoch: int
     stop_check_every: int  # optimizer steps between agreeing on a stop across processes
+    log: RunLog  # the tracker's points and figures, the pictures
     lr_column: str  # the epoch table's learning rate: the first group's (the backbone's, or the head's alone)
 
     @property
@@ -55,7 +57,7 @@ class Loop:
 
 
 def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[str], run_dir: Path,
-        report: Reporter, progress: Progress, stop: StopSignal | None = None) -> Progress:
+        report: Reporter, progress: Progress, log: RunLog, stop: StopSignal | None = None) -> Progress:
     """Train from ``progress`` to the last epoch; return the final progress.
 
     Saves ``model.safetensors`` (and ``best.safetensors``, chosen on the validation split where
@@ -69,11 +71,12 @@ def fit(session: Session, config: TrainConfig, clf: Classifier, classes: list[st
             last good files.
     """
     own_stop = stop is None
-    loop = start_loop(session, config, clf, classes, run_dir, report, progress, stop or StopSignal())
+    loop = start_loop(session, config, clf, classes, run_dir, report, progress, log, stop or StopSignal())
     try:
         for epoch in range(progress.epoch, config.epochs):
             start_step = progress.step if epoch == progress.epoch else 0
             loop.trainer.start_epoch(epoch, start_step, resumed_sums(loop, start_step))
+            log.steps.start_epoch(loop.trainer.loss_sum, loop.trainer.seen)
             report.start_epoch(epoch, config.epochs, loop.steps_per_epoch, start_step)
             for step, (images, targets) in enumerate(epoch_batches(loop, epoch, start_step), start=start_step):
                 loop.trainer.train_step(step, images, targets)
@@ -108,7 +111,7 @@ def recalibrate(loop: Loop) -> None:
 
 
 def start_loop(session: Session, config: TrainConfig, clf: Classifier, classes: list[str], run_dir: Path,
-               report: Reporter, progress: Progress, stop: StopSignal) -> Loop:
+               report: Reporter, progress: Progress, log: RunLog, stop: StopSignal) -> Loop:
     """The ``Loop`` of a run about to train; from here on a stop signal waits for a safe point."""
     acc = session.accelerator
     steps_per_epoch = len(session.train_loader)
@@ -122,7 +125,7 @@ def start_loop(session: Session, config: TrainConfig, clf: Classifier, classes: 
     stop.defer()
     return Loop(session, config, clf, classes, run_dir, report, progress, trainer, stop,
                 steps_per_epoch, math.ceil(steps_per_epoch / config.grad_accum_steps), stop_check_every,
-                "lr " + str(session.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay"))
+                "lr " + str(session.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay"), log)
 
 
 def epoch_batches(loop: Loop, epoch: int, start_step: int) -> Any:
@@ -147,11 +150,17 @@ def after_step(loop: Loop, epoch: int, step: int) -> None:
 
     Reads from the device only every ``SYNC_EVERY_STEPS`` batches (and at the epoch's first).
     """
-    if (step + 1) % SYNC_EVERY_STEPS == 0 or step == loop.trainer.start_step:
-        loop.trainer.check_finite()
-        if loop.report.live:  # no reads for a bar nobody sees
-            loop.report.update(step + 1, *loop.trainer.running())
     optimizer_step = optimizer_step_done(loop, epoch, step)
+    logged_step = (epoch + 1) * loop.optimizer_steps_per_epoch if step + 1 == loop.steps_per_epoch else optimizer_step
+    if logged_step is not None:
+        loop.log.steps.end_step(logged_step, loop.trainer.loss_sum, loop.trainer.seen, loop.session.optimizer)
+    sync = (step + 1) % SYNC_EVERY_STEPS == 0 or step == loop.trainer.start_step
+    if sync:
+        loop.trainer.check_finite()
+        loop.log.steps.flush()
+    # A bar at every sync; a plain line (a pipe, a SLURM log) every --log-every-seconds: no reads for nobody.
+    if sync if loop.report.live else loop.report.due():
+        loop.report.update(step + 1, *loop.trainer.running())
     if optimizer_step is None:
         return
     stopping = stop_agreed(loop, optimizer_step)
@@ -167,11 +176,12 @@ def after_epoch(loop: Loop, epoch: int, stats: EpochStats, preds: Predictions, v
     """After ``epoch`` was trained and evaluated: its row of figures, shown and kept in the history."""
     row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
            **({"val_acc": val.accuracy} if val is not None else {}),
-           "test_acc": preds.accuracy, loop.lr_column: loop.session.scheduler.get_last_lr()[0],
+           "test_acc": preds.accuracy, "test_loss": preds.mean_loss, loop.lr_column: loop.session.scheduler.get_last_lr()[0],
            "img/s": stats.images_per_s,
            "seconds": stats.seconds, "rss_mib": rss_mib()}
     loop.report.end_epoch(row)
     loop.progress.history.append(row)
+    loop.log.end_epoch((epoch + 1) * loop.optimizer_steps_per_epoch, loop.progress.history)
 
 
 def name_skipped(loop: Loop) -> None:
@@ -232,6 +242,7 @@ def non_finite_error(loop: Loop, err: NonFiniteLossError) -> UserError:
 def save_state(loop: Loop, epoch: int, step: int, epoch_sums: list[float] | None = None) -> None:
     """Save a resumable state that continues at batch ``step`` of ``epoch`` (on every process;
     check the loss and weights first)."""
+    loop.log.steps.flush()  # a resumed run hides the points after its state: write them before it
     progress = loop.progress
     progress.epoch, progress.step, progress.epoch_sums = epoch, step, epoch_sums
     # The position as a count of images: a resume may split the same global batch differently.

@@ -61,10 +61,13 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
     from finetune.sanity import check_classes, check_model_input, probable_mistakes
 
     check_model_name(config.model)  # before anything is written
+    from finetune.tracking import RunLog, check_tracker
+
+    check_tracker(config.log_with)
     check_model_input(config.model, config.image_size, config.batch_size, config.freeze)
     accelerator = build_accelerator(config.mixed_precision, config.grad_accum_steps, config.compile, config.threads,
                                     cpu=config.cpu)
-    report = Reporter(enabled=accelerator.is_main_process)
+    report = Reporter(enabled=accelerator.is_main_process, every_seconds=config.log_every_seconds)
     set_seed(config.seed)
     for note in probable_mistakes(config):
         report.print(f"warning: {note}")
@@ -135,7 +138,10 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
         load_training_state(accelerator, state)
         report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
 
-    progress = fit(session, config, clf, splits.classes, run_dir, report, progress, stop)
+    log = RunLog(accelerator, config, run_dir, len(session.train_loader),
+                 (progress.epoch, progress.step) if progress.epoch or progress.step else None)
+    log.draw_samples(splits.train, session.train_loader.dataset, clf.preprocessing, config.seed)
+    progress = fit(session, config, clf, splits.classes, run_dir, report, progress, log, stop)
 
     accelerator.wait_for_everyone()
     final = progress.history[-1] if progress.history else {}
