@@ -48,8 +48,8 @@ class Loop:
     steps_per_epoch: int  # batches per process
     optimizer_steps_per_epoch: int
     stop_check_every: int  # optimizer steps between agreeing on a stop across processes
-    log: RunLog  # the tracker's points and figures, the pictures
     lr_column: str  # the epoch table's learning rate: the first group's (the backbone's, or the head's alone)
+    log: RunLog  # the tracker's points and figures, the pictures
 
     @property
     def accelerator(self) -> Accelerator:

@@ -61,7 +61,7 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
     from finetune.sanity import check_classes, check_model_input, probable_mistakes
 
     check_model_name(config.model)  # before anything is written
-    from finetune.tracking import RunLog, check_tracker
+    from finetune.tracking import check_tracker
 
     check_tracker(config.log_with)
     check_model_input(config.model, config.image_size, config.batch_size, config.freeze)
@@ -137,6 +137,8 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
     if state is not None:
         load_training_state(accelerator, state)
         report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
+
+    from finetune.tracking import RunLog
 
     log = RunLog(accelerator, config, run_dir, len(session.train_loader),
                  (progress.epoch, progress.step) if progress.epoch or progress.step else None)
