@@ -168,10 +168,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--recipes", nargs="*", help="a subset of the grid")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0], help="seeds; a second one for close calls")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one compute thread each")
+    parser.add_argument("--cases", nargs="*", help="only the cases whose name contains one of these")
     args = parser.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cases = QUICK_CASES if args.quick else CASES
+    if args.cases:
+        cases = [c for c in cases if any(part in c.name for part in args.cases)]
     names = args.recipes or (QUICK_RECIPES if args.quick else list(RECIPES))
     cache_file = work / "results.jsonl"
     cache = {}

@@ -17,6 +17,9 @@ from typing import Any, Sequence
 from finetune.images import oriented_size
 
 
+SMALL_IMAGE = 64  # px: below this short side, training images get no random crops
+
+
 @dataclass(frozen=True)
 class DatasetFacts:
     """What a run knows before training: the training set and the budget."""
@@ -56,13 +59,15 @@ def choose(facts: DatasetFacts) -> list[Choice]:
     Args:
         facts: the training set and budget (``DatasetFacts``).
     """
-    # Upscaled images (stored much smaller than the crop) hold little detail: a random crop of 8%
-    # of one is a few blurred source pixels, and costs accuracy; photos at or above the crop size
-    # gain from the classic zoom.
-    upscaled = facts.short_side * 2 <= facts.image_size
-    augment = Choice("augment", "flip" if upscaled else "mild",
-                     f"training images ({facts.short_side} px) are at most half the crop ({facts.image_size} px)"
-                     if upscaled else f"training images ({facts.short_side} px) are not upscaled much")
+    # Small images (stored under 64 px, or at half the crop or less) hold little detail: a random
+    # crop of 8% of one is a few blurred source pixels. In the sweep, flips alone beat random
+    # crops on every such case (faces, clothes, digits at 32-224 px); images with detail to spare
+    # (texture patches, photos) gained from the crops.
+    small = facts.short_side < SMALL_IMAGE or facts.short_side * 2 <= facts.image_size
+    augment = Choice("augment", "flip" if small else "mild",
+                     f"training images are small ({facts.short_side} px for a {facts.image_size} px crop)"
+                     if small else f"training images ({facts.short_side} px) have detail to spare for "
+                                   f"{facts.image_size} px crops")
     if facts.frozen_backbone:
         augment = Choice("augment", "none", "a linear probe trains fastest on cached features")
     # Warm up for a tenth of the run, at most one epoch: a whole epoch of warmup is a third of a
