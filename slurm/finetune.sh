@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tune on one or many SLURM nodes. Arguments after the script go to train.py:
 #   sbatch [sbatch options] slurm/finetune.sh --data /shared/DATA --model resnet18 --epochs 5
+#   FINETUNE_SCRIPT=study.py sbatch slurm/finetune.sh --data /shared/DATA    # compare strategies
 #   sbatch --nodes=2 --cpus-per-task=32 slurm/finetune.sh --data /shared/DATA           # CPU nodes
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/finetune_gpu.sh --data /shared/DATA        # GPU nodes
 # One srun task per node runs `accelerate launch` with that node's rank, on all the CPUs the job
@@ -29,6 +30,12 @@ fi
 PROJECT=${FINETUNE_HOME:-${SLURM_SUBMIT_DIR:-$(pwd)}}
 cd "$PROJECT"
 [ -f train.py ] || { echo "error: no train.py in $PROJECT (submit from the project folder or set FINETUNE_HOME)" >&2; exit 2; }
+# What each process runs: train.py, or study.py (every strategy in turn, each resumable alike).
+SCRIPT=${FINETUNE_SCRIPT:-train.py}
+case "$SCRIPT" in
+  train.py|study.py) ;;
+  *) echo "error: FINETUNE_SCRIPT must be train.py or study.py, got '$SCRIPT'" >&2; exit 2 ;;
+esac
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
 # The rendezvous: the first node of the allocation, a port derived from the job id.
@@ -78,7 +85,7 @@ export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 # How long the launcher waits for its processes to save before it kills them (SLURM's warning is 120 s).
 export PET_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
 
-export MASTER_ADDR MASTER_PORT NPROC WORLD PYTHON
+export MASTER_ADDR MASTER_PORT NPROC WORLD PYTHON SCRIPT
 if [ "$PREEMPTED" = 1 ]; then  # USR1 before the run started: nothing to save
   echo "job $SLURM_JOB_ID: got USR1 before starting, requeueing"
   scontrol requeue "$SLURM_JOB_ID"
@@ -99,7 +106,7 @@ srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$SLURM_NNODES" --cpus-per
   exec "$PYTHON" -m accelerate.commands.launch --config_file launch/multi_node.yaml \
     --num_machines "$SLURM_NNODES" --num_processes "$WORLD" --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-    train.py --resume "$@"' finetune "$@" &
+    "$SCRIPT" --resume "$@"' finetune "$@" &
 SRUN_PID=$!
 # wait returns early when a trapped signal arrives: wait again until srun has really finished.
 status=0

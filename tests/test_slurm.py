@@ -141,6 +141,21 @@ def test_the_default_run_folder_is_named_after_the_job(cluster, slurm_data: Path
         shutil.rmtree(run, ignore_errors=True)
 
 
+def test_a_study_runs_as_a_slurm_job(cluster, slurm_data: Path, tmp_path: Path):
+    out = tmp_path / "study"
+    job = sbatch(tmp_path, "--data", str(slurm_data), "--model", "mobilenet_v3_small", "--weights", "none",
+                 "--image-size", "32", "--num-workers", "0", "--epochs", "1", "--batch-size", "4",
+                 "--strategies", "finetune,freeze-half", "--output-dir", str(out),
+                 env={"FINETUNE_SCRIPT": "study.py", "NPROC_PER_NODE": "1"})
+    info = wait_for(job, 300)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 process(es) on cpu" in log  # one per node, one group
+    records = json.loads((out / "study.json").read_text())["strategies"]
+    assert [r["strategy"] for r in records] == ["finetune", "freeze-half"]
+    assert (out / "report.md").is_file()
+
+
 def test_a_crash_in_one_process_ends_the_whole_job_quickly(cluster, slurm_data: Path, tmp_path: Path):
     data = tmp_path / "data"
     shutil.copytree(slurm_data, data)
