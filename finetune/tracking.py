@@ -125,11 +125,13 @@ class StepLog:
     Args:
         accelerator: the run's Accelerator (its trackers, processes and device).
         every: optimizer steps between points.
+        enabled: whether the run logs (``--log-with`` is not ``none``): the same on every process.
     """
 
-    def __init__(self, accelerator: Accelerator, every: int):
+    def __init__(self, accelerator: Accelerator, every: int, enabled: bool = True):
         self.accelerator = accelerator
         self.every = every
+        self.enabled = enabled
         self._pending: list[tuple[int, torch.Tensor, int, dict[str, float]]] = []
         self._base_sum: torch.Tensor | None = None
         self._base_seen = 0
@@ -137,7 +139,9 @@ class StepLog:
 
     @property
     def active(self) -> bool:
-        return bool(self.accelerator.trackers)  # the same on every process: init_trackers lists them on all
+        # Not accelerator.trackers: Accelerate starts them on the main process only, and every
+        # process must reach flush's reduction at the same steps (else the run hangs).
+        return self.enabled
 
     def start_epoch(self, loss_sum: torch.Tensor, seen: int) -> None:
         """At an epoch's start (or its resumption): the loop's running loss sum (a device scalar)
@@ -211,7 +215,8 @@ class RunLog:
             resumed_at = epoch * self.optimizer_steps_per_epoch + step // config.grad_accum_steps
         start_trackers(accelerator, config.log_with, run_dir / "logs", run_dir.name,
                        hparams=hyperparameters(config) if resumed_at is None else None, resume_step=resumed_at)
-        self.steps = StepLog(accelerator, log_every_steps(config.log_every_steps, self.optimizer_steps_per_epoch))
+        self.steps = StepLog(accelerator, log_every_steps(config.log_every_steps, self.optimizer_steps_per_epoch),
+                             enabled=config.log_with != "none")
         self.accelerator, self.run_dir = accelerator, run_dir
         self.draws = config.plots and accelerator.is_main_process
 
