@@ -20,7 +20,7 @@ from torchvision import datasets
 from finetune.decoding import Encoded, EncodedBatch, stack_channels_last
 from finetune.errors import UserError
 from finetune.images import BadImageError
-from finetune.preemption import ignore_stop_signals
+from finetune.preemption import end_workers_at_exit, ignore_stop_signals
 from finetune.presets import Preprocessing, train_preset
 
 
@@ -226,6 +226,8 @@ def _worker_options(num_workers: int, pin_memory: bool) -> dict[str, Any]:
     if num_workers <= 0:
         return {"num_workers": 0, **pin}
     # Persistent workers keep their start-up cost out of every epoch; 4 batches in flight each
-    # hide decode jitter behind compute. Workers leave stop signals to their parent (preemption).
+    # hide decode jitter behind compute. Workers leave stop signals to their parent (preemption),
+    # which ends them itself at exit.
+    end_workers_at_exit()
     return {"num_workers": num_workers, "persistent_workers": True, "prefetch_factor": 4,
             "worker_init_fn": ignore_stop_signals, **pin}

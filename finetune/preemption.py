@@ -77,6 +77,32 @@ class StopSignal:
         return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
+_EXIT_HOOK: list[bool] = []
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    # torch's SIGCHLD handler would report each killed worker as a failure (a traceback at exit).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+def end_workers_at_exit() -> None:
+    """Make sure loader workers end when this process exits, also on an error with persistent
+    workers alive: they ignore SIGTERM (``ignore_stop_signals``), which multiprocessing's own exit
+    handler sends before it joins them, so without this the process would wait on them forever.
+    Registered after multiprocessing's handler, so it runs first (atexit is last in, first out)."""
+    import atexit
+    import multiprocessing.util  # noqa: F401  (its exit handler must be registered before ours)
+
+    if not _EXIT_HOOK:
+        atexit.register(_kill_daemonic_children)
+        _EXIT_HOOK.append(True)
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """A DataLoader ``worker_init_fn``: the worker ignores stop signals; its parent handles them
     and ends its workers itself."""
