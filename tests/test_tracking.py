@@ -82,7 +82,7 @@ def test_a_resumed_run_replaces_the_points_after_its_state(tmp_path: Path):
 def test_no_tracker_logs_nothing_and_reads_nothing(tmp_path: Path):
     accelerator = Accelerator(cpu=True)
     tracking.start_trackers(accelerator, "none", tmp_path / "logs", "run")
-    log = tracking.StepLog(accelerator, every=1)
+    log = tracking.StepLog(accelerator, every=1, enabled=False)  # what RunLog makes of --log-with none
     assert not log.active
     run_steps(log, range(1, 3), lambda step, batch: 1.0, optimizer())
     assert not (tmp_path / "logs").exists()
