@@ -137,19 +137,22 @@ class EvalPreset(_Preset):
             pretrained weights were evaluated with (several torchvision and timm weights say bicubic).
     """
 
-    def __init__(self, *, crop_size: int, resize_size: int, interpolation: str = "bilinear"):
+    def __init__(self, *, crop_size: int, resize_size: int, interpolation: str = "bilinear",
+                 hflip_prob: float = 0.0):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         self.crop_size = crop_size
         self.resize_size = resize_size
         self.interpolation = interpolation
+        self.hflip_prob = hflip_prob  # the ``flip`` augmentation; evaluation never flips (and draws nothing)
 
     def plan(self, header: Header) -> Crop:
         resized = _resized_size(header, self.resize_size)
         # torchvision's center_crop offsets.
         top = int(round((resized[0] - self.crop_size) / 2.0))
         left = int(round((resized[1] - self.crop_size) / 2.0))
-        return _whole(header, resized, (top, left, self.crop_size, self.crop_size), pillow=self.interpolation)
+        flip = _flip(self.hflip_prob) if self.hflip_prob else False
+        return _whole(header, resized, (top, left, self.crop_size, self.crop_size), flip, pillow=self.interpolation)
 
     def from_image(self, img: Image.Image) -> torch.Tensor:
         """The same resize and crop of an RGB image already decoded."""
@@ -191,17 +194,6 @@ class ModelInput:
 
 
 
-class RandomFlip:
-    """Another preset's output, flipped horizontally with probability ``p`` (the ``flip`` augmentation)."""
-
-    def __init__(self, preset, p: float = 0.5):
-        self.preset = preset
-        self.p = p
-
-    def __call__(self, path: str) -> torch.Tensor:
-        image = self.preset(path)
-        return image.flip(-1) if torch.rand(1).item() < self.p else image
-
 
 # RandomResizedCrop's area range per augmentation name: the classic recipe's, and a milder floor
 # (fastai's min_scale of about 0.35) that keeps most of a small or low-resolution object in view.
@@ -221,9 +213,7 @@ def train_preset(augment: str, pre: Preprocessing, hflip: bool = True):
         return TrainPreset(size=pre.image_size, scale=CROP_SCALES[augment], hflip_prob=p)
     if augment == "crop":
         return RandomCropPreset(size=pre.image_size, resize_size=pre.resize_size, hflip_prob=p)
-    evaluation = pre.eval_preset()
-    if augment == "flip" and hflip:
-        return RandomFlip(evaluation)
     if augment in ("flip", "none"):
-        return evaluation
+        return EvalPreset(crop_size=pre.image_size, resize_size=pre.resize_size, interpolation=pre.interpolation,
+                          hflip_prob=p if augment == "flip" else 0.0)
     raise ValueError(f"unknown augmentation {augment!r}")

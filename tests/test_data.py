@@ -233,16 +233,16 @@ def test_every_format_pillow_opens_is_loaded_and_other_files_are_named(tmp_path:
     with pytest.raises(UserError, match=r"class 'texts' .* has no images \(1 file\(s\) of types Pillow cannot open: .heic x1\)"):
         load_splits(data)
 def test_each_augmentation_choice_builds_its_preset(tmp_path: Path):
-    from finetune.presets import Preprocessing, RandomCropPreset, RandomFlip, train_preset
+    from finetune.presets import EvalPreset, Preprocessing, RandomCropPreset, train_preset
 
     pre = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
     assert train_preset("classic", pre).scale == (0.08, 1.0)
     assert train_preset("mild", pre).scale == (0.35, 1.0)
     assert train_preset("mild", pre, hflip=False).hflip_prob == 0.0
     assert isinstance(train_preset("crop", pre), RandomCropPreset)
-    assert isinstance(train_preset("flip", pre), RandomFlip)
-    assert isinstance(train_preset("flip", pre, hflip=False), EvalPreset)
-    assert isinstance(train_preset("none", pre), EvalPreset)
+    assert isinstance(train_preset("flip", pre), EvalPreset) and train_preset("flip", pre).hflip_prob == 0.5
+    assert train_preset("flip", pre, hflip=False).hflip_prob == 0.0
+    assert isinstance(train_preset("none", pre), EvalPreset) and train_preset("none", pre).hflip_prob == 0.0
     # flip: the eval view, mirrored about half the time
     write_image_folder(tmp_path, {"a": 1}, size=40)
     path = str(next(tmp_path.rglob("*.png")))
