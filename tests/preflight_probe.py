@@ -25,3 +25,7 @@ except UserError as err:
     result = {"error": str(err)}
 rank = int(os.environ.get("RANK", "0"))
 (out / f"rank{rank}.json").write_text(json.dumps({"read": len(read), **result}))
+# Both processes end the group together: rank 0 holds the store, and leaving it behind a live
+# peer aborts with "terminate called without an active exception".
+accelerator.wait_for_everyone()
+accelerator.end_training()
