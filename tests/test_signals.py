@@ -64,18 +64,53 @@ def test_a_signal_at_any_moment_stops_cleanly(tiny_data: Path, tmp_path: Path, w
 
 @pytest.mark.slow
 def test_a_signal_to_the_launcher_during_evaluation_stops_every_process_cleanly(tmp_path: Path):
-    """accelerate launch forwards SIGTERM to its processes; their loader workers, which used to die of
-    it mid-evaluation and crash every rank, ignore it. The launcher itself still reports the signal
-    (torch's SignalException): that part is Accelerate's."""
+    """The launcher forwards SIGTERM to its processes; their loader workers, which used to die of it
+    mid-evaluation and crash every rank, ignore it. finetune.launch (Accelerate's launcher, framed)
+    ends in one line and exit 143 where ``accelerate launch`` ends in torch's SignalException."""
     data = tmp_path / "data"
     write_image_folder(data / "train", {"a": 8, "b": 8})
     write_image_folder(data / "test", {"a": 20, "b": 20}, seed=1)
     run = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port", str(free_port()),
+    launch = [sys.executable, "-m", "finetune.launch", "--multi_gpu", "--main_process_port", str(free_port()),
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = probe("eval", "SIGTERM", "launcher", "--data", str(data), *ARGS, "--batch-size", "2", "--num-workers", "1",
                  "--output-dir", str(run), launch=launch)
     assert proc.stderr.count(f"stopped by SIGTERM at epoch 2, step 0; state saved in {run / 'state'}") == 2, \
         proc.stderr[-3000:]
     assert "killed by signal" not in proc.stderr and "DataLoader worker" not in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 143
+    assert proc.stderr.strip().splitlines()[-1] == "launcher: stopped by SIGTERM; each process said above what it saved"
     assert saved_position(run) == (1, 0) and (run / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_a_one_process_launcher_reaches_the_run(tiny_data: Path, tmp_path: Path, sig: str):
+    """Accelerate's one-process launcher forwards nothing: a SIGTERM to it alone used to leave the run
+    training without it. finetune.launch passes it on; the run saves, and both exit 143 in one line each."""
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "finetune.launch", "--num_processes", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    proc = probe("step:3", sig, "launcher", "--data", str(tiny_data), *ARGS, "--num-workers", "1",
+                 "--output-dir", str(run), launch=launch)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    epoch, step = saved_position(run)  # the signal goes the long way round: a step or two later
+    assert epoch == 0 and 3 <= step < 9
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith(f"stopped by {sig} at epoch 1, step {step}; state saved in {run / 'state'}")
+    assert lines[-1] == f"launcher: stopped by {sig}; each process said above what it saved"
+
+
+def test_a_failing_process_is_named_in_one_line(tmp_path: Path):
+    """A process that fails prints its own error; the launcher adds one line and its status, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "finetune.launch", "--num_processes", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", str(ROOT / "train.py"), "--data", str(tmp_path / "missing")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-2].startswith("error: ") and "missing" in lines[-2]
+    assert lines[-1] == "launcher: process 0 exited with status 2; its own message is above"
