@@ -221,7 +221,8 @@ def recalibrate_batchnorm(accelerator: Accelerator, model: nn.Module, loader: It
     (momentum 0.1) still hold much of ImageNet's statistics: evaluation then normalises with the
     wrong ones, and a small run can fall to chance accuracy although it trained well ("precise
     BN", Wu & Johnson 2021). Exact averages over up to ``max_batches`` batches per process of the
-    training images, preprocessed as for evaluation, replace them; several processes average theirs.
+    training images, augmented as in training (the population the network learnt to normalise),
+    replace them; several processes average theirs.
     Frozen layers keep their pretrained statistics.
 
     Returns:

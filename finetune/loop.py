@@ -106,6 +106,7 @@ def recalibrate(loop: Loop) -> None:
     """Fresh BatchNorm statistics for the evaluation and the checkpoint (``--recalibrate-bn-batches``)."""
     s = loop.session
     if s.calibration_loader is not None:
+        s.calibration_loader.set_epoch(0)  # Accelerate counts its passes: a resumed run's count starts afresh
         recalibrate_batchnorm(loop.accelerator, s.model, s.calibration_loader,
                               max_batches=loop.config.recalibrate_bn_batches, to_input=s.to_input)
 

@@ -33,7 +33,7 @@ class Session:
     train_loader: Any
     test_loader: Any
     val_loader: Any  # None without a validation split: then the test split chooses best.safetensors
-    calibration_loader: Any | None  # training images, eval preprocessing: for recalibrating BatchNorm
+    calibration_loader: Any | None  # training images as trained on, in a fixed order: for recalibrating BatchNorm
     epoch_sampler: Any  # the sampler behind train_loader (Accelerate's skip wrapper hides it)
     to_input: Callable[[torch.Tensor], torch.Tensor]
     cached_features: int | None  # features per image when the head trains on cached features
@@ -90,8 +90,14 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
     test_loader, val_loader = eval_loaders[0], (eval_loaders[1] if len(eval_loaders) > 1 else None)
     calibration_loader = None
     if probe is None and config.recalibrate_bn_batches > 0:
-        calibration_loader = accelerator.prepare_data_loader(make_eval_loader(
-            splits.train, clf.preprocessing, batch_size=config.batch_size, num_workers=workers,
+        # The statistics of what the network trained on ("precise BN" averages over training-time
+        # augmentation): with eval preprocessing, a run trained on small random crops lost up to
+        # 0.23 of test accuracy (textures, bench/sweep_defaults.py). Shuffled with a seed of its
+        # own, so that a large set is not measured on its first classes alone; the same images
+        # every epoch, so that a resumed run recalibrates as an uninterrupted one.
+        calibration_loader = accelerator.prepare_data_loader(make_train_loader(
+            splits.train, clf.preprocessing, batch_size=config.batch_size, seed=config.seed + 1,
+            num_workers=workers, augment=config.augment, hflip=config.hflip,
             pin_memory=accelerator.device.type == "cuda", skipped=skipped))
     optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process
     scheduler = accelerator.prepare(build_scheduler(

@@ -265,3 +265,26 @@ def test_head_learning_rate_multiplier_and_one_rate_from_scratch(tiny_data: Path
     assert groups["backbone_no_decay"]["weight_decay"] == 0 and groups["backbone"]["weight_decay"] == 0.001
     quiet_train([*common, "--weights", "none", "--lr-head-mult", "5", "--output-dir", str(tmp_path / "sc")])
     assert {g["initial_lr"] for g in optimizer_groups(tmp_path / "sc").values()} == {0.002}
+
+
+def test_batchnorm_is_recalibrated_on_images_augmented_as_in_training(tiny_data: Path, tmp_path: Path, monkeypatch):
+    # "Precise BN" measures the population the network trained on: with eval preprocessing, runs
+    # trained on small random crops lost much of their accuracy (README, Why these defaults).
+    import finetune.session
+
+    sessions = []
+    prepare = finetune.session.prepare_session
+    monkeypatch.setattr(finetune.session, "prepare_session",
+                        lambda *args: sessions.append(prepare(*args)) or sessions[-1])
+    train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--augment", "classic"])
+    session = sessions[0]
+    calibration, training = session.calibration_loader.dataset, session.train_loader.dataset
+    assert type(calibration.transform) is type(training.transform)  # the train preset, random crops and all
+    assert calibration.transform.scale == training.transform.scale == (0.08, 1.0)
+    def measured() -> list[list[int]]:  # the batches loop.recalibrate feeds BatchNorm
+        session.calibration_loader.set_epoch(0)
+        return [targets.tolist() for _, targets in session.calibration_loader]
+
+    first = measured()
+    assert first == measured()  # the same images every epoch, resumed or not
+    assert sorted(sum(first, [])) != sum(first, [])  # shuffled: a large set is not measured on its first classes
