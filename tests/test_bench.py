@@ -72,7 +72,7 @@ def test_sweep_quick_prints_the_grid_and_the_regret(tmp_path: Path):
     result = json.loads(out.read_text())
     assert [row["case"] for row in result["rows"]] == ["lfw100 64px 1ep", "digits300 32px 1ep"]
     for row in result["rows"]:
-        assert set(row["recipes"]) == {"chapter", "previous default", "mild", "flip"}
+        assert set(row["recipes"]) == {"chapter", "previous default", "mild", "none"}
         best = max([r["test_acc"] for r in row["recipes"].values()] + [row["default"]["test_acc"]])
         assert row["regret"] == pytest.approx(best - row["default"]["test_acc"])
         assert "--augment" in row["default_flags"]

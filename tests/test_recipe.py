@@ -19,9 +19,9 @@ def chosen(f: recipe.DatasetFacts) -> dict:
 
 
 def test_small_images_get_no_random_crop_and_photos_do():
-    assert chosen(facts(short_side=28, image_size=64))["augment"] == "flip"  # upscaled
-    assert chosen(facts(short_side=28, image_size=32))["augment"] == "flip"  # small, barely upscaled
-    assert chosen(facts(short_side=100, image_size=224))["augment"] == "flip"  # upscaled 2.2x
+    assert chosen(facts(short_side=28, image_size=64))["augment"] == "none"  # upscaled
+    assert chosen(facts(short_side=28, image_size=32))["augment"] == "none"  # small, barely upscaled
+    assert chosen(facts(short_side=100, image_size=224))["augment"] == "none"  # upscaled 2.2x
     assert chosen(facts(short_side=96, image_size=96))["augment"] == "mild"
     assert chosen(facts(short_side=375, image_size=224))["augment"] == "mild"
 
