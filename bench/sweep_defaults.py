@@ -49,19 +49,18 @@ RECIPES: dict[str, list[str]] = {
     "previous default": [*SGD, "--augment", "classic", "--warmup-epochs", "1", "--probe-epochs", "0",
                          "--recalibrate-bn-batches", "0"],
     "classic": [*SGD, "--augment", "classic", *WU, "--probe-epochs", "0"],
-    "classic warmup 1": [*SGD, "--augment", "classic", "--warmup-epochs", "1", "--probe-epochs", "0"],
     "classic no-recal": [*SGD, "--augment", "classic", *WU, "--probe-epochs", "0", "--recalibrate-bn-batches", "0"],
     "mild": [*SGD, "--augment", "mild", *WU, "--probe-epochs", "0"],
     "crop": [*SGD, "--augment", "crop", *WU, "--probe-epochs", "0"],
     "flip": [*SGD, "--augment", "flip", *WU, "--probe-epochs", "0"],
     "none": [*SGD, "--augment", "none", *WU, "--probe-epochs", "0"],
-    "mild warmup 1": [*SGD, "--augment", "mild", "--warmup-epochs", "1", "--probe-epochs", "0"],
     "mild no-flip": [*SGD, "--augment", "mild", "--no-hflip", *WU, "--probe-epochs", "0"],
-    "flip warmup 0": [*SGD, "--augment", "flip", "--warmup-epochs", "0", "--probe-epochs", "0"],
-    "flip sgd 3e-3": ["--optimizer", "sgd", "--lr", "0.003", "--augment", "flip", *WU, "--probe-epochs", "0"],
-    "mild adamw 3e-4": ["--optimizer", "adamw", "--lr", "3e-4", "--augment", "mild", *WU, "--probe-epochs", "0"],
-    "mild lp-ft": [*SGD, "--augment", "mild", *WU, "--probe-epochs", "PROBE"],
-    "flip lp-ft": [*SGD, "--augment", "flip", *WU, "--probe-epochs", "PROBE"],
+    # One axis at a time around the rule's own augmentation choice (--augment auto):
+    "auto warmup 0": [*SGD, "--augment", "auto", "--warmup-epochs", "0", "--probe-epochs", "0"],
+    "auto warmup 1": [*SGD, "--augment", "auto", "--warmup-epochs", "1", "--probe-epochs", "0"],
+    "auto lr 3e-3": ["--optimizer", "sgd", "--lr", "0.003", "--augment", "auto", *WU, "--probe-epochs", "0"],
+    "auto adamw 3e-4": ["--optimizer", "adamw", "--lr", "3e-4", "--augment", "auto", *WU, "--probe-epochs", "0"],
+    "auto lp-ft": [*SGD, "--augment", "auto", *WU, "--probe-epochs", "PROBE"],
 }
 THREADS = 1  # one compute thread a run: no OpenMP spin-waits on a shared machine; --jobs runs several
 QUICK_RECIPES = ["chapter", "previous default", "mild", "none"]
