@@ -128,9 +128,12 @@ class RandomCropPreset(_Preset):
 
 
 class EvalPreset(_Preset):
-    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor, exactly as
+    """Resize the short side to ``resize_size``, center-crop ``crop_size``: a uint8 tensor as
     torchvision's Resize + CenterCrop make it from a PIL image (Pillow resamples, as in the weights'
     own ``transforms()``), from a JPEG decoded at reduced scale where that still covers the resize.
+    Only the crop is resampled, from its box in the source: the same filter at the same positions,
+    but the box's float corners round a few values a level or two the other way (at most 3% of
+    them on noise, about 0.1% on photos), for 0.6x the resampling time.
 
     Args:
         interpolation: of the resize, ``bilinear``, ``bicubic`` or ``nearest``: the one the

@@ -43,6 +43,7 @@ def test_a_folder_without_a_model_is_one_clear_error(tmp_path: Path):
         eval_cmd.main(["--ckpt", str(tmp_path), "--data", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_output_cut_short_by_a_pipe_still_writes_the_metrics(many_classes_run, tmp_path: Path):
     run, data = many_classes_run
     out = tmp_path / "e"

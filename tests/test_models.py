@@ -100,6 +100,7 @@ def test_bad_freeze_spec_is_a_user_error():
         build_classifier("resnet18", "none", ["a", "b"], image_size=64, freeze_spec="stage9")
 
 
+@pytest.mark.slow
 def test_fetch_command_puts_weights_in_the_hub_cache(tmp_path: Path):
     from conftest import run_cmd
 

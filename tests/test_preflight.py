@@ -90,6 +90,7 @@ def test_imbalance_and_empty_classes(tmp_path: Path):
     assert "error: class 'few' in" in proc.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_fail_policy_names_the_files_and_skip_policy_trains_without_them(messy, tmp_path: Path):
     data, bad = messy
     bad["truncated"].unlink()  # only the decoder finds this one; see the next test
@@ -104,6 +105,7 @@ def test_fail_policy_names_the_files_and_skip_policy_trains_without_them(messy, 
     assert result["history"][-1]["train_loss"] > 0
 
 
+@pytest.mark.slow
 def test_check_data_command_reports_and_exits(messy, tmp_path: Path):
     data, bad = messy
     proc = run_cmd(python_cmd("train.py", "--check-data", "--data", str(data)))

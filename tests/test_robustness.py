@@ -98,6 +98,7 @@ def _checkpoint(tmp_path: Path, tiny_data: Path) -> Path:
     ("other-architecture", "does not fit a resnet18"),
     ("other-classes", "does not fit a mobilenet_v3_small with 5 classes"),
 ])
+@pytest.mark.slow
 def test_eval_refuses_checkpoints_from_anywhere(tiny_data: Path, tmp_path: Path, kind: str, message: str):
     marker = tmp_path / "code-ran"
     path = tmp_path / ("model.pth" if kind == "pth-with-code" else "model.safetensors")
@@ -136,6 +137,7 @@ def test_eval_refuses_checkpoints_from_anywhere(tiny_data: Path, tmp_path: Path,
     ("other-architecture", "--model changed (mobilenet_v3_small -> resnet18)"),
     ("progress-garbage", "cannot read"),
 ])
+@pytest.mark.slow
 def test_resume_refuses_bad_states_without_running_code(tiny_data: Path, tmp_path: Path, kind: str, message: str,
                                                         monkeypatch):
     run = tmp_path / "run"  # stopped after the first of two epochs
@@ -174,6 +176,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_data: Path, 
     assert not list(run.glob(".model.safetensors.*"))
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_a_clear_error(tiny_data: Path, tmp_path: Path):
     # A real kernel-enforced write failure: files above 1 MB cannot be written (EFBIG).
     def limit() -> None:
@@ -218,6 +221,7 @@ def test_images_of_every_mode_and_unicode_class_names_round_trip(tmp_path: Path)
     assert "日本 猫" in csv_text and "café crème" in csv_text
 
 
+@pytest.mark.slow
 def test_eval_reports_an_unwritable_output_folder_before_evaluating(tiny_data: Path, tmp_path: Path):
     ckpt = _checkpoint(tmp_path, tiny_data)
     blocked = tmp_path / "file"
@@ -227,6 +231,7 @@ def test_eval_reports_an_unwritable_output_folder_before_evaluating(tiny_data: P
     assert proc.returncode == 2 and "cannot write to output folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_run_files_are_readable_by_others_and_paths_with_brackets_print_literally(tmp_path: Path):
     data = tmp_path / "data[/draft]"
     write_image_folder(data / "train", {"a": 3, "b": 3})

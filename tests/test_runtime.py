@@ -178,6 +178,7 @@ def test_cpu_is_forced_by_the_flag_or_accelerate_launch():
     assert not runtime.cpu_forced(False, env={"ACCELERATE_USE_CPU": "false"})
 
 
+@pytest.mark.slow
 def test_train_and_eval_refuse_a_silent_cpu_run_where_slurm_granted_gpus(tiny_data, tmp_path):
     """This machine's torch has no CUDA: SLURM_GPUS_ON_NODE simulates a GPU node where CUDA fails."""
     from conftest import FAST, python_cmd, run_cmd

@@ -103,6 +103,7 @@ def test_a_signal_to_a_one_process_launcher_reaches_the_run(tiny_data: Path, tmp
     assert lines[-1] == f"launcher: stopped by {sig}; each process said above what it saved"
 
 
+@pytest.mark.slow
 def test_a_failing_process_is_named_in_one_line(tmp_path: Path):
     """A process that fails prints its own error; the launcher adds one line and its status, no traceback."""
     proc = subprocess.run([sys.executable, "-m", "finetune.launch", "--num_processes", "1", "--mixed_precision", "no",

@@ -69,6 +69,7 @@ def test_unknown_strategy_lists_the_valid_ones():
     assert "unknown strategy 'magic'" in proc.stderr and "lp-ft" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_is_one_line(tmp_path: Path):
     proc = run_cmd(python_cmd("study.py", "--data", str(tmp_path / "nothing"), *TINY,
                               "--output-dir", str(tmp_path / "s")))

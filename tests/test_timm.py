@@ -112,6 +112,7 @@ def test_real_pretrained_timm_weights_classify_a_cat(lite0_file: Path):
     assert {info.categories[i] for i in top5} & {"tabby", "tiger cat", "Egyptian cat"}
 
 
+@pytest.mark.slow
 def test_hub_weights_offline_is_one_line(tiny_data: Path, tmp_path: Path):
     proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
                               "--model", "timm/resnet18.a1_in1k", "--weights", "DEFAULT"),

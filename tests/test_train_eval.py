@@ -30,6 +30,7 @@ def quiet_train(argv: list[str]) -> dict:
         return train.main(argv)
 
 
+@pytest.mark.slow
 def test_train_then_eval_as_a_user_would(tiny_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(run), *FAST, "--epochs", "2"))
@@ -82,6 +83,7 @@ def test_train_bad_input_is_one_line_and_nonzero_exit(args: list[str], message: 
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_image_that_fails_only_when_decoded_in_a_worker_is_named(tiny_data: Path, tmp_path: Path):
     # Its header is intact, so the quick preflight passes it; the worker's decode fails.
     bad = write_truncated_jpeg(tiny_data / "train" / "cat" / "broken.jpg")
@@ -91,6 +93,7 @@ def test_image_that_fails_only_when_decoded_in_a_worker_is_named(tiny_data: Path
     assert f"cannot decode image {bad}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_eval_refuses_other_classes_and_bad_checkpoints(tiny_data: Path, tmp_path: Path):
     result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST])
     ckpt = result["run_dir"] / "model.safetensors"
@@ -227,6 +230,7 @@ def test_unwritable_output_dir_is_reported_before_training(tiny_data: Path, tmp_
         train.main(["--data", str(tiny_data), "--output-dir", str(blocked / "run"), *FAST])
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_broken(tiny_data: Path, tmp_path: Path):
     run = tmp_path / "run"
     proc = run_cmd(python_cmd("train.py", "--data", str(tiny_data), "--output-dir", str(run), *FAST,
