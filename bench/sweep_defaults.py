@@ -118,7 +118,9 @@ def default_flags(case: Case, fit: Path) -> list[str]:
                                 short_side=recipe.median_short_side([p for p, _ in ds.samples]),
                                 image_size=case.size, epochs=case.epochs, steps_per_epoch=steps)
     chosen = {c.name: c.value for c in recipe.choose(facts)}
-    flags = ["--optimizer", defaults.optimizer, "--lr", f"{defaults.lr:g}", "--augment", chosen["augment"]]
+    optimizer = chosen["optimizer"] if defaults.optimizer == "auto" else defaults.optimizer
+    lr = defaults.lr or recipe.LEARNING_RATES[optimizer]
+    flags = ["--optimizer", optimizer, "--lr", f"{lr:g}", "--augment", chosen["augment"]]
     if not defaults.hflip:
         flags.append("--no-hflip")
     return [*flags, "--warmup-epochs", f"{chosen['warmup_epochs']:g}", "--probe-epochs", f"{chosen['probe_epochs']:g}"]

@@ -33,7 +33,7 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path: Path):
     ("epoch: 3\n", "unknown setting 'epoch'"),
     ("epochs: three\n", "'epochs' must be a whole number, got 'three'"),
     ("- 1\n- 2\n", "must hold a mapping"),
-    ("optimizer: rmsprop\n", "--optimizer must be one of sgd, adamw"),
+    ("optimizer: rmsprop\n", "--optimizer must be one of auto, sgd, adamw"),
 ])
 def test_bad_yaml_is_one_clear_error(tmp_path: Path, text: str, message: str):
     path = tmp_path / "run.yaml"

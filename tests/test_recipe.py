@@ -48,3 +48,19 @@ def test_median_short_side_reads_headers(tmp_path: Path):
     paths = sorted(str(p) for p in tmp_path.rglob("*.png"))
     assert recipe.median_short_side(paths) == 20
     assert recipe.median_short_side(paths + [str(tmp_path / "missing.png")]) == 20  # unreadable: skipped
+
+
+def test_short_budgets_train_with_adamw_and_longer_ones_with_sgd():
+    assert chosen(facts(epochs=1))["optimizer"] == "adamw"
+    assert chosen(facts(epochs=3))["optimizer"] == "adamw"
+    assert chosen(facts(epochs=5))["optimizer"] == "sgd"  # TrainConfig's default budget
+    assert chosen(facts(epochs=10))["optimizer"] == "sgd"
+
+
+def test_the_learning_rate_follows_the_optimizer_unless_given():
+    config, made = recipe.resolve(TrainConfig(), facts(epochs=3))
+    assert (config.optimizer, config.lr) == ("adamw", 3e-4) and {"optimizer", "lr"} <= {c.name for c in made}
+    config, made = recipe.resolve(TrainConfig(optimizer="sgd"), facts(epochs=3))  # the flag wins, its own rate
+    assert (config.optimizer, config.lr) == ("sgd", 1e-3) and "optimizer" not in {c.name for c in made}
+    config, made = recipe.resolve(TrainConfig(lr=0.05), facts(epochs=10))
+    assert (config.optimizer, config.lr) == ("sgd", 0.05) and "lr" not in {c.name for c in made}
