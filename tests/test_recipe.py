@@ -55,6 +55,7 @@ def test_short_budgets_train_with_adamw_and_longer_ones_with_sgd():
     assert chosen(facts(epochs=3))["optimizer"] == "adamw"
     assert chosen(facts(epochs=5))["optimizer"] == "sgd"  # TrainConfig's default budget
     assert chosen(facts(epochs=10))["optimizer"] == "sgd"
+    assert chosen(facts(epochs=3, frozen_backbone=True))["optimizer"] == "sgd"  # a linear probe
 
 
 def test_the_learning_rate_follows_the_optimizer_unless_given():

@@ -27,10 +27,9 @@ def test_pretrained_beats_scratch_on_the_demo_by_a_wide_margin(tmp_path: Path):
     pretrained = final_accuracy(["--data", data, *budget, "--output-dir", str(tmp_path / "ft")])
     scratch = final_accuracy(["--data", data, *budget, "--weights", "none", "--output-dir", str(tmp_path / "sc")])
     assert pretrained >= 0.95
-    # Measured here: 0.967 against 0.850. With BatchNorm recalibrated before evaluation, the
-    # network trained from scratch is judged on its own statistics instead of its random
-    # initialisation's (it used to sit near chance, 0.52): faces against scenery at 25 px is an
-    # easy task, and the pretrained network's margin is a ninth of the test set.
+    # Measured here: 0.967 against 0.850. Faces against scenery at 25 px is an easy task: with
+    # no augmentation of such small images and BatchNorm measured on what the network trained on
+    # (the defaults since the 3-seed sweep), scratch no longer sits near chance as it did before.
     assert pretrained - scratch >= 0.1, (pretrained, scratch)
 
 
