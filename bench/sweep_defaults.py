@@ -117,13 +117,11 @@ def default_flags(case: Case, fit: Path) -> list[str]:
     facts = recipe.DatasetFacts(num_images=len(ds), num_classes=len(ds.classes),
                                 short_side=recipe.median_short_side([p for p, _ in ds.samples]),
                                 image_size=case.size, epochs=case.epochs, steps_per_epoch=steps)
-    chosen = {c.name: c.value for c in recipe.choose(facts)}
-    optimizer = chosen["optimizer"] if defaults.optimizer == "auto" else defaults.optimizer
-    lr = defaults.lr or recipe.LEARNING_RATES[optimizer]
-    flags = ["--optimizer", optimizer, "--lr", f"{lr:g}", "--augment", chosen["augment"]]
-    if not defaults.hflip:
+    chosen, _ = recipe.resolve(defaults, facts)  # what train.py resolves, as explicit flags
+    flags = ["--optimizer", chosen.optimizer, "--lr", f"{chosen.lr:g}", "--augment", chosen.augment]
+    if not chosen.hflip:
         flags.append("--no-hflip")
-    return [*flags, "--warmup-epochs", f"{chosen['warmup_epochs']:g}", "--probe-epochs", f"{chosen['probe_epochs']:g}"]
+    return [*flags, "--warmup-epochs", f"{chosen.warmup_epochs:g}", "--probe-epochs", f"{chosen.probe_epochs:g}"]
 
 
 def resolve_flags(flags: list[str], case: Case) -> list[str]:

@@ -81,7 +81,7 @@ class TrainConfig:
                                               "everything (linear probe, then fine-tune; default: chosen by the recipe)",
                                         minimum=0)
     recalibrate_bn_batches: int = option(100, "before each evaluation, recompute BatchNorm statistics over up to "
-                                              "this many batches of training images (eval preprocessing): short "
+                                              "this many batches of training images (augmented as in training): short "
                                               "fine-tunes leave them stale; 0: off", minimum=0)
     schedule: str = option("cosine", "learning-rate schedule after the warmup: cosine (to 0) or constant",
                            choices=SCHEDULES)

@@ -196,8 +196,6 @@ class ModelInput:
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
-
-
 # RandomResizedCrop's area range per augmentation name: the classic recipe's, and a milder floor
 # (fastai's min_scale of about 0.35) that keeps most of a small or low-resolution object in view.
 CROP_SCALES = {"classic": (0.08, 1.0), "mild": (0.35, 1.0)}

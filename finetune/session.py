@@ -97,8 +97,7 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
         # every epoch, so that a resumed run recalibrates as an uninterrupted one.
         calibration_loader = accelerator.prepare_data_loader(make_train_loader(
             splits.train, clf.preprocessing, batch_size=config.batch_size, seed=config.seed + 1,
-            num_workers=workers, augment=config.augment, hflip=config.hflip,
-            pin_memory=accelerator.device.type == "cuda", skipped=skipped))
+            num_workers=workers, augment=config.augment, hflip=config.hflip, pin_memory=pin, skipped=skipped))
     optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process
     scheduler = accelerator.prepare(build_scheduler(
         optimizer, round(config.warmup_epochs * optimizer_steps), config.epochs * optimizer_steps,

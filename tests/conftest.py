@@ -120,7 +120,7 @@ def train_until_stopped(argv: list[str], monkeypatch: pytest.MonkeyPatch, *, opt
             train.main(argv)
 
 
-def within_one_level(ours: "torch.Tensor", reference: "torch.Tensor", std: "Sequence[float]") -> bool:
+def within_rounding(ours: "torch.Tensor", reference: "torch.Tensor", std: "Sequence[float]") -> bool:
     """Whether two normalised images (C, H, W) are the same uint8 image but for at most 5% of the
     values (on noise, the worst case; about 0.1% on photos), each off by a level (two with bicubic's sharper filter): the eval preset resamples only
     its crop (Pillow's ``box``), whose float corners round a few pixels the other way from resizing

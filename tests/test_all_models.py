@@ -16,7 +16,7 @@ from accelerate import init_empty_weights
 from PIL import Image
 from torchvision.models import get_model, get_model_weights
 
-from conftest import within_one_level
+from conftest import within_rounding
 from finetune.models import arch_kwargs, classification_models, size_kwargs
 from finetune.optim import param_groups
 from finetune.presets import ModelInput, Preprocessing
@@ -89,4 +89,4 @@ def test_eval_preprocessing_is_each_weights_own(weights):
     image = Image.fromarray(torch.randint(0, 256, (300, 420, 3), dtype=torch.uint8, generator=torch.Generator()
                                           .manual_seed(0)).numpy())
     ours = ModelInput(pre.mean, pre.std)(pre.eval_preset().from_image(image)[None])[0]
-    assert within_one_level(ours, weights.transforms()(image), pre.std)
+    assert within_rounding(ours, weights.transforms()(image), pre.std)
