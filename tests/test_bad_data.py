@@ -18,6 +18,7 @@ def test_images_that_fail_during_the_run_are_skipped_named_once_and_counted(tiny
     """The header-only preflight passes a truncated JPEG; `--bad-data skip` used to stop on it anyway."""
     bad_train = write_truncated_jpeg(tiny_data / "train" / "cat" / "broken.jpg")
     bad_test = write_truncated_jpeg(tiny_data / "test" / "dog" / "broken.jpg")
+    (tiny_data / "train" / "dog" / "empty.jpg").write_bytes(b"")  # found before the run: the header check
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
@@ -27,7 +28,9 @@ def test_images_that_fail_during_the_run_are_skipped_named_once_and_counted(tiny
     assert sorted(result["skipped"]) == sorted([str(bad_train), str(bad_test)])
     for bad in (bad_train, bad_test):
         assert text.count(f"cannot decode image {bad}") == 1, text  # named once over both epochs
-    assert "skipped 2 image(s) this process could not decode" in text
+    assert text.count("empty.jpg") == 1, text
+    assert "left out 3 image(s) in all, each named above: 1 found before the run, 2 this process could not decode" \
+        in text
     meta = read_metadata(result["run_dir"] / "model.safetensors")
     assert meta["metrics"]["num_test_samples"] == 15  # the broken test image is left out, not counted
     assert meta["config"]["class_weights"] == "auto"

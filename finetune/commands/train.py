@@ -91,7 +91,8 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
                                             f"--{c.name.replace('_', '-')} {c.value} ({c.why})" for c in made))
     run_dir, created = main_decides(accelerator, lambda: prepare_run_dir(config, data_dir))
     try:
-        return train_into(run_dir, config, accelerator, report, data_dir, splits, stop, keep_process_group)
+        return train_into(run_dir, config, accelerator, report, data_dir, splits, stop, keep_process_group,
+                          skipped_before=len(exclude))
     except BaseException:
         if accelerator.is_main_process:  # a run that fails before its first save leaves nothing behind
             discard_unsaved(run_dir, created)
@@ -99,8 +100,12 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
 
 
 def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, report: Reporter, data_dir: Path,
-               splits: Splits, stop: "StopSignal", keep_process_group: bool = False) -> dict[str, Any]:
-    """Check a resume, build the model and train it into ``run_dir`` (``train``'s second half)."""
+               splits: Splits, stop: "StopSignal", keep_process_group: bool = False,
+               skipped_before: int = 0) -> dict[str, Any]:
+    """Check a resume, build the model and train it into ``run_dir`` (``train``'s second half).
+
+    ``skipped_before`` counts the images the preflight left out (``--bad-data skip``), for the summary.
+    """
     from finetune.loop import fit
     from finetune.resume import resumed_progress, run_setup
     from finetune.session import prepare_session
@@ -148,8 +153,10 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
     accelerator.wait_for_everyone()
     final = progress.history[-1] if progress.history else {}
     skipped = session.skipped.named if session.skipped else {}
-    if skipped:
-        report.print(f"skipped {len(skipped)} image(s) this process could not decode (--bad-data skip; named above)")
+    if skipped or skipped_before:
+        report.print(f"--bad-data skip left out {skipped_before + len(skipped)} image(s) in all, each named "
+                     f"above: {skipped_before} found before the run, {len(skipped)} this process could not "
+                     "decode during it")
     best = progress.history[progress.best_epoch - 1] if progress.best_epoch else {}
     if "val_acc" in best:
         report.print(f"best.safetensors: epoch {best['epoch']}, chosen on validation accuracy "
