@@ -60,6 +60,8 @@ RECIPES: dict[str, list[str]] = {
     "auto warmup 1": [*SGD, "--augment", "auto", "--warmup-epochs", "1", "--probe-epochs", "0"],
     "auto lr 3e-3": ["--optimizer", "sgd", "--lr", "0.003", "--augment", "auto", *WU, "--probe-epochs", "0"],
     "auto adamw 3e-4": ["--optimizer", "adamw", "--lr", "3e-4", "--augment", "auto", *WU, "--probe-epochs", "0"],
+    "auto adamw 1e-3": ["--optimizer", "adamw", "--lr", "1e-3", "--augment", "auto", *WU, "--probe-epochs", "0"],
+    "auto adamw 1e-4": ["--optimizer", "adamw", "--lr", "1e-4", "--augment", "auto", *WU, "--probe-epochs", "0"],
     "auto lp-ft": [*SGD, "--augment", "auto", *WU, "--probe-epochs", "PROBE"],
 }
 THREADS = 1  # one compute thread a run: no OpenMP spin-waits on a shared machine; --jobs runs several
