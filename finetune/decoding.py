@@ -75,21 +75,32 @@ def decode_crop(item: Encoded) -> torch.Tensor:
     output's pixels), the region cut as a view and copied, resampled once, then cut and flipped.
     """
     crop, header = item.crop, item.header
-    out = (crop.out_height, crop.out_width)
-    reduction = jpeg_reduction(header, (crop.height, crop.width), out)
+    reduction = jpeg_reduction(header, (crop.height, crop.width), (crop.out_height, crop.out_width))
     arr, orientation = decode_stored(item.data, header, item.path, reduction)
+    return resample(arr, orientation, (header.height, header.width), crop)
+
+
+def resample(arr: np.ndarray, orientation: int, shown: tuple[int, int], crop: Crop) -> torch.Tensor:
+    """A ``Crop`` of decoded pixels: a uint8 (3, H, W) tensor, channels-last in memory.
+
+    Args:
+        arr: (height, width, 3) uint8 pixels as stored, possibly decoded at reduced scale.
+        orientation: the EXIF orientation still to apply to them (1: none).
+        shown: (height, width) of the image as shown, at full scale: the crop's coordinates.
+        crop: what to make of it.
+    """
     if crop.pillow is not None:
         img = Image.fromarray(arr)
         return resample_pillow(img if orientation == 1 else img.transpose(_TRANSPOSE[orientation]), crop)
     # Work on the stored pixels, whose region rows are contiguous (numpy copies a rotated or
     # mirrored view a hundred times slower), and orient the small output at the end.
-    shown = (header.height, header.width)
+    out = (crop.out_height, crop.out_width)
     top, left, height, width = stored_region(orientation, shown, crop.top, crop.left, crop.height, crop.width)
     if orientation in ROTATED:
         out, shown = out[::-1], shown[::-1]
-    if reduction > 1:
-        # The region's corners snap to the reduced image's pixel grid: a shift of at most half
-        # an output pixel, and only on crops drawn at random anyway.
+    if arr.shape[:2] != tuple(shown):
+        # Decoded at reduced scale: the region's corners snap to the reduced image's pixel grid, a
+        # shift of at most half an output pixel.
         fy, fx = arr.shape[0] / shown[0], arr.shape[1] / shown[1]
         top, left = round(top * fy), round(left * fx)
         height, width = max(1, round(height * fy)), max(1, round(width * fx))

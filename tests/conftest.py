@@ -122,9 +122,10 @@ def train_until_stopped(argv: list[str], monkeypatch: pytest.MonkeyPatch, *, opt
 
 def within_rounding(ours: "torch.Tensor", reference: "torch.Tensor", std: "Sequence[float]") -> bool:
     """Whether two normalised images (C, H, W) are the same uint8 image but for at most 5% of the
-    values (on noise, the worst case; about 0.1% on photos), each off by a level (two with bicubic's sharper filter): the eval preset resamples only
-    its crop (Pillow's ``box``), whose float corners round a few pixels the other way from resizing
-    the whole image first."""
+    values (on noise, the worst case; about 0.1% on photos), each off by a level (two with bicubic's
+    sharper filter): the eval preset's bilinear resize is torch's uint8 one, which rounds a few
+    values the other way from Pillow's; bicubic resamples only the crop (Pillow's ``box``), whose
+    float corners do the same."""
     import torch
 
     level = 1 / (255 * torch.tensor(std).view(-1, 1, 1))
