@@ -65,3 +65,12 @@ def test_the_learning_rate_follows_the_optimizer_unless_given():
     assert (config.optimizer, config.lr) == ("sgd", 1e-3) and "optimizer" not in {c.name for c in made}
     config, made = recipe.resolve(TrainConfig(lr=0.05), facts(epochs=10))
     assert (config.optimizer, config.lr) == ("sgd", 0.05) and "lr" not in {c.name for c in made}
+
+
+def test_adamw_moves_small_crops_further():
+    """At 32 px AdamW at 1e-3 led the sweep; from 64 px up 3e-4 did. SGD keeps its rate."""
+    assert recipe.resolve(TrainConfig(), facts(epochs=3, image_size=32))[0].lr == 1e-3
+    assert recipe.resolve(TrainConfig(), facts(epochs=3, image_size=64))[0].lr == 3e-4
+    config = recipe.resolve(TrainConfig(), facts(epochs=10, image_size=32))[0]
+    assert (config.optimizer, config.lr) == ("sgd", 1e-3)
+    assert recipe.resolve(TrainConfig(lr=2e-4), facts(epochs=3, image_size=32))[0].lr == 2e-4  # a flag wins
