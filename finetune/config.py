@@ -68,7 +68,7 @@ class TrainConfig:
     epochs: int = option(5, "passes over the training set", minimum=1)
     batch_size: int = option(32, "images per process per step (global batch = this x processes x accumulation)", minimum=1)
     lr: float | None = option(None, "learning rate of the pretrained backbone (the new head gets lr x lr-head-mult; "
-                                    "default: by the optimizer, 3e-4 for adamw, 0.001 for sgd)", above=0)
+                                    "default: by the optimizer, 3e-4 for adamw (1e-3 for crops under 64 px), 0.001 for sgd)", above=0)
     lr_head_mult: float = option(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)", minimum=0)
     weight_decay: float = option(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)", minimum=0)
     decay_norm_and_bias: bool = option(False, "also apply weight decay to norm-layer and bias parameters")
