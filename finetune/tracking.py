@@ -94,13 +94,22 @@ def start_trackers(accelerator: Accelerator, name: str, log_dir: Path, run_name:
     accelerator.init_trackers(PROJECT, config=hparams, init_kwargs=init_kwargs)
 
 
-def log_png(accelerator: Accelerator, tag: str, image: np.ndarray, step: int) -> None:
-    """Send a picture (an RGB uint8 array) to TensorBoard's images tab, where TensorBoard is a tracker."""
+def log_png(accelerator: Accelerator, tag: str, png: bytes, step: int) -> None:
+    """Send a picture (PNG bytes) to TensorBoard's images tab, where TensorBoard is a tracker.
+
+    The PNG goes into the event file as it is: an image summary holds PNG bytes, and TensorBoard's
+    own ``add_images`` would take pixels and encode them again (70 ms for curves.png, each epoch).
+    """
     if not accelerator.is_main_process:
         return
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.log_images({tag: image[None]}, step=step, dataformats="NHWC")
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            width, height = plots.png_size(png)
+            image = Summary.Image(height=height, width=width, colorspace=4 if plots.png_has_alpha(png) else 3,
+                                  encoded_image_string=png)
+            tracker.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
             tracker.writer.flush()
 
 
@@ -245,4 +254,4 @@ class RunLog:
 
     def _picture(self, name: str, png: bytes, step: int) -> None:
         plots.save_png(self.run_dir / f"{name}.png", png)
-        log_png(self.accelerator, name, plots.decode_png(png), step)
+        log_png(self.accelerator, name, png, step)

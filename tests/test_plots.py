@@ -38,10 +38,14 @@ def no_missing_glyphs():
 
 def test_samples_grid_shows_each_class_as_loaded_and_augmented():
     loaded = [[rgb(25 + i, 40, i) for i in range(4)] for _ in NAMES]
-    augmented = [[rgb(224, 224, i) for i in range(3)] for _ in NAMES]  # a row may be shorter
+    augmented = [[np.full((224, 224, 3), 20 + 40 * i, np.uint8) for i in range(3)] for _ in NAMES]  # a row may be shorter
     img = decoded(plots.samples_png(NAMES, loaded, augmented))
     assert img.format == "PNG"
-    assert img.size == (round((1.1 * 4 + 1.6) * 100), round((1.15 * 2 * len(NAMES) + 0.4) * 100))
+    assert img.size == (160 + 4 * 110, 40 + 2 * len(NAMES) * 115 + 10)
+    pixels = np.asarray(img.convert("RGB"))
+    cell = pixels[40 + 115 + 8:40 + 2 * 115 - 8, 160 + 8:160 + 110 - 8]  # the first class, augmented, first image
+    assert (cell == 20).all()  # the image fills its cell, its colour as drawn
+    assert (pixels[40 + 115 + 5:40 + 2 * 115 - 5, 160 + 3 * 110 + 5:160 + 4 * 110 - 5] == 255).all()  # no 4th image
 
 
 def test_curves_have_one_point_per_epoch_and_a_fixed_size():
@@ -102,4 +106,5 @@ def test_save_png_is_atomic_and_reports_an_unwritable_folder(tmp_path: Path):
     assert target.read_bytes() == png and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
     with pytest.raises(UserError, match="cannot save"):
         plots.save_png(tmp_path / "missing" / "curves.png", png)
-    assert plots.decode_png(png).shape == (300, 750, 3)
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.size == plots.png_size(png) == (750, 300) and plots.png_has_alpha(png) == (img.mode == "RGBA")

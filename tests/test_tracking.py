@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune import config as config_module
@@ -91,11 +93,15 @@ def test_no_tracker_logs_nothing_and_reads_nothing(tmp_path: Path):
 def test_pictures_go_to_the_images_tab(tmp_path: Path):
     accelerator = Accelerator(cpu=True)
     tracking.start_trackers(accelerator, "tensorboard", tmp_path / "logs", "run")
-    tracking.log_png(accelerator, "curves", torch.zeros(30, 40, 3, dtype=torch.uint8).numpy(), step=7)
+    buffer = io.BytesIO()
+    Image.new("RGBA", (40, 30), (255, 0, 0, 255)).save(buffer, format="PNG")
+    tracking.log_png(accelerator, "curves", buffer.getvalue(), step=7)
     accelerator.end_training()
     events = read_events(tmp_path / "logs")
     image = events.Images("curves")
     assert [(e.step, e.width, e.height) for e in image] == [(7, 40, 30)]
+    with Image.open(io.BytesIO(image[0].encoded_image_string)) as shown:  # TensorBoard shows the same picture
+        assert shown.size == (40, 30) and shown.getpixel((5, 5)) == (255, 0, 0, 255)
 
 
 def test_a_missing_tracker_package_is_one_line_naming_it(monkeypatch):

@@ -152,7 +152,7 @@ def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[
                    preds: Any, pre: Preprocessing) -> None:
     """``confusion.png`` and ``mistakes.png`` (the most confidently wrong images, as the model saw
     them), also sent to TensorBoard's images tab where it is the tracker."""
-    from finetune.plots import confusion_png, decode_png, mistakes_png, save_png
+    from finetune.plots import confusion_png, mistakes_png, save_png
     from finetune.tracking import log_png
 
     wrong = (preds.topk[:, 0] != preds.targets).nonzero().flatten()
@@ -168,7 +168,7 @@ def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[
     }
     for name, png in pictures.items():
         save_png(out_dir / f"{name}.png", png)
-        log_png(accelerator, f"eval/{name}", decode_png(png), step=0)
+        log_png(accelerator, f"eval/{name}", png, step=0)
 
 
 def predictions_csv(dataset: Any, classes: list[str], preds: Any) -> str:
