@@ -15,6 +15,7 @@ from finetune.errors import UserError
 
 # What a run leaves in its folder (eval/ is eval.py's default output beside the checkpoint).
 RUN_FILES = ("model.safetensors", "best.safetensors", "state", "state.old", "state.tmp", "config.yaml", "eval")
+LOGGED = ("samples.png", "curves.png", "logs")  # pictures and tracker logs: --overwrite clears them too
 SAVED = ("model.safetensors", "state", "state.old")  # present once a run has saved anything worth keeping
 
 
@@ -78,7 +79,7 @@ def prepare_run_dir(config: TrainConfig, data_dir: Path) -> tuple[Path, bool]:
     created = not run_dir.exists()
     ensure_writable(run_dir)
     if config.overwrite:
-        for name in RUN_FILES:
+        for name in RUN_FILES + LOGGED:
             path = run_dir / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -97,8 +98,12 @@ def discard_unsaved(run_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    (run_dir / "config.yaml").unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "state.tmp", ignore_errors=True)
+    for name in ("config.yaml", "state.tmp", *LOGGED):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def ensure_writable(folder: Path) -> None:

@@ -33,9 +33,17 @@ def test_output_dir_holding_a_run_is_refused_unless_overwrite(tiny_data: Path, t
     assert (run / "model.safetensors").read_bytes() == b"a previous run's weights"
     assert (run / "config.yaml").read_text() == "epochs: 9\n"
 
+    # The previous run's pictures and logs go too: TensorBoard would show both runs' curves as one.
+    (run / "samples.png").write_bytes(b"a previous run's picture")
+    (run / "logs" / "finetune").mkdir(parents=True)
+    (run / "logs" / "finetune" / "events.out.tfevents.previous").write_bytes(b"")
+    (run / "notes.txt").write_text("the user's own file")
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--overwrite"])
     assert read_metadata(run / "model.safetensors")["classes"] == ["cat", "dog", "hot dog"]
+    assert (run / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (run / "logs" / "finetune" / "events.out.tfevents.previous").exists()
+    assert (run / "notes.txt").read_text() == "the user's own file"
 
 
 def test_default_folder_moves_on_to_a_fresh_name(tmp_path: Path, monkeypatch):
@@ -79,6 +87,28 @@ def test_a_run_that_fails_before_its_first_save_leaves_nothing(tiny_data: Path, 
         assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
     else:
         assert not run.exists()
+
+
+def test_a_run_that_fails_in_its_first_epoch_leaves_no_pictures_or_logs(tiny_data: Path, tmp_path: Path,
+                                                                         monkeypatch):
+    """samples.png and the tracker's logs exist before the first save: a failed start removes them
+    too, so the folder does not look like a run, and the same command can be run again."""
+    from finetune import loop
+
+    def fail(*args, **kwargs):
+        raise UserError("the loss is NaN")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    monkeypatch.setattr(loop, "fit", fail)
+    with pytest.raises(UserError, match="NaN"), contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST])
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST])  # not "holds a previous run"
+    assert (run / "samples.png").exists() and (run / "model.safetensors").exists()
 
 
 def test_demo_written_at_once_by_two_nodes_sharing_a_home(tmp_path: Path, monkeypatch):
