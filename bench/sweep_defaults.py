@@ -5,9 +5,9 @@ val split, and tested on a test split no run sees. Prints the grid and the defau
     python bench/sweep_defaults.py            # the full sweep (about an hour on 2 cores)
     python bench/sweep_defaults.py --quick    # two cases, four recipes (the tests run it)
 
-Every run is cached in ``WORK/results.jsonl`` by case and flags, so an interrupted sweep goes on
-where it stopped, and the default's row reuses a grid run with the same settings. The default
-is whatever ``finetune.recipe`` resolves for the case, shown as explicit flags.
+Every run is cached in ``WORK/results.jsonl`` by case, flags, seed and a digest of the code, so an
+interrupted sweep goes on where it stopped, and one table never mixes two versions of the code.
+The default is whatever ``finetune.recipe`` resolves for the case, run with those explicit flags.
 
 Regret of a case: the best test accuracy in the grid minus the default's. Targets: worst-case
 regret <= 0.03, mean <= 0.01, and the default never below the chapter's own recipe.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -160,8 +161,23 @@ def run(case: Case, flags: list[str], fit: Path, test_dir: Path, work: Path, see
     return result
 
 
+def code_version() -> str:
+    """A digest of the code a run's result depends on: the package, this sweep and its datasets.
+    Part of every cache key, so that one table never mixes results of two versions (a change of
+    the eval preprocessing alone moved a 32 px case by 0.03)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.joinpath("finetune").rglob("*.py"), root / "bench" / "sweep_defaults.py",
+                        root / "bench" / "datasets.py"]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+CODE_VERSION = code_version()
+
+
 def key(case: Case, flags: list[str], seed: int) -> str:
-    return json.dumps([dataclasses.astuple(case), flags, seed])
+    return json.dumps([dataclasses.astuple(case), flags, seed, CODE_VERSION])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
