@@ -18,6 +18,7 @@ from finetune.images import oriented_size
 
 
 SMALL_IMAGE = 64  # px: below this short side, training images get no random crops
+SMALL_CROP = 64  # px: below this --image-size, AdamW's default rate is SMALL_CROP_ADAMW_LR
 SHORT_BUDGET = 3  # epochs: up to this many, AdamW; beyond, SGD
 
 
@@ -90,7 +91,7 @@ def choose(facts: DatasetFacts) -> list[Choice]:
 
 # Each optimizer's learning rate where --lr is not given: the best of each in the sweeps.
 LEARNING_RATES = {"adamw": 3e-4, "sgd": 1e-3}
-SMALL_CROP_ADAMW_LR = 1e-3  # AdamW's rate for crops under SMALL_IMAGE px
+SMALL_CROP_ADAMW_LR = 1e-3
 
 
 def learning_rate(optimizer: str, facts: DatasetFacts) -> Choice:
@@ -104,8 +105,8 @@ def learning_rate(optimizer: str, facts: DatasetFacts) -> Choice:
     # move further from the pretrained ones. In the sweep (3 seeds) AdamW at 1e-3 led at 32 px
     # (digits 0.851 against 0.771 at 3e-4; clothes 0.815 against 0.787) and trailed from 64 px up
     # (faces at 64 px 0.944 against 0.978; photos at 224 px 0.947 against 0.994).
-    if optimizer == "adamw" and facts.image_size < SMALL_IMAGE:
-        return Choice("lr", SMALL_CROP_ADAMW_LR, f"adamw's rate for crops under {SMALL_IMAGE} px")
+    if optimizer == "adamw" and facts.image_size < SMALL_CROP:
+        return Choice("lr", SMALL_CROP_ADAMW_LR, f"adamw's rate for crops under {SMALL_CROP} px")
     return Choice("lr", LEARNING_RATES[optimizer], f"{optimizer}'s rate")
 
 
