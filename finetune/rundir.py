@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import TrainConfig, save_yaml
@@ -65,12 +66,21 @@ def choose_run_dir(config: TrainConfig, data_dir: Path) -> Path:
     return next(candidate for candidate in names if not holds_run(candidate))
 
 
-def prepare_run_dir(config: TrainConfig, data_dir: Path) -> tuple[Path, bool]:
+@dataclass(frozen=True)
+class RunDir:
+    """The run folder, and what it held before this run (what ``discard_unsaved`` must keep)."""
+
+    path: Path
+    created: bool  # this run made the folder
+    kept: tuple[str, ...] = ()  # names of LOGGED that were there before this run (not its own)
+
+
+def prepare_run_dir(config: TrainConfig, data_dir: Path) -> RunDir:
     """Choose the run folder, create it, check it can be written before any training, clear a run
     it held if ``--overwrite``, save ``config.yaml``. Call on the main process only.
 
     Returns:
-        The folder, and whether this run created it (see ``discard_unsaved``).
+        The folder, whether this run created it, and the pictures and logs it already held.
 
     Raises:
         UserError: if the folder holds another run (``choose_run_dir``), or cannot be created or written.
@@ -87,18 +97,20 @@ def prepare_run_dir(config: TrainConfig, data_dir: Path) -> tuple[Path, bool]:
                 path.unlink()
     if not (config.resume and (run_dir / "config.yaml").exists()):  # a resume keeps the settings it started with
         save_yaml(config, run_dir / "config.yaml")
-    return run_dir, created
+    return RunDir(run_dir, created, tuple(name for name in LOGGED if (run_dir / name).exists()))
 
 
-def discard_unsaved(run_dir: Path, created: bool) -> None:
+def discard_unsaved(run: RunDir) -> None:
     """After a run failed: if it saved nothing, remove what it wrote (the folder too if it made it),
-    so that a failed start leaves no folder holding only ``config.yaml``."""
+    so that a failed start leaves no folder holding only ``config.yaml``, pictures or logs; what
+    the folder held before the run stays."""
+    run_dir = run.path
     if any((run_dir / name).exists() for name in SAVED):
         return
-    if created:
+    if run.created:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    for name in ("config.yaml", "state.tmp", *LOGGED):
+    for name in ("config.yaml", "state.tmp", *(n for n in LOGGED if n not in run.kept)):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

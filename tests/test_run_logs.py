@@ -19,7 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, ROOT, python_cmd, run_cmd
-from finetune import tracking
+from finetune import plots, tracking
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
 from finetune.engine import evaluate
@@ -85,7 +85,8 @@ def test_a_run_logs_its_curves_and_draws_its_pictures(tiny_data: Path, tmp_path:
     hparams = list((run / "logs" / tracking.PROJECT).glob("*/hparams.yml"))
     assert len(hparams) == 1 and "batch_size: 4" in hparams[0].read_text()
     # 3 classes, 6 images each, as loaded and augmented; two panels of curves.
-    assert png_size(run / "samples.png") == (820, 730)
+    cell_h, cell_w = plots.SAMPLE_CELL
+    assert png_size(run / "samples.png") == (160 + 6 * cell_w, 40 + 2 * 3 * cell_h + 10)
     assert png_size(run / "curves.png") == (750, 300)
 
 

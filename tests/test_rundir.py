@@ -92,19 +92,28 @@ def test_a_run_that_fails_before_its_first_save_leaves_nothing(tiny_data: Path, 
 def test_a_run_that_fails_in_its_first_epoch_leaves_no_pictures_or_logs(tiny_data: Path, tmp_path: Path,
                                                                          monkeypatch):
     """samples.png and the tracker's logs exist before the first save: a failed start removes them
-    too, so the folder does not look like a run, and the same command can be run again."""
+    too, so the folder does not look like a run and the same command can run again; what the
+    folder held before the run (here a logs/ of the user's own) stays."""
     from finetune import loop
 
     def fail(*args, **kwargs):
+        assert (run / "samples.png").exists() and not (run / "curves.png").exists()
         raise UserError("the loss is NaN")
 
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "notes.txt").write_text("mine")
+    (run / "logs").mkdir(parents=True)
+    (run / "logs" / "mine.txt").write_text("the user's own log")
     monkeypatch.setattr(loop, "fit", fail)
     with pytest.raises(UserError, match="NaN"), contextlib.redirect_stdout(io.StringIO()):
-        train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST])
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+        train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--log-with", "none"])
+    assert sorted(p.name for p in run.iterdir()) == ["logs"]
+    assert [p.name for p in (run / "logs").iterdir()] == ["mine.txt"]
+
+    (run / "logs" / "mine.txt").unlink()
+    (run / "logs").rmdir()
+    with pytest.raises(UserError, match="NaN"), contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST])  # TensorBoard writes logs/
+    assert list(run.iterdir()) == []
     monkeypatch.undo()
     with contextlib.redirect_stdout(io.StringIO()):
         train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST])  # not "holds a previous run"

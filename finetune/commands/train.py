@@ -89,13 +89,14 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
         report.print("recipe: " + "; ".join(f"--{c.name.replace('_', '-')} {c.value:g} ({c.why})"
                                             if isinstance(c.value, float) else
                                             f"--{c.name.replace('_', '-')} {c.value} ({c.why})" for c in made))
-    run_dir, created = main_decides(accelerator, lambda: prepare_run_dir(config, data_dir))
+    run = main_decides(accelerator, lambda: prepare_run_dir(config, data_dir))
+    run_dir = run.path
     try:
         return train_into(run_dir, config, accelerator, report, data_dir, splits, stop, keep_process_group,
                           skipped_before=len(exclude))
     except BaseException:
         if accelerator.is_main_process:  # a run that fails before its first save leaves nothing behind
-            discard_unsaved(run_dir, created)
+            discard_unsaved(run)
         raise
 
 
