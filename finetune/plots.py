@@ -178,7 +178,7 @@ def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[s
     from finetune.images import load_rgb
 
     picks = pick_samples([t for _, t in samples], len(classes), seed=seed)
-    loaded = [[thumbnail(np.asarray(load_rgb(samples[i][0], reduce_to=(160, 160)))) for i in idx] for _, idx in picks]
+    loaded = [[np.asarray(load_rgb(samples[i][0], reduce_to=(160, 160))) for i in idx] for _, idx in picks]
     seen = [[np.asarray(model_view(i).permute(1, 2, 0)) for i in idx] for _, idx in picks]
     return samples_png([classes[c] for c, _ in picks], loaded, seen)
 
@@ -323,13 +323,21 @@ def save_png(path: str | Path, png: bytes) -> None:
     atomic_write_bytes(path, png)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def png_size(png: bytes) -> tuple[int, int]:
     """(width, height) of PNG bytes, from their header."""
-    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+    if png[:8] != PNG_SIGNATURE or png[12:16] != b"IHDR":
         raise ValueError("not PNG bytes")
     return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 
 
-def png_has_alpha(png: bytes) -> bool:
-    """Whether PNG bytes hold an alpha channel (colour types 4 and 6)."""
-    return png[25] in (4, 6)
+def png_channels(png: bytes) -> int:
+    """The channels PNG bytes decode to: 1 grey, 2 grey and alpha, 3 RGB, 4 RGBA (a palette with a
+    transparency chunk counts as RGBA), as TensorBoard's image colorspace numbers them."""
+    png_size(png)  # checks the header
+    colour_type = png[25]
+    if colour_type == 3:
+        return 4 if b"tRNS" in png[:png.find(b"IDAT")] else 3
+    return {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from finetune.config import TrainConfig, save_yaml
 from finetune.errors import UserError
@@ -89,12 +90,11 @@ def prepare_run_dir(config: TrainConfig, data_dir: Path) -> RunDir:
     created = not run_dir.exists()
     ensure_writable(run_dir)
     if config.overwrite:
-        for name in RUN_FILES + LOGGED:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        remove(run_dir, RUN_FILES + LOGGED)
+    elif config.resume and (run_dir / "config.yaml").exists() and not any((run_dir / n).exists() for n in SAVED):
+        # An attempt of this run that stopped before its first save: it starts again from the
+        # beginning, and its pictures and logs would show twice.
+        remove(run_dir, LOGGED)
     if not (config.resume and (run_dir / "config.yaml").exists()):  # a resume keeps the settings it started with
         save_yaml(config, run_dir / "config.yaml")
     return RunDir(run_dir, created, tuple(name for name in LOGGED if (run_dir / name).exists()))
@@ -110,8 +110,13 @@ def discard_unsaved(run: RunDir) -> None:
     if run.created:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
-    for name in ("config.yaml", "state.tmp", *(n for n in LOGGED if n not in run.kept)):
-        path = run_dir / name
+    remove(run_dir, ("config.yaml", "state.tmp", *(n for n in LOGGED if n not in run.kept)))
+
+
+def remove(folder: Path, names: Sequence[str]) -> None:
+    """Remove these files and folders of ``folder`` where they exist."""
+    for name in names:
+        path = folder / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

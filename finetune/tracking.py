@@ -10,6 +10,7 @@ them again.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import time
 from pathlib import Path
@@ -97,20 +98,27 @@ def start_trackers(accelerator: Accelerator, name: str, log_dir: Path, run_name:
 def log_png(accelerator: Accelerator, tag: str, png: bytes, step: int) -> None:
     """Send a picture (PNG bytes) to TensorBoard's images tab, where TensorBoard is a tracker.
 
-    The PNG goes into the event file as it is: an image summary holds PNG bytes, and TensorBoard's
-    own ``add_images`` would take pixels and encode them again (70 ms for curves.png, each epoch).
+    The PNG goes into the event file as it is: an image summary holds PNG bytes, and the writer's
+    ``add_images`` would take pixels and encode them again (70 ms for curves.png, each epoch).
     """
     if not accelerator.is_main_process:
         return
     for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            from tensorboard.compat.proto.summary_pb2 import Summary
+        if tracker.name != "tensorboard":
+            continue
+        file_writer = getattr(tracker.writer, "file_writer", None)
+        if file_writer is None:  # tensorboardX's writer (Accelerate's fallback): it takes pixels
+            from PIL import Image
 
-            width, height = plots.png_size(png)
-            image = Summary.Image(height=height, width=width, colorspace=4 if plots.png_has_alpha(png) else 3,
-                                  encoded_image_string=png)
-            tracker.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
-            tracker.writer.flush()
+            with Image.open(io.BytesIO(png)) as img:
+                tracker.log_images({tag: np.asarray(img.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+            continue
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        width, height = plots.png_size(png)
+        image = Summary.Image(height=height, width=width, colorspace=plots.png_channels(png), encoded_image_string=png)
+        file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        tracker.writer.flush()
 
 
 def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -228,9 +236,10 @@ class RunLog:
                              enabled=config.log_with != "none")
         self.accelerator, self.run_dir = accelerator, run_dir
         self.draws = config.plots and accelerator.is_main_process
+        self.fresh = resumed_from is None
 
     def draw_samples(self, train: Any, loader_dataset: Any, pre: Any, seed: int) -> None:
-        """``samples.png`` (``plots.training_samples_png``) at a run's first start.
+        """``samples.png`` (``plots.training_samples_png``) at a run's start (on a resume, only if missing).
 
         Args:
             train: the training ImageFolder.
@@ -238,7 +247,7 @@ class RunLog:
             seed: which images are drawn.
         """
         path = self.run_dir / "samples.png"
-        if self.draws and not path.exists():
+        if self.draws and (self.fresh or not path.exists()):
             view = model_view(loader_dataset, train, pre)
             self._picture("samples", plots.training_samples_png(train.samples, train.classes, view, seed), step=0)
 

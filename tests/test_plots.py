@@ -107,4 +107,16 @@ def test_save_png_is_atomic_and_reports_an_unwritable_folder(tmp_path: Path):
     with pytest.raises(UserError, match="cannot save"):
         plots.save_png(tmp_path / "missing" / "curves.png", png)
     with Image.open(io.BytesIO(png)) as img:
-        assert img.size == plots.png_size(png) == (750, 300) and plots.png_has_alpha(png) == (img.mode == "RGBA")
+        assert img.size == plots.png_size(png) == (750, 300)
+
+
+@pytest.mark.parametrize("mode, transparency, channels", [("L", None, 1), ("LA", None, 2), ("RGB", None, 3),
+                                                          ("RGBA", None, 4), ("P", None, 3), ("P", 0, 4)])
+def test_png_channels_are_read_from_the_header(mode: str, transparency, channels: int):
+    buffer = io.BytesIO()
+    extra = {} if transparency is None else {"transparency": transparency}
+    Image.new(mode, (5, 3)).save(buffer, format="PNG", **extra)
+    png = buffer.getvalue()
+    assert plots.png_size(png) == (5, 3) and plots.png_channels(png) == channels
+    with pytest.raises(ValueError, match="not PNG"):
+        plots.png_size(b"GIF89a" + png[6:])

@@ -120,6 +120,25 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_no_pictures_or_logs(tiny_dat
     assert (run / "samples.png").exists() and (run / "model.safetensors").exists()
 
 
+def test_a_resume_of_a_run_that_never_saved_starts_its_logs_afresh(tiny_data: Path, tmp_path: Path):
+    """A run killed in its first epoch left config.yaml, samples.png and TensorBoard events: --resume
+    starts from the beginning, and the killed attempt's points would show beside the new ones."""
+    run = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST])
+    shutil.rmtree(run / "state")  # as if killed before its first save
+    (run / "model.safetensors").unlink()
+    (run / "best.safetensors").unlink(missing_ok=True)
+    (run / "logs" / "finetune" / "events.out.tfevents.killed").write_bytes(b"")
+    (run / "samples.png").write_bytes(b"a picture of the killed attempt")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--resume"])
+    assert "no saved state" in out.getvalue()
+    assert not (run / "logs" / "finetune" / "events.out.tfevents.killed").exists()
+    assert (run / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_demo_written_at_once_by_two_nodes_sharing_a_home(tmp_path: Path, monkeypatch):
     """Another node finishing the demo dataset between this one's writing and renaming is no error."""
     from finetune import demo

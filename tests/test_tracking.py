@@ -104,6 +104,20 @@ def test_pictures_go_to_the_images_tab(tmp_path: Path):
         assert shown.size == (40, 30) and shown.getpixel((5, 5)) == (255, 0, 0, 255)
 
 
+def test_a_writer_that_takes_only_pixels_gets_pixels(tmp_path: Path):
+    """Accelerate falls back to tensorboardX's writer, which has no torch file writer to take PNG bytes."""
+    accelerator = Accelerator(cpu=True)
+    tracking.start_trackers(accelerator, "tensorboard", tmp_path / "logs", "run")
+    tracker = accelerator.get_tracker("tensorboard")
+    taken = []
+    tracker.writer.file_writer = None
+    tracker.log_images = lambda values, step, **kwargs: taken.append((values["samples"].shape, step, kwargs))
+    buffer = io.BytesIO()
+    Image.new("RGBA", (40, 30)).save(buffer, format="PNG")
+    tracking.log_png(accelerator, "samples", buffer.getvalue(), step=0)
+    assert taken == [((1, 30, 40, 3), 0, {"dataformats": "NHWC"})]
+
+
 def test_a_missing_tracker_package_is_one_line_naming_it(monkeypatch):
     import accelerate.tracking
 

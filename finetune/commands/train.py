@@ -155,9 +155,8 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
     final = progress.history[-1] if progress.history else {}
     skipped = session.skipped.named if session.skipped else {}
     if skipped or skipped_before:
-        report.print(f"--bad-data skip left out {skipped_before + len(skipped)} image(s) in all, each named "
-                     f"above: {skipped_before} found before the run, {len(skipped)} this process could not "
-                     "decode during it")
+        report.print(f"--bad-data skip left out {skipped_before} image(s) found before the run and "
+                     f"{len(skipped)} this process could not decode during it (see above)")
     best = progress.history[progress.best_epoch - 1] if progress.best_epoch else {}
     if "val_acc" in best:
         report.print(f"best.safetensors: epoch {best['epoch']}, chosen on validation accuracy "
