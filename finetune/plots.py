@@ -183,29 +183,65 @@ def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[s
     return samples_png([classes[c] for c, _ in picks], loaded, seen)
 
 
-def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
-    """Loss and accuracy per epoch from a run's history rows (``epoch``, ``train_loss``,
-    ``train_acc``, ``test_acc``, and ``test_loss`` where present)."""
-    def draw():
-        epochs = [row["epoch"] for row in history]
+class Curves:
+    """``curves.png`` of a training run, redrawn after each epoch: loss and accuracy per epoch from
+    the run's history rows (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``, and
+    ``test_loss`` where present).
+
+    The figure is built once and its lines updated: a fresh figure each epoch cost twice the time
+    (its axes, ticks and legend made again), most of the pictures' share of an epoch.
+    """
+
+    KEYS = (("loss", "train_loss", "train loss"), ("loss", "test_loss", "test loss"),
+            ("accuracy", "train_acc", "train accuracy"), ("accuracy", "test_acc", "test accuracy"))
+
+    def __init__(self) -> None:
+        self._fig: Any = None
+        self._lines: dict[str, Any] = {}
+
+    def png(self, history: Sequence[dict[str, Any]]) -> bytes:
+        """The picture of ``history`` (all epochs so far), as PNG bytes."""
+        import matplotlib
+
+        with matplotlib.rc_context(_style()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="findfont")
+            if self._fig is None:
+                self._build(with_test_loss=all("test_loss" in row for row in history))
+            epochs = [row["epoch"] for row in history]
+            for key, line in self._lines.items():
+                line.set_data(epochs, [row[key] for row in history])
+                line.set_marker("o" if len(epochs) < 30 else "None")
+            for ax in self._axes.values():
+                ax.relim()
+                ax.autoscale_view()
+            self._axes["accuracy"].set_ylim(-0.02, 1.02)
+            buffer = io.BytesIO()
+            self._fig.savefig(buffer, format="png")
+            return buffer.getvalue()
+
+    def _build(self, with_test_loss: bool) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
         fig = _figure(7.5, 3.0, layout=None)
+        FigureCanvasAgg(fig)
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.91, wspace=0.2)
         loss_ax, acc_ax = fig.subplots(1, 2)
-        marker = "o" if len(epochs) < 30 else None
-        loss_ax.plot(epochs, [row["train_loss"] for row in history], marker=marker, label="train loss")
-        if all("test_loss" in row for row in history):
-            loss_ax.plot(epochs, [row["test_loss"] for row in history], marker=marker, label="test loss")
-        acc_ax.plot(epochs, [row["train_acc"] for row in history], marker=marker, label="train accuracy")
-        acc_ax.plot(epochs, [row["test_acc"] for row in history], marker=marker, label="test accuracy")
-        acc_ax.set_ylim(-0.02, 1.02)
-        for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        self._axes = {"loss": loss_ax, "accuracy": acc_ax}
+        for panel, key, label in self.KEYS:
+            if key != "test_loss" or with_test_loss:
+                self._lines[key] = self._axes[panel].plot([], [], label=label)[0]
+        for title, ax in self._axes.items():
             ax.set_xlabel("epoch")
             ax.set_title(title)
             ax.grid(alpha=0.3)
             ax.legend()
             ax.xaxis.get_major_locator().set_params(integer=True)
-        return fig
-    return _render(draw)
+        self._fig = fig
+
+
+def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
+    """``Curves`` drawn once: the picture of a finished run's ``history``."""
+    return Curves().png(history)
 
 
 def study_curves_png(histories: dict[str, Sequence[dict[str, Any]]]) -> bytes:

@@ -237,6 +237,7 @@ class RunLog:
         self.accelerator, self.run_dir = accelerator, run_dir
         self.draws = config.plots and accelerator.is_main_process
         self.fresh = resumed_from is None
+        self.curves = plots.Curves()
 
     def draw_samples(self, train: Any, loader_dataset: Any, pre: Any, seed: int) -> None:
         """``samples.png`` (``plots.training_samples_png``) at a run's start (on a resume, only if missing).
@@ -259,7 +260,7 @@ class RunLog:
         row = history[-1]
         self.accelerator.log({tag: row[key] for key, tag in EPOCH_TAGS.items() if key in row}, step=step)
         if self.draws:
-            self._picture("curves", plots.curves_png(history), step)
+            self._picture("curves", self.curves.png(history), step)
 
     def _picture(self, name: str, png: bytes, step: int) -> None:
         plots.save_png(self.run_dir / f"{name}.png", png)

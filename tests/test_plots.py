@@ -48,6 +48,16 @@ def test_samples_grid_shows_each_class_as_loaded_and_augmented():
     assert (pixels[40 + 115 + 5:40 + 2 * 115 - 5, 160 + 3 * 110 + 5:160 + 4 * 110 - 5] == 255).all()  # no 4th image
 
 
+def test_curves_redrawn_each_epoch_are_the_picture_drawn_afresh():
+    history = [{"epoch": e, "train_loss": 3 / e, "train_acc": 0.2 + e / 20, "test_acc": 0.1 + e / 20,
+                "test_loss": 2.5 / e} for e in range(1, 6)]
+    curves = plots.Curves()
+    for n in range(1, 6):  # the run's own figure, updated epoch by epoch, against a fresh one
+        redrawn = np.asarray(decoded(curves.png(history[:n])).convert("RGB")).astype(int)
+        fresh = np.asarray(decoded(plots.curves_png(history[:n])).convert("RGB")).astype(int)
+        assert (np.abs(redrawn - fresh).max(axis=-1) > 8).mean() < 0.002, n  # the same axes, ticks and lines
+
+
 def test_curves_have_one_point_per_epoch_and_a_fixed_size():
     history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 20, "test_acc": 0.4 + e / 20,
                 "test_loss": 1.2 / e} for e in range(1, 4)]
