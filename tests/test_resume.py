@@ -53,7 +53,8 @@ def copy_of(stopped_run, tmp_path: Path) -> tuple[Path, Path]:
                             r"2 = 1 process\(es\) x 2 x 1 .*keep processes x --batch-size x --grad-accum-steps at 4"),
     (["--epochs", "3"], r"--epochs changed \(2 -> 3\)"),
     (["--model", "resnet18"], r"--model changed \(mobilenet_v3_small -> resnet18\)"),
-    (["--lr", "0.01", "--seed", "1"], r"--lr changed \(0.0003 -> 0.01\); --seed changed \(0 -> 1\)"),
+    # AdamW's rate at the 32 px crops of these runs (recipe.SMALL_CROP_ADAMW_LR), changed to 0.01:
+    (["--lr", "0.01", "--seed", "1"], r"--lr changed \(0.001 -> 0.01\); --seed changed \(0 -> 1\)"),
     (["--data", "OTHER"], r"the data changed"),
     (["--data", "FEWER"], r"the classes changed \(3: cat, dog, hot dog -> 2: cat, dog\)"),
 ])
