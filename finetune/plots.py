@@ -201,29 +201,23 @@ class Curves:
 
     def png(self, history: Sequence[dict[str, Any]]) -> bytes:
         """The picture of ``history`` (all epochs so far), as PNG bytes."""
-        import matplotlib
+        return _render(self._update, history)
 
-        with matplotlib.rc_context(_style()), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="findfont")
-            if self._fig is None:
-                self._build(with_test_loss=all("test_loss" in row for row in history))
-            epochs = [row["epoch"] for row in history]
-            for key, line in self._lines.items():
-                line.set_data(epochs, [row[key] for row in history])
-                line.set_marker("o" if len(epochs) < 30 else "None")
-            for ax in self._axes.values():
-                ax.relim()
-                ax.autoscale_view()
-            self._axes["accuracy"].set_ylim(-0.02, 1.02)
-            buffer = io.BytesIO()
-            self._fig.savefig(buffer, format="png")
-            return buffer.getvalue()
+    def _update(self, history: Sequence[dict[str, Any]]) -> Any:
+        if self._fig is None:
+            self._build(with_test_loss=all("test_loss" in row for row in history))
+        epochs = [row["epoch"] for row in history]
+        for key, line in self._lines.items():
+            line.set_data(epochs, [row[key] for row in history])
+            line.set_marker("o" if len(epochs) < 30 else "None")
+        for ax in self._axes.values():
+            ax.relim()
+            ax.autoscale_view()
+        self._axes["accuracy"].set_ylim(-0.02, 1.02)
+        return self._fig
 
     def _build(self, with_test_loss: bool) -> None:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
         fig = _figure(7.5, 3.0, layout=None)
-        FigureCanvasAgg(fig)
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.91, wspace=0.2)
         loss_ax, acc_ax = fig.subplots(1, 2)
         self._axes = {"loss": loss_ax, "accuracy": acc_ax}
