@@ -116,7 +116,10 @@ def test_preempted_job_saves_on_usr1_requeues_resumes_and_ends_with_the_same_wei
     print(f"USR1 to a saved state: {saved_after:.1f} s")
     assert 0 < saved_after < 30  # SLURM's default KillWait: the time a job gets after SIGTERM
     wait_for(job, 120, until=lambda info: info.get("Restarts") == "1" and info.get("JobState") == "PENDING")
-    # SLURM holds a requeued job for a while before it may start again; release it now.
+    # SLURM holds a requeued job for a while before it may start again; release it now. Not within
+    # the second of the requeue: slurmd revokes the job's old credential with a one-second clock and
+    # refuses a launch in that second ("Job credential revoked"), failing the job.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     info = wait_for(job, 300)
     log = log_of(tmp_path, job)
