@@ -197,6 +197,7 @@ class Curves:
 
     def __init__(self) -> None:
         self._fig: Any = None
+        self._axes: dict[str, Any] = {}
         self._lines: dict[str, Any] = {}
 
     def png(self, history: Sequence[dict[str, Any]]) -> bytes:

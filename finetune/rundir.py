@@ -40,6 +40,11 @@ def holds_run(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_FILES)
 
 
+def has_saved(folder: Path) -> bool:
+    """Whether a run in ``folder`` has saved a model or a state (what a failed start must not remove)."""
+    return any((folder / name).exists() for name in SAVED)
+
+
 def choose_run_dir(config: TrainConfig, data_dir: Path) -> Path:
     """The run folder: ``--output-dir``, else the default name, moved on to ``NAME-2``, ``NAME-3``...
     past folders that hold other runs (with ``--resume``: the newest of them).
@@ -89,13 +94,14 @@ def prepare_run_dir(config: TrainConfig, data_dir: Path) -> RunDir:
     run_dir = choose_run_dir(config, data_dir)
     created = not run_dir.exists()
     ensure_writable(run_dir)
+    resuming = config.resume and (run_dir / "config.yaml").exists()
     if config.overwrite:
         remove(run_dir, RUN_FILES + LOGGED)
-    elif config.resume and (run_dir / "config.yaml").exists() and not any((run_dir / n).exists() for n in SAVED):
+    elif resuming and not has_saved(run_dir):
         # An attempt of this run that stopped before its first save: it starts again from the
         # beginning, and its pictures and logs would show twice.
         remove(run_dir, LOGGED)
-    if not (config.resume and (run_dir / "config.yaml").exists()):  # a resume keeps the settings it started with
+    if not resuming:  # a resume keeps the settings it started with
         save_yaml(config, run_dir / "config.yaml")
     return RunDir(run_dir, created, tuple(name for name in LOGGED if (run_dir / name).exists()))
 
@@ -105,7 +111,7 @@ def discard_unsaved(run: RunDir) -> None:
     so that a failed start leaves no folder holding only ``config.yaml``, pictures or logs; what
     the folder held before the run stays."""
     run_dir = run.path
-    if any((run_dir / name).exists() for name in SAVED):
+    if has_saved(run_dir):
         return
     if run.created:
         shutil.rmtree(run_dir, ignore_errors=True)
