@@ -29,7 +29,7 @@ from finetune.commands import eval as eval_cmd
 from finetune.commands import train
 from bench.common import peak_rss_mib, quietly
 from bench.datasets import photo_folder as write_dataset
-from finetune.checkpoint import read_metadata
+from finetune.models.checkpoint import read_metadata
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

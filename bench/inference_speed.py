@@ -29,14 +29,14 @@ import torch
 
 from bench.common import quietly
 from bench.datasets import photo_folder
-from finetune.checkpoint import describe_checkpoint, save_checkpoint
+from finetune.models.checkpoint import describe_checkpoint, save_checkpoint
 from finetune.commands import eval as eval_cmd
 from finetune.commands import predict as predict_cmd
 from finetune.config import TrainConfig
-from finetune.export import export
-from finetune.inference import load_classifier
-from finetune.models import build_classifier, recorded_arch_kwargs
-from finetune.runtime import resolve_precision
+from finetune.models.export import export
+from finetune.models.inference import load_classifier
+from finetune.models.build import build_classifier, recorded_arch_kwargs
+from finetune.utils.runtime import resolve_precision
 
 MODEL, SIZE = "resnet18", 224
 

@@ -13,8 +13,8 @@ import torch
 from torchvision import transforms as v1
 from torchvision.transforms.v2 import functional as F
 
-from finetune import data
-from finetune.images import load_rgb, oriented_size
+from finetune.data import loader as data
+from finetune.data.images import load_rgb, oriented_size
 
 
 class TrainPreset:

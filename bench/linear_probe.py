@@ -18,7 +18,7 @@ from pathlib import Path
 
 from finetune.commands import train
 from bench.common import quietly
-from finetune.demo import demo_dataset
+from finetune.data.demo import demo_dataset
 
 
 def run(argv: list[str]) -> list[dict]:

@@ -33,7 +33,9 @@ from torch.utils.data import DataLoader
 
 from bench import legacy_presets
 from bench.datasets import photo_folder
-from finetune import data, folders, presets
+from finetune.data import loader as data
+from finetune.data import folders
+from finetune.data import presets
 
 SIZE, RESIZE = 224, 256
 # resnet18 at 224 px, bf16 + channels-last, on one H200: issue 13's estimate, not a measurement.

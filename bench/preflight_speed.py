@@ -24,9 +24,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from finetune.folders import class_folders, find_layout
-from finetune.listing import list_folder
-from finetune.preflight import apply_policy, check_dataset
+from finetune.data.folders import class_folders, find_layout
+from finetune.data.listing import list_folder
+from finetune.data.preflight import apply_policy, check_dataset
 
 CLASSES = 10
 TEST_SHARE = 10  # one image in ten goes to test/

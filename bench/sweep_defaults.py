@@ -7,7 +7,7 @@ val split, and tested on a test split no run sees. Prints the grid and the defau
 
 Every run is cached in ``WORK/results.jsonl`` by case, flags, seed and a digest of the code, so an
 interrupted sweep goes on where it stopped, and one table never mixes two versions of the code.
-The default is whatever ``finetune.recipe`` resolves for the case, run with those explicit flags.
+The default is whatever ``finetune.training.recipe`` resolves for the case, run with those explicit flags.
 
 Regret of a case: the best test accuracy in the grid minus the default's. Targets: worst-case
 regret <= 0.03, mean <= 0.01, and the default never below the chapter's own recipe.
@@ -34,13 +34,13 @@ import torch
 from finetune.commands import train
 from bench.common import quietly
 from bench.datasets import carve_val, digits, fashion_mnist, fit_folder, photos, textures
-from finetune import recipe
+from finetune.training import recipe
 from finetune.config import TrainConfig
-from finetune.data import make_eval_loader
-from finetune.folders import image_folder
-from finetune.demo import demo_dataset
-from finetune.presets import ModelInput, Preprocessing
-from finetune.study import CHAPTER_FLAGS
+from finetune.data.loader import make_eval_loader
+from finetune.data.folders import image_folder
+from finetune.data.demo import demo_dataset
+from finetune.data.presets import ModelInput, Preprocessing
+from finetune.training.study import CHAPTER_FLAGS
 
 CHAPTER = CHAPTER_FLAGS
 SGD = ["--optimizer", "sgd", "--lr", "0.001"]

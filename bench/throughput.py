@@ -26,7 +26,7 @@ from torchvision import datasets, models, transforms
 from finetune.commands import train
 from bench.common import peak_rss_mib, quietly
 from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_dataset
-from finetune.runtime import num_workers, resolve_precision
+from finetune.utils.runtime import num_workers, resolve_precision
 
 BATCH = 32  # the CPU figure; the GPU check also runs the chapter's 128
 # The GPU when there is one (train.py picks it by itself), else the CPU.

@@ -24,13 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from finetune.demo import demo_dataset
+from finetune.data.demo import demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TIMED = """
 import contextlib, functools, gc, io, resource, sys, time
-from finetune import tracking
+from finetune.report import tracking
 from finetune.commands import train
 
 def cpu():

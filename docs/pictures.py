@@ -14,7 +14,7 @@ from PIL import Image
 from bench.common import quietly
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
-from finetune.demo import demo_dataset
+from finetune.data.demo import demo_dataset
 
 DOCS = Path(__file__).resolve().parent
 

@@ -16,7 +16,7 @@ __all__ = ["__version__", "load_classifier", "train"]
 def __getattr__(name: str) -> Any:
     # Imported on first use: `import finetune` stays cheap (no torch) for the version and the commands' --help.
     if name == "load_classifier":
-        from finetune.inference import load_classifier
+        from finetune.models.inference import load_classifier
 
         return load_classifier
     if name == "train":

@@ -28,7 +28,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 # that --help and a bad flag answer before torch's seconds of import.
 OPTIMIZERS = ("sgd", "adamw")
 BAD_DATA_POLICIES = ("fail", "skip")
-TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "none")  # Accelerate's names (finetune.tracking)
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "none")  # Accelerate's names (finetune.report.tracking)
 AUGMENTS = ("auto", "classic", "mild", "crop", "flip", "none")  # presets.train_preset builds each
 SCHEDULES = ("cosine", "constant")  # optim.lr_factor
 
@@ -325,6 +325,6 @@ def parse_config(argv: Sequence[str] | None = None, cls: type = TrainConfig, des
 
 def save_yaml(config: Any, path: str | Path) -> None:
     """Write the resolved configuration as YAML (atomically)."""
-    from finetune.files import atomic_write_text
+    from finetune.utils.files import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

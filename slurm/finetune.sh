@@ -103,7 +103,7 @@ srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes="$SLURM_NNODES" --cpus-per
     echo "error: node $SLURM_NODEID has $local_gpus GPU(s) for $local_nproc process(es), the first node $NPROC: ask every node for the same count (sbatch --gpus-per-node)" >&2
     exit 2
   fi
-  exec "$PYTHON" -m finetune.launch --config_file launch/multi_node.yaml \
+  exec "$PYTHON" -m finetune.commands.launch --config_file launch/multi_node.yaml \
     --num_machines "$SLURM_NNODES" --num_processes "$WORLD" --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
     "$SCRIPT" --resume "$@"' finetune "$@" &

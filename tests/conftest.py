@@ -82,9 +82,9 @@ def write_checkpoint(path: Path, classes: list[str], model: str = "mobilenet_v3_
     make. ``meta`` overrides metadata entries (e.g. ``interpolation="bicubic"``)."""
     import torch
 
-    from finetune.checkpoint import describe_checkpoint, save_checkpoint
+    from finetune.models.checkpoint import describe_checkpoint, save_checkpoint
     from finetune.config import TrainConfig
-    from finetune.models import build_classifier, recorded_arch_kwargs
+    from finetune.models.build import build_classifier, recorded_arch_kwargs
 
     torch.manual_seed(seed)
     clf = build_classifier(model, weights, classes, image_size=image_size)
@@ -109,7 +109,7 @@ def train_until_stopped(argv: list[str], monkeypatch: pytest.MonkeyPatch, *, opt
     import contextlib
     import io
 
-    import finetune.loop as loop
+    import finetune.training.loop as loop
     from finetune.commands import train
     from finetune.errors import Stopped
 

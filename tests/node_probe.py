@@ -10,10 +10,10 @@ from pathlib import Path
 
 import skimage.data
 
-from finetune import weights
+from finetune.models import weights
 from finetune.commands import train
 from finetune.config import TrainConfig
-from finetune.runtime import build_accelerator
+from finetune.utils.runtime import build_accelerator
 
 out = Path(sys.argv[1])
 rank = os.environ["RANK"]

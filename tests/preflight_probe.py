@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from finetune import preflight
+from finetune.data import preflight
 from finetune.commands import train
 from finetune.errors import UserError
-from finetune.runtime import build_accelerator
+from finetune.utils.runtime import build_accelerator
 
 out, data, policy = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 read = []

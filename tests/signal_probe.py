@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-import finetune.loop as loop
-import finetune.models
+import finetune.training.loop as loop
+import finetune.models.build
 from finetune.commands import train
 from finetune.errors import run_cli
 
@@ -45,7 +45,7 @@ def before(module, name: str, condition=lambda *args: True) -> None:
 
 
 if when == "startup":
-    before(finetune.models, "build_classifier")  # train.py imports it when it runs
+    before(finetune.models.build, "build_classifier")  # train.py imports it when it runs
 elif when.startswith("step:"):
     step = int(when.split(":")[1])
     original_after_step = loop.after_step

@@ -17,11 +17,11 @@ from PIL import Image
 from torchvision.models import get_model, get_model_weights
 
 from conftest import within_rounding
-from finetune.models import arch_kwargs, classification_models, size_kwargs
-from finetune.optim import param_groups
-from finetune.presets import ModelInput, Preprocessing
-from finetune.surgery import backbone_blocks, find_head, freeze, replace_head
-from finetune.weights import torchvision_info
+from finetune.models.build import arch_kwargs, classification_models, size_kwargs
+from finetune.training.optim import param_groups
+from finetune.data.presets import ModelInput, Preprocessing
+from finetune.models.surgery import backbone_blocks, find_head, freeze, replace_head
+from finetune.models.weights import torchvision_info
 
 MODELS = classification_models()
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from conftest import FAST, write_truncated_jpeg
-from finetune.checkpoint import read_metadata
+from finetune.models.checkpoint import read_metadata
 from finetune.commands import train
-from finetune.session import inverse_frequency_weights
+from finetune.training.session import inverse_frequency_weights
 
 
 def test_images_that_fail_during_the_run_are_skipped_named_once_and_counted(tiny_data: Path, tmp_path: Path):

@@ -122,7 +122,7 @@ def test_help_says_each_default_once():
 
 
 def test_optimizer_choices_are_the_ones_optim_knows():
-    from finetune import optim
+    from finetune.training import optim
     from finetune.config import OPTIMIZERS
 
     assert set(OPTIMIZERS) == set(optim.OPTIMIZERS)

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from conftest import write_image_folder
-from finetune.data import EpochSampler, SeededDataset
-from finetune.folders import image_folder, load_splits
-from finetune.images import load_rgb
-from finetune.presets import EvalPreset, ModelInput, TrainPreset
+from finetune.data.loader import EpochSampler, SeededDataset
+from finetune.data.folders import image_folder, load_splits
+from finetune.data.images import load_rgb
+from finetune.data.presets import EvalPreset, ModelInput, TrainPreset
 from finetune.errors import UserError
 
 
@@ -211,7 +211,7 @@ def test_every_format_pillow_opens_is_loaded_and_other_files_are_named(tmp_path:
     import numpy as np
     from PIL import Image
 
-    from finetune.images import load_rgb
+    from finetune.data.images import load_rgb
 
     data = tmp_path / "data"
     pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
@@ -233,7 +233,7 @@ def test_every_format_pillow_opens_is_loaded_and_other_files_are_named(tmp_path:
     with pytest.raises(UserError, match=r"class 'texts' .* has no images \(1 file\(s\) of types Pillow cannot open: .heic x1\)"):
         load_splits(data)
 def test_each_augmentation_choice_builds_its_preset(tmp_path: Path):
-    from finetune.presets import EvalPreset, Preprocessing, RandomCropPreset, train_preset
+    from finetune.data.presets import EvalPreset, Preprocessing, RandomCropPreset, train_preset
 
     pre = Preprocessing(32, 36, (0.5,) * 3, (0.5,) * 3)
     assert train_preset("classic", pre).scale == (0.08, 1.0)

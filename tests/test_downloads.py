@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cmd, write_image_folder
-from finetune.downloads import Archive, download_dataset
+from finetune.data.downloads import Archive, download_dataset
 from finetune.errors import UserError
 
 
@@ -51,5 +51,5 @@ def test_download_failures_are_one_line_and_leave_nothing(tmp_path: Path, case: 
 
 
 def test_command_names_unknown_datasets(tmp_path: Path):
-    proc = run_cmd([sys.executable, "-m", "finetune.downloads", "cifar"], env={"FINETUNE_CACHE": str(tmp_path)})
+    proc = run_cmd([sys.executable, "-m", "finetune.data.downloads", "cifar"], env={"FINETUNE_CACHE": str(tmp_path)})
     assert proc.returncode == 2 and "unknown dataset 'cifar'; available: hotdog" in proc.stderr

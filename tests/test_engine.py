@@ -7,8 +7,8 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
-from finetune.engine import SYNC_EVERY_STEPS, NonFiniteLossError, Trainer, earliest_bad_step, step_seed
-from finetune.runtime import build_accelerator
+from finetune.training.engine import SYNC_EVERY_STEPS, NonFiniteLossError, Trainer, earliest_bad_step, step_seed
+from finetune.utils.runtime import build_accelerator
 
 
 @pytest.mark.parametrize("per_process, expected", [
@@ -65,7 +65,7 @@ def test_step_seeds_are_valid_torch_seeds_for_every_accepted_seed(seed: int):
 
 
 def test_recalibrated_batchnorm_holds_the_exact_statistics_of_the_training_images():
-    from finetune.engine import recalibrate_batchnorm
+    from finetune.training.engine import recalibrate_batchnorm
 
     accelerator = build_accelerator("no")
     torch.manual_seed(0)

@@ -68,12 +68,12 @@ def test_eval_agrees_with_the_training_test_pass(tiny_data: Path, tmp_path: Path
 
     import torch
 
-    from finetune.data import make_eval_loader
-    from finetune.folders import image_folder
-    from finetune.engine import evaluate
-    from finetune.inference import load_classifier
-    from finetune.presets import ModelInput
-    from finetune.runtime import build_accelerator
+    from finetune.data.loader import make_eval_loader
+    from finetune.data.folders import image_folder
+    from finetune.training.engine import evaluate
+    from finetune.models.inference import load_classifier
+    from finetune.data.presets import ModelInput
+    from finetune.utils.runtime import build_accelerator
 
     with contextlib.redirect_stdout(io.StringIO()):
         result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,

@@ -18,7 +18,7 @@ from skimage import data as skdata
 from conftest import python_cmd, run_cmd, write_checkpoint
 from finetune.commands import export as export_cmd
 from finetune.errors import UserError
-from finetune.inference import load_classifier
+from finetune.models.inference import load_classifier
 
 CLASSES = ["cat", "coffee", "astronaut", "rocket"]
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "camera")
@@ -109,7 +109,7 @@ def test_torchscript_and_exported_program_reload_without_the_project(pretrained:
 
 
 def test_the_command_knows_the_formats_export_writes():
-    from finetune import export
+    from finetune.models import export
 
     assert export_cmd.FORMATS == export.FORMATS
 

@@ -13,8 +13,8 @@ from torchvision.models import get_model
 
 from finetune.commands import train
 from conftest import FAST
-from finetune.features import probe_module
-from finetune.surgery import find_head, replace_head
+from finetune.training.features import probe_module
+from finetune.models.surgery import find_head, replace_head
 
 
 def test_probe_module_per_family():

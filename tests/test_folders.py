@@ -1,4 +1,4 @@
-"""Finding splits and carving held-out parts (finetune.folders) on folders written here."""
+"""Finding splits and carving held-out parts (finetune.data.folders) on folders written here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import write_image_folder
 from finetune.errors import UserError
-from finetune.folders import carve, image_folder, load_splits, split_fingerprint
+from finetune.data.folders import carve, image_folder, load_splits, split_fingerprint
 
 
 def counts(ds) -> dict[str, int]:
@@ -105,7 +105,7 @@ def quiet(main, argv: list[str]) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_best_checkpoint_is_chosen_on_val_and_reports_that_epochs_test_accuracy(tmp_path: Path):
     from conftest import FAST
-    from finetune.checkpoint import read_metadata
+    from finetune.models.checkpoint import read_metadata
     from finetune.commands import train
 
     data = tmp_path / "data"
@@ -132,7 +132,7 @@ def test_flat_folder_trains_and_eval_sees_exactly_the_held_out_files(tmp_path: P
     import json
 
     from conftest import FAST
-    from finetune.checkpoint import read_metadata
+    from finetune.models.checkpoint import read_metadata
     from finetune.commands import eval as eval_cmd
     from finetune.commands import train
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from finetune.commands import train
-from finetune.engine import SYNC_EVERY_STEPS
+from finetune.training.engine import SYNC_EVERY_STEPS
 from conftest import FAST, write_image_folder
 
 LOOP_FILES = ("engine.py", "session.py", "loop.py", "preemption.py", "tracking.py")

@@ -12,11 +12,12 @@ from torchvision.models import EfficientNet_B0_Weights, ResNet18_Weights
 
 import finetune
 from conftest import within_rounding, write_checkpoint, write_image_folder
-from finetune import inference, load_classifier
+from finetune.models import inference
+from finetune import load_classifier
 from finetune.commands import eval as eval_cmd
 from finetune.errors import UserError
-from finetune.presets import ModelInput
-from finetune.weights import torchvision_info
+from finetune.data.presets import ModelInput
+from finetune.models.weights import torchvision_info
 
 CLASSES = ["cat", "dog", "hot dog"]
 

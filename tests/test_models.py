@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from torchvision.models import get_model
 
-from finetune.checkpoint import save_checkpoint
+from finetune.models.checkpoint import save_checkpoint
 from finetune.errors import UserError
-from finetune.models import build_classifier, build_pretrained
-from finetune.weights import ensure_cached
-from finetune.presets import EvalPreset, ModelInput, Preprocessing
+from finetune.models.build import build_classifier, build_pretrained
+from finetune.models.weights import ensure_cached
+from finetune.data.presets import EvalPreset, ModelInput, Preprocessing
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_unreachable_download_is_one_line_saying_how_to_get_the_weights(hub_dir:
     class Unreachable:
         url = "http://127.0.0.1:9/resnet18-f37072fd.pth"  # port 9 refuses at once
 
-    with pytest.raises(UserError, match="cannot download pretrained weights.*python -m finetune.fetch") as err:
+    with pytest.raises(UserError, match="cannot download pretrained weights.*python -m finetune.commands.fetch") as err:
         ensure_cached(Unreachable())
     assert "\n" not in str(err.value) and str(hub_dir) in str(err.value)
 
@@ -104,11 +104,11 @@ def test_bad_freeze_spec_is_a_user_error():
 def test_fetch_command_puts_weights_in_the_hub_cache(tmp_path: Path):
     from conftest import run_cmd
 
-    proc = run_cmd([sys.executable, "-m", "finetune.fetch", "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1"],
+    proc = run_cmd([sys.executable, "-m", "finetune.commands.fetch", "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1"],
                    env={"TORCH_HOME": str(tmp_path / "torch")})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth").is_file()
-    proc = run_cmd([sys.executable, "-m", "finetune.fetch", "--model", "resnet18", "--weights", "IMAGENET9K"],
+    proc = run_cmd([sys.executable, "-m", "finetune.commands.fetch", "--model", "resnet18", "--weights", "IMAGENET9K"],
                    env={"TORCH_HOME": str(tmp_path / "torch")})
     assert proc.returncode == 2 and "has no weights 'IMAGENET9K'" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -116,7 +116,7 @@ def test_fetch_command_puts_weights_in_the_hub_cache(tmp_path: Path):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "regnet_x_400mf",
                                   "googlenet", "convnext_tiny"])
 def test_fusing_for_inference_keeps_the_outputs(name):
-    from finetune.models import build_for_checkpoint, fuse_for_inference
+    from finetune.models.build import build_for_checkpoint, fuse_for_inference
 
     torch.manual_seed(0)
     net = build_for_checkpoint(name, 5).eval()
@@ -136,7 +136,7 @@ def test_offline_copy_is_checked_against_the_full_sha256(hub_dir: Path, tmp_path
     import hashlib
     import importlib.util
 
-    from finetune import weights as models
+    from finetune.models import weights as models
 
     package, inner, sha256 = models.OFFLINE_MIRRORS["mobilenet_v2-b0353104.pth"]
     spec = importlib.util.find_spec(package)

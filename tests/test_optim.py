@@ -2,8 +2,8 @@ import pytest
 import torch
 from torchvision.models import get_model
 
-from finetune.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
-from finetune.surgery import find_head, freeze, replace_head
+from finetune.training.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
+from finetune.models.surgery import find_head, freeze, replace_head
 
 
 def groups_by_name(model, **kwargs):
@@ -62,7 +62,7 @@ def test_scheduler_scales_every_group():
 
 
 def test_lp_ft_holds_the_backbone_still_while_the_head_trains():
-    from finetune.optim import lr_factor
+    from finetune.training.optim import lr_factor
 
     backbone = [lr_factor(s, part="backbone", warmup_steps=2, total_steps=10, probe_steps=4) for s in range(10)]
     head = [lr_factor(s, part="head", warmup_steps=2, total_steps=10, probe_steps=4) for s in range(10)]
@@ -73,7 +73,7 @@ def test_lp_ft_holds_the_backbone_still_while_the_head_trains():
 
 
 def test_constant_schedule_stays_flat_after_warmup():
-    from finetune.optim import lr_factor
+    from finetune.training.optim import lr_factor
 
     factors = [lr_factor(s, part="head", warmup_steps=2, total_steps=10, schedule="constant") for s in range(10)]
     assert factors[:2] == pytest.approx([1 / 3, 2 / 3]) and factors[2:] == [1.0] * 8

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune import plots
+from finetune.report import plots
 from finetune.errors import UserError
 
 # Latin with accents, Cyrillic, Greek, a TeX-looking dollar sign and rich-looking brackets.

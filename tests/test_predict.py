@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, python_cmd, run_cmd, write_checkpoint, write_image_folder
 from finetune.commands import predict
 from finetune.errors import UserError
-from finetune.inference import load_classifier
+from finetune.models.inference import load_classifier
 
 CLASSES = ["cat", "dog", "hot dog"]
 QUIET = ["--num-workers", "0", "--mixed-precision", "no"]
@@ -83,7 +83,7 @@ def test_unreadable_images_are_listed_and_skipped_or_stop_the_run(ckpt: Path, ph
 def test_images_come_through_eval_loader_also_from_workers(ckpt: Path, photos: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch):
     # eval.py's loader (its collate hands over channels-last uint8 batches) is what makes predict.py as fast
-    from finetune import data
+    from finetune.data import loader as data
 
     made = []
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 from finetune.commands import train
 from conftest import FAST, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
-from finetune.folders import load_splits
+from finetune.data.folders import load_splits
 from finetune.errors import UserError
-from finetune.preflight import apply_policy, check_dataset
+from finetune.data.preflight import apply_policy, check_dataset
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:
@@ -123,7 +123,7 @@ def test_cached_quick_check_reads_only_changed_files(messy, tmp_path: Path, monk
     """A restart re-reads only the files whose size or mtime changed, and reports the same problems."""
     import os
 
-    from finetune import preflight
+    from finetune.data import preflight
 
     data, bad = messy
     cache = tmp_path / "cache"

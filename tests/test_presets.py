@@ -11,13 +11,13 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from conftest import write_image_folder, write_truncated_jpeg
-from finetune import images
-from finetune.data import SeededDataset, make_eval_loader, make_train_loader
-from finetune.folders import image_folder
-from finetune.decoding import EncodedBatch
+from finetune.data import images
+from finetune.data.loader import SeededDataset, make_eval_loader, make_train_loader
+from finetune.data.folders import image_folder
+from finetune.data.decoding import EncodedBatch
 from finetune.errors import UserError
-from finetune.images import load_rgb
-from finetune.presets import EvalPreset, ModelInput, Preprocessing, RandomCropPreset, TrainPreset
+from finetune.data.images import load_rgb
+from finetune.data.presets import EvalPreset, ModelInput, Preprocessing, RandomCropPreset, TrainPreset
 
 # The pipeline resamples with torch's antialiased bilinear resize, torchvision's reference with
 # Pillow's: the same filter, rounding apart, so a full-scale decode agrees to EXACT_TOLERANCE

@@ -1,10 +1,10 @@
-"""The data-aware defaults (finetune.recipe): each choice follows what the run can see, and a flag wins."""
+"""The data-aware defaults (finetune.training.recipe): each choice follows what the run can see, and a flag wins."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import recipe
+from finetune.training import recipe
 from finetune.config import TrainConfig
 from tests.conftest import write_image_folder
 

@@ -5,7 +5,7 @@ import pytest
 
 from rich.console import Console
 
-from finetune.reporting import Reporter, confusion_table, per_class_table
+from finetune.report.console import Reporter, confusion_table, per_class_table
 
 
 def render(reporter_or_table, terminal: bool = True) -> str:

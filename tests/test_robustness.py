@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
 from conftest import FAST, ROOT, python_cmd, run_cmd, train_until_stopped, write_image_folder
-from finetune.checkpoint import read_metadata
+from finetune.models.checkpoint import read_metadata
 from finetune.errors import UserError
-from finetune.state import latest_state
+from finetune.training.state import latest_state
 
 
 class Payload:
@@ -160,7 +160,7 @@ def test_resume_refuses_bad_states_without_running_code(tiny_data: Path, tmp_pat
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tiny_data: Path, tmp_path: Path, monkeypatch):
-    import finetune.checkpoint as checkpoint
+    import finetune.models.checkpoint as checkpoint
 
     run = tmp_path / "run"  # stopped after the first of two epochs
     train_until_stopped(["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--epochs", "2"], monkeypatch, epoch=0)

@@ -19,10 +19,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, ROOT, python_cmd, run_cmd
-from finetune import plots, tracking
+from finetune.report import plots
+from finetune.report import tracking
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
-from finetune.engine import evaluate
+from finetune.training.engine import evaluate
 
 
 def quiet(main, argv: list[str]):

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import FAST
 from finetune.commands import train
-from finetune.checkpoint import read_metadata
+from finetune.models.checkpoint import read_metadata
 from finetune.config import TrainConfig
 from finetune.errors import UserError
-from finetune.rundir import choose_run_dir, default_run_dir
+from finetune.training.rundir import choose_run_dir, default_run_dir
 
 
 def fake_run(folder: Path) -> Path:
@@ -94,7 +94,7 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_no_pictures_or_logs(tiny_dat
     """samples.png and the tracker's logs exist before the first save: a failed start removes them
     too, so the folder does not look like a run and the same command can run again; what the
     folder held before the run (here a logs/ of the user's own) stays."""
-    from finetune import loop
+    from finetune.training import loop
 
     def fail(*args, **kwargs):
         assert (run / "samples.png").exists() and not (run / "curves.png").exists()
@@ -141,7 +141,7 @@ def test_a_resume_of_a_run_that_never_saved_starts_its_logs_afresh(tiny_data: Pa
 
 def test_demo_written_at_once_by_two_nodes_sharing_a_home(tmp_path: Path, monkeypatch):
     """Another node finishing the demo dataset between this one's writing and renaming is no error."""
-    from finetune import demo
+    from finetune.data import demo
 
     root = tmp_path / "lfw"
     real_replace = os.replace

@@ -9,7 +9,10 @@ import torch
 from accelerate.state import PartialState
 
 from conftest import write_image_folder
-from finetune import data, folders, presets, runtime
+from finetune.data import loader as data
+from finetune.data import folders
+from finetune.data import presets
+from finetune.utils import runtime
 from finetune.errors import UserError
 
 

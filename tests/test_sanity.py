@@ -11,8 +11,8 @@ import train
 from conftest import FAST, write_image_folder
 from finetune.config import parse_config
 from finetune.errors import UserError
-from finetune.models import build_classifier, build_for_checkpoint, recorded_arch_kwargs
-from finetune.sanity import check_model_input, probable_mistakes, trains_batch_norm
+from finetune.models.build import build_classifier, build_for_checkpoint, recorded_arch_kwargs
+from finetune.training.sanity import check_model_input, probable_mistakes, trains_batch_norm
 
 
 def test_vit_takes_other_image_sizes_by_resampling_its_position_embeddings():
@@ -73,7 +73,7 @@ def test_probable_mistakes_are_warned_about():
 def test_trains_batch_norm_follows_freezing():
     from torchvision.models import resnet18
 
-    from finetune.surgery import freeze
+    from finetune.models.surgery import freeze
 
     net = resnet18()
     assert trains_batch_norm(net)

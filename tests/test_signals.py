@@ -65,13 +65,13 @@ def test_a_signal_at_any_moment_stops_cleanly(tiny_data: Path, tmp_path: Path, w
 @pytest.mark.slow
 def test_a_signal_to_the_launcher_during_evaluation_stops_every_process_cleanly(tmp_path: Path):
     """The launcher forwards SIGTERM to its processes; their loader workers, which used to die of it
-    mid-evaluation and crash every rank, ignore it. finetune.launch (Accelerate's launcher, framed)
+    mid-evaluation and crash every rank, ignore it. finetune.commands.launch (Accelerate's launcher, framed)
     ends in one line and exit 143 where ``accelerate launch`` ends in torch's SignalException."""
     data = tmp_path / "data"
     write_image_folder(data / "train", {"a": 8, "b": 8})
     write_image_folder(data / "test", {"a": 20, "b": 20}, seed=1)
     run = tmp_path / "run"
-    launch = [sys.executable, "-m", "finetune.launch", "--multi_gpu", "--main_process_port", str(free_port()),
+    launch = [sys.executable, "-m", "finetune.commands.launch", "--multi_gpu", "--main_process_port", str(free_port()),
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = probe("eval", "SIGTERM", "launcher", "--data", str(data), *ARGS, "--batch-size", "2", "--num-workers", "1",
                  "--output-dir", str(run), launch=launch)
@@ -88,9 +88,9 @@ def test_a_signal_to_the_launcher_during_evaluation_stops_every_process_cleanly(
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_a_signal_to_a_one_process_launcher_reaches_the_run(tiny_data: Path, tmp_path: Path, sig: str):
     """Accelerate's one-process launcher forwards nothing: a SIGTERM to it alone used to leave the run
-    training without it. finetune.launch passes it on; the run saves, and both exit 143 in one line each."""
+    training without it. finetune.commands.launch passes it on; the run saves, and both exit 143 in one line each."""
     run = tmp_path / "run"
-    launch = [sys.executable, "-m", "finetune.launch", "--num_processes", "1", "--mixed_precision", "no",
+    launch = [sys.executable, "-m", "finetune.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
     proc = probe("step:3", sig, "launcher", "--data", str(tiny_data), *ARGS, "--num-workers", "1",
                  "--output-dir", str(run), launch=launch)
@@ -106,7 +106,7 @@ def test_a_signal_to_a_one_process_launcher_reaches_the_run(tiny_data: Path, tmp
 @pytest.mark.slow
 def test_a_failing_process_is_named_in_one_line(tmp_path: Path):
     """A process that fails prints its own error; the launcher adds one line and its status, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "finetune.launch", "--num_processes", "1", "--mixed_precision", "no",
+    proc = subprocess.run([sys.executable, "-m", "finetune.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
                            "--dynamo_backend", "no", str(ROOT / "train.py"), "--data", str(tmp_path / "missing")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"})

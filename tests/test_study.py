@@ -11,7 +11,7 @@ from PIL import Image
 from finetune.commands import study
 from finetune.commands import train
 from finetune.errors import Stopped, UserError, run_cli
-from finetune.study import STRATEGIES, strategy_flags
+from finetune.training.study import STRATEGIES, strategy_flags
 from tests.conftest import python_cmd, run_cmd
 
 TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
@@ -81,7 +81,7 @@ def test_lp_ft_probe_grows_with_the_budget():
     assert strategy_flags(1)["lp-ft"] == ["--probe-epochs", "0.5"]
     assert strategy_flags(9)["lp-ft"] == ["--probe-epochs", "3"]
     with pytest.raises(UserError, match="choose from"):
-        from finetune.study import parse_strategies
+        from finetune.training.study import parse_strategies
 
         parse_strategies(" , ")
 

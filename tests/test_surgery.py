@@ -4,7 +4,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model
 
-from finetune.surgery import backbone_blocks, find_head, freeze, match_classes, replace_head, set_frozen_eval
+from finetune.models.surgery import backbone_blocks, find_head, freeze, match_classes, replace_head, set_frozen_eval
 
 # One model per torchvision family, and where its output layer is.
 FAMILIES = {

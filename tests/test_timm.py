@@ -14,10 +14,10 @@ from skimage import data as skdata
 import timm
 from conftest import FAST, python_cmd, run_cmd
 from finetune.errors import UserError
-from finetune.inference import load_classifier
-from finetune.models import build_classifier, build_pretrained, check_model_name
-from finetune.optim import param_groups
-from finetune.surgery import backbone_blocks
+from finetune.models.inference import load_classifier
+from finetune.models.build import build_classifier, build_pretrained, check_model_name
+from finetune.training.optim import param_groups
+from finetune.models.surgery import backbone_blocks
 
 CLASSES = ["cat", "dog", "hot dog"]
 

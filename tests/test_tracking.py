@@ -13,7 +13,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune import config as config_module
-from finetune import tracking
+from finetune.report import tracking
 from finetune.errors import UserError
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
 from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
-from finetune.checkpoint import read_metadata
+from finetune.models.checkpoint import read_metadata
 from finetune.errors import UserError
 
 
@@ -117,7 +117,7 @@ def test_same_seed_reproduces_weights_bit_for_bit(tiny_data: Path, tmp_path: Pat
 
 
 def test_linear_probe_trains_only_the_head(tiny_data: Path, tmp_path: Path):
-    from finetune.models import build_pretrained
+    from finetune.models.build import build_pretrained
 
     result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
                           "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--freeze", "backbone"])
@@ -154,17 +154,17 @@ def test_reused_rows_are_reported(tmp_path: Path):
 def test_mixed_precision_choices_on_cpu(tiny_data: Path, tmp_path: Path, flags, expected, capsys, monkeypatch):
     # The dtype the forward pass computes in, seen at the output layer (Accelerate casts the model's
     # final output back to fp32, so it is looked at inside).
-    import finetune.session
+    import finetune.training.session
 
     computed = set()
-    prepare = finetune.session.prepare_session
+    prepare = finetune.training.session.prepare_session
 
     def watched(config, accelerator, clf, splits):
         clf.net.get_submodule(clf.head).register_forward_hook(
             lambda module, args, out: computed.add((module.training, out.dtype)))
         return prepare(config, accelerator, clf, splits)
 
-    monkeypatch.setattr(finetune.session, "prepare_session", watched)  # train.py imports it when it runs
+    monkeypatch.setattr(finetune.training.session, "prepare_session", watched)  # train.py imports it when it runs
     result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, *flags])
     captured = capsys.readouterr()
     assert expected in captured.out and result["history"][-1]["train_loss"] > 0
@@ -274,11 +274,11 @@ def test_head_learning_rate_multiplier_and_one_rate_from_scratch(tiny_data: Path
 def test_batchnorm_is_recalibrated_on_images_augmented_as_in_training(tiny_data: Path, tmp_path: Path, monkeypatch):
     # "Precise BN" measures the population the network trained on: with eval preprocessing, runs
     # trained on small random crops lost much of their accuracy (README, Why these defaults).
-    import finetune.session
+    import finetune.training.session
 
     sessions = []
-    prepare = finetune.session.prepare_session
-    monkeypatch.setattr(finetune.session, "prepare_session",
+    prepare = finetune.training.session.prepare_session
+    monkeypatch.setattr(finetune.training.session, "prepare_session",
                         lambda *args: sessions.append(prepare(*args)) or sessions[-1])
     train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--augment", "classic"])
     session = sessions[0]

@@ -11,7 +11,7 @@ import pytest
 
 from finetune.commands import train
 from bench.datasets import FASHION_DIR, fashion_mnist
-from finetune.demo import demo_dataset
+from finetune.data.demo import demo_dataset
 
 pytestmark = pytest.mark.slow  # real fine-tuning runs to an accuracy
 

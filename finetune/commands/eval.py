@@ -55,19 +55,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config: EvalConfig = parse_config(argv, EvalConfig, description=__doc__.splitlines()[0])
     import torch
 
-    from finetune.data import make_eval_loader
-    from finetune.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part
-    from finetune.engine import evaluate
-    from finetune.evalsplit import recorded_split
-    from finetune.files import atomic_write_text
-    from finetune.metrics import summarise
-    from finetune import inference
-    from finetune.models import fuse_for_inference
-    from finetune.presets import ModelInput, Preprocessing
-    from finetune.reporting import Reporter
-    from finetune.rundir import ensure_writable
-    from finetune.runtime import build_accelerator, eval_precision, num_workers
-    from finetune.tracking import check_tracker, start_trackers
+    from finetune.data.loader import make_eval_loader
+    from finetune.data.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part
+    from finetune.training.engine import evaluate
+    from finetune.data.evalsplit import recorded_split
+    from finetune.utils.files import atomic_write_text
+    from finetune.report.metrics import summarise
+    from finetune.models import inference
+    from finetune.models.build import fuse_for_inference
+    from finetune.data.presets import ModelInput, Preprocessing
+    from finetune.report.console import Reporter
+    from finetune.training.rundir import ensure_writable
+    from finetune.utils.runtime import build_accelerator, eval_precision, num_workers
+    from finetune.report.tracking import check_tracker, start_trackers
 
     if not config.ckpt:
         raise UserError("eval.py needs --ckpt FILE (and --data DIR, unless the checkpoint's own test folder is meant)")
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def show(report: Reporter, classes: list[str], metrics: dict[str, Any], plots: bool = False) -> None:
-    from finetune.reporting import confusion_table, per_class_table
+    from finetune.report.console import confusion_table, per_class_table
 
     line = f"accuracy {metrics['accuracy']:.4f} on {metrics['num_samples']} images"
     if "top5_accuracy" in metrics:
@@ -152,8 +152,8 @@ def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[
                    preds: Any, pre: Preprocessing) -> None:
     """``confusion.png`` and ``mistakes.png`` (the most confidently wrong images, as the model saw
     them), also sent to TensorBoard's images tab where it is the tracker."""
-    from finetune.plots import confusion_png, mistakes_png, save_png
-    from finetune.tracking import log_png
+    from finetune.report.plots import confusion_png, mistakes_png, save_png
+    from finetune.report.tracking import log_png
 
     wrong = (preds.topk[:, 0] != preds.targets).nonzero().flatten()
     worst = wrong[preds.confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_SHOWN].tolist()

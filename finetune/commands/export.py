@@ -33,8 +33,8 @@ class ExportConfig:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: ExportConfig = parse_config(argv, ExportConfig, description=__doc__.splitlines()[0])
-    from finetune.export import export, onnx_max_difference
-    from finetune.inference import load_classifier
+    from finetune.models.export import export, onnx_max_difference
+    from finetune.models.inference import load_classifier
 
     if not config.ckpt:
         raise UserError("export.py needs --ckpt FILE")

@@ -72,13 +72,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: PredictConfig = parse_config(argv, PredictConfig, description=__doc__.splitlines()[0])
     import torch
-    from finetune.data import make_eval_loader
-    from finetune.inference import load_classifier
-    from finetune.inputs import image_paths
-    from finetune.models import fuse_for_inference
-    from finetune.presets import ModelInput
-    from finetune.reporting import Reporter
-    from finetune.runtime import build_accelerator, eval_precision, num_workers
+    from finetune.data.loader import make_eval_loader
+    from finetune.models.inference import load_classifier
+    from finetune.data.inputs import image_paths
+    from finetune.models.build import fuse_for_inference
+    from finetune.data.presets import ModelInput
+    from finetune.report.console import Reporter
+    from finetune.utils.runtime import build_accelerator, eval_precision, num_workers
 
     if not config.ckpt or not config.inputs:
         raise UserError("predict.py needs --ckpt FILE and at least one INPUT (image, folder or .txt list)")
@@ -162,7 +162,7 @@ class _Sink:
             return self
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            from finetune.files import atomic_path
+            from finetune.utils.files import atomic_path
 
             tmp = self._stack.enter_context(atomic_path(self.path))  # renamed into place only when complete
             self._file = self._stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))

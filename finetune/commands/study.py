@@ -43,15 +43,15 @@ class StudyConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config: StudyConfig = parse_config(argv, StudyConfig, description=__doc__.splitlines()[0])
-    from finetune import study  # torch and friends load after the flags are checked
+    from finetune.training import study  # torch and friends load after the flags are checked
 
     strategies = study.parse_strategies(config.strategies)
     from finetune.commands import train
-    from finetune.demo import demo_dataset
-    from finetune.files import atomic_write_text
-    from finetune.plots import save_png, study_curves_png
-    from finetune.reporting import Reporter, study_table
-    from finetune.runtime import process_state
+    from finetune.data.demo import demo_dataset
+    from finetune.utils.files import atomic_write_text
+    from finetune.report.plots import save_png, study_curves_png
+    from finetune.report.console import Reporter, study_table
+    from finetune.utils.runtime import process_state
 
     state = process_state()
     report = Reporter(enabled=state.is_main_process)

@@ -18,10 +18,10 @@ from finetune.errors import UserError, run_cli
 if TYPE_CHECKING:  # the module itself stays torch-free: --help answers before torch loads
     from accelerate import Accelerator
 
-    from finetune.folders import Splits
-    from finetune.preemption import StopSignal
-    from finetune.models import Classifier
-    from finetune.reporting import Reporter
+    from finetune.data.folders import Splits
+    from finetune.utils.preemption import StopSignal
+    from finetune.models.build import Classifier
+    from finetune.report.console import Reporter
 
 
 def main(argv: Sequence[str] | None = None, *, keep_process_group: bool = False) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def train(config: TrainConfig, *, keep_process_group: bool = False) -> dict[str,
     Raises:
         Stopped: on SIGTERM, SIGINT or SIGUSR1, from start-up on, after saving a state once training began.
     """
-    from finetune.preemption import StopSignal  # first: a signal during the imports below stops cleanly too
+    from finetune.utils.preemption import StopSignal  # first: a signal during the imports below stops cleanly too
 
     with StopSignal() as stop:
         return run_training(config, stop, keep_process_group)
@@ -52,16 +52,16 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
     """``train`` with the stop-signal handlers installed."""
     from accelerate.utils import set_seed
 
-    from finetune import recipe
-    from finetune.folders import load_splits
-    from finetune.models import check_model_name
-    from finetune.reporting import Reporter
-    from finetune.rundir import discard_unsaved, prepare_run_dir
-    from finetune.runtime import build_accelerator, main_decides
-    from finetune.sanity import check_classes, check_model_input, probable_mistakes
+    from finetune.training import recipe
+    from finetune.data.folders import load_splits
+    from finetune.models.build import check_model_name
+    from finetune.report.console import Reporter
+    from finetune.training.rundir import discard_unsaved, prepare_run_dir
+    from finetune.utils.runtime import build_accelerator, main_decides
+    from finetune.training.sanity import check_classes, check_model_input, probable_mistakes
 
     check_model_name(config.model)  # before anything is written
-    from finetune.tracking import check_tracker
+    from finetune.report.tracking import check_tracker
 
     check_tracker(config.log_with)
     check_model_input(config.model, config.image_size, config.batch_size, config.freeze)
@@ -107,10 +107,10 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
 
     ``skipped_before`` counts the images the preflight left out (``--bad-data skip``), for the summary.
     """
-    from finetune.loop import fit
-    from finetune.resume import resumed_progress, run_setup
-    from finetune.session import prepare_session
-    from finetune.state import Progress, latest_state, load_training_state
+    from finetune.training.loop import fit
+    from finetune.training.resume import resumed_progress, run_setup
+    from finetune.training.session import prepare_session
+    from finetune.training.state import Progress, latest_state, load_training_state
 
     held = [("train", splits.train), ("test", splits.test)] + ([("val", splits.val)] if splits.val else [])
     setup = run_setup(config, splits.classes, held, accelerator.num_processes)
@@ -144,7 +144,7 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
         load_training_state(accelerator, state)
         report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
 
-    from finetune.tracking import RunLog
+    from finetune.report.tracking import RunLog
 
     log = RunLog(accelerator, config, run_dir, len(session.train_loader),
                  (progress.epoch, progress.step) if progress.epoch or progress.step else None)
@@ -188,7 +188,7 @@ def finished(run_dir: Path, progress: Progress, test_dir: Path, report: Reporter
 def dataset_folder(accelerator: Accelerator, config: TrainConfig) -> Path:
     """``--data``, or the demo dataset, which one process a node writes into its cache (nodes need
     not share a home folder); the node's other processes then reuse it."""
-    from finetune.demo import demo_dataset
+    from finetune.data.demo import demo_dataset
 
     with accelerator.local_main_process_first():
         return Path(config.data) if config.data else demo_dataset()
@@ -197,7 +197,7 @@ def dataset_folder(accelerator: Accelerator, config: TrainConfig) -> Path:
 def build_model(accelerator: Accelerator, config: TrainConfig, classes: list[str]) -> Classifier:
     """The classifier to train; one process a node downloads or copies the weights into its
     torch.hub cache, the node's other processes then load that copy."""
-    from finetune.models import build_classifier
+    from finetune.models.build import build_classifier
 
     with accelerator.local_main_process_first():
         return build_classifier(config.model, config.weights, classes, image_size=config.image_size,
@@ -210,8 +210,8 @@ def preflight(accelerator: Accelerator, data_dir: Path, bad_data: str) -> tuple[
     The main process reads the headers (those of files unchanged since the last start come from
     its cache); every process receives what it found.
     """
-    from finetune.preflight import apply_policy, cache_folder, check_dataset
-    from finetune.runtime import main_decides
+    from finetune.data.preflight import apply_policy, cache_folder, check_dataset
+    from finetune.utils.runtime import main_decides
 
     return main_decides(accelerator, lambda: apply_policy(
         check_dataset(data_dir, full=False, cache=cache_folder(data_dir)), bad_data))
@@ -219,9 +219,9 @@ def preflight(accelerator: Accelerator, data_dir: Path, bad_data: str) -> tuple[
 
 def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
     """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
-    from finetune.folders import load_splits
-    from finetune.preflight import check_dataset
-    from finetune.reporting import preflight_table
+    from finetune.data.folders import load_splits
+    from finetune.data.preflight import check_dataset
+    from finetune.report.console import preflight_table
 
     load_splits(data_dir)  # the layout first: the report covers files only
     found = check_dataset(data_dir, full=True)

@@ -1,0 +1,90 @@
+"""``accelerate launch`` whose stops and failures end in one line instead of a launcher traceback.
+
+    python -m finetune.commands.launch [accelerate launch flags] train.py [train.py flags]
+    finetune-launch ...                                       # the same, once installed
+
+Accelerate's launcher does the launching; this only frames it. A stop signal sent to the launcher
+(``kill``, Ctrl-C, SLURM's USR1) goes on to the training processes, which save and exit 143; the
+launcher itself used to end in torch's ``SignalException`` traceback (several processes) or
+``CalledProcessError`` (one process), and with one process a SIGTERM to the launcher alone left
+the training running without it. A process that fails has already printed its own one-line error:
+the launcher adds one line naming it and exits with its status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Sequence
+
+from finetune.errors import Stopped
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Torch's agent forwards these to its processes (its default leaves out USR1, SLURM's warning).
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", ",".join(STOP_SIGNALS))
+    import subprocess
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    received: list[str] = []
+    forward_stop_signals(received)  # one process: Accelerate's simple launcher forwards nothing
+    try:
+        launch_command(args)
+    except SignalException as err:  # several processes: the agent has passed the signal on
+        return stopped(signal.Signals(err.sigval).name)
+    except ChildFailedError as err:
+        codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
+        return failed(codes, received)
+    except subprocess.CalledProcessError as err:
+        return failed({0: err.returncode}, received)
+    return 0
+
+
+def forward_stop_signals(received: list[str]) -> None:
+    """Pass a stop signal that reached only the launcher on to its children (the training process)
+    and note it; the launcher goes on waiting for them. Torch's agent replaces these handlers with
+    its own where it launches several processes."""
+    import psutil
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+        for child in psutil.Process().children():
+            try:
+                child.send_signal(signum)  # a second signal to a process that got one is ignored
+            except psutil.Error:
+                pass
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), forward)
+
+
+def stopped(name: str) -> int:
+    print(f"launcher: stopped by {name}; each process said above what it saved", file=sys.stderr, flush=True)
+    return Stopped.exit_code
+
+
+def failed(codes: dict[int, int], received: list[str]) -> int:
+    """The launcher's status for processes that exited with ``codes`` (rank -> exit status)."""
+    if all(code in (Stopped.exit_code, -signal.SIGTERM) for code in codes.values()):
+        # Every process stopped on a signal sent to them (a scheduler signals them all) or to us.
+        return stopped(received[0] if received else "a signal")
+    rank, code = next((r, c) for r, c in sorted(codes.items()) if c not in (Stopped.exit_code, -signal.SIGTERM))
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+    print(f"launcher: process {rank} {how}; its own message is above", file=sys.stderr, flush=True)
+    return code if 0 < code < 256 else 1
+
+
+def run() -> None:
+    """The ``finetune-launch`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

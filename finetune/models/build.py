@@ -1,0 +1,216 @@
+"""Building torchvision (and timm) classifiers: with their starting weights (``weights``), with a new head
+for the target classes, or empty to load a checkpoint into.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model, list_models
+
+from finetune.models import timm_models
+from finetune.errors import UserError, first_line
+from finetune.data.presets import Preprocessing
+from finetune.models.surgery import find_head, freeze, match_classes, replace_head
+from finetune.models.weights import (WeightsInfo, ensure_cached, load_weights_file, torchvision_info, torchvision_weights,
+                              weights_only_loads)
+
+
+def classification_models() -> list[str]:
+    """Names of every torchvision classification model."""
+    return list_models(module=torchvision.models)
+
+
+def check_model_name(name: str) -> None:
+    """A UserError unless ``name`` is a torchvision classification model or ``timm/NAME``."""
+    if timm_models.is_timm(name):
+        return timm_models.check_name(name)
+    if name not in classification_models():
+        raise UserError(f"unknown model '{name}'; choose a torchvision classification model such as "
+                        "resnet18, mobilenet_v2, efficientnet_b0, convnext_tiny, vit_b_16, or timm/NAME")
+
+
+def build_pretrained(model: str, weights: str, image_size: int | None = None) -> tuple[nn.Module, WeightsInfo]:
+    """A classifier with its starting weights, still with its original head.
+
+    Args:
+        model: torchvision model name, or ``timm/NAME`` (see ``timm_models``).
+        weights: torchvision weights name, a local file, or ``none``.
+        image_size: the training crop (timm models built for one input size are built for it).
+    """
+    if timm_models.is_timm(model):
+        return timm_models.build_pretrained(model, weights, image_size)
+    check_model_name(model)
+    if weights.lower() == "none":
+        return get_model(model, weights=None, **arch_kwargs(model)), WeightsInfo(name="none")
+    if weights.lower().endswith((".pth", ".pt", ".safetensors")) or os.sep in weights:
+        return _from_file(model, Path(weights))
+    enum = torchvision_weights(model, weights)
+    path = ensure_cached(enum)
+    try:
+        with weights_only_loads():  # torchvision's loader would unpickle the cached file in full
+            net = get_model(model, weights=enum)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise UserError(f"{path} is not a plain weights file for {model} (only tensors are loaded, nothing "
+                        f"is unpickled): {first_line(err)}; delete it to download it again") from None
+    return net, torchvision_info(enum)
+
+
+def _from_file(model: str, path: Path) -> tuple[nn.Module, WeightsInfo]:
+    from finetune.models.checkpoint import read_metadata_if_any
+
+    state = load_weights_file(path)
+    meta = read_metadata_if_any(path)
+    net = get_model(model, weights=None, num_classes=_num_outputs(state, meta), **arch_kwargs(model, meta))
+    load_exactly(net, state, f"{path} does not fit {model}")
+    info = WeightsInfo(name=str(path))
+    if meta:  # one of our own checkpoints: its classes can seed the new head
+        info.categories = list(meta["classes"])
+        info.mean, info.std = tuple(meta["mean"]), tuple(meta["std"])
+        info.resize_ratio = meta["resize_size"] / meta["image_size"]
+        info.interpolation = meta.get("interpolation", "bilinear")
+    return net, info
+
+
+def load_exactly(net: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
+    """Load ``state`` into ``net``: every tensor present, of the right shape, nothing extra.
+
+    Raises:
+        UserError: starting with ``problem``, naming the first mismatch.
+    """
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise UserError(f"{problem}: {detail.split(' from checkpoint')[0] or 'tensor shapes differ'}") from None
+    if missing or unexpected:
+        raise UserError(f"{problem}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+                        f"(e.g. {(missing or unexpected)[0]})")
+
+
+def _num_outputs(state: dict[str, torch.Tensor], meta: dict[str, Any] | None) -> int:
+    if meta:
+        return len(meta["classes"])
+    # The last 2-D/4-D weight in the file is the classifier's in every torchvision family.
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
+    if not weights:
+        raise UserError("the weights file holds no layer weights (no 2-D or 4-D '*.weight' tensor)")
+    return weights[-1].shape[0]
+
+
+def arch_kwargs(arch: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Constructor arguments that pretrained weights change and a rebuilt model must repeat.
+
+    GoogLeNet and Inception drop their auxiliary heads once pretrained (we never train them)
+    and may normalise their input inside the model (``transform_input``); a ViT records the
+    input size its position embeddings were resampled to (``fit_input_size``).
+    """
+    base = {"aux_logits": False} if arch in ("googlenet", "inception_v3") else {}
+    return {**base, **((meta or {}).get("arch_kwargs") or {})}
+
+
+def size_kwargs(arch: str, image_size: int) -> dict[str, Any]:
+    """Constructor arguments for an input size: torchvision's ViTs are built for one size."""
+    return {"image_size": image_size} if arch.startswith("vit_") else {}
+
+
+def recorded_arch_kwargs(net: nn.Module) -> dict[str, Any]:
+    """The ``arch_kwargs`` to store in a checkpoint so that ``build_for_checkpoint`` matches ``net``."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if hasattr(net, "pretrained_cfg"):  # a timm model
+        return timm_models.recorded_kwargs(net)
+    if isinstance(net, VisionTransformer):
+        return {"image_size": net.image_size}
+    return {"transform_input": bool(net.transform_input)} if hasattr(net, "transform_input") else {}
+
+
+def fit_input_size(net: nn.Module, image_size: int) -> nn.Module:
+    """Let a ViT take ``image_size`` images by resampling its position embeddings, as timm does.
+
+    torchvision's ViT is built for one input size (224 for the ImageNet weights) and refuses
+    any other; other models take any size above their minimum and are returned unchanged.
+
+    Raises:
+        UserError: for a size that is not a multiple of the ViT's patch size.
+    """
+    from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+    if not isinstance(net, VisionTransformer) or net.image_size == image_size:
+        return net
+    if image_size % net.patch_size:
+        raise UserError(f"a ViT with {net.patch_size}-pixel patches takes image sizes that are multiples of "
+                        f"{net.patch_size}, got --image-size {image_size}")
+    state = interpolate_embeddings(image_size, net.patch_size,
+                                   {"encoder.pos_embedding": net.encoder.pos_embedding.detach()})
+    net.encoder.pos_embedding = nn.Parameter(state["encoder.pos_embedding"])
+    net.image_size = image_size
+    net.seq_length = net.encoder.pos_embedding.shape[1]
+    return net
+
+
+def build_for_checkpoint(arch: str, num_classes: int, meta: dict[str, Any] | None = None) -> nn.Module:
+    """An uninitialised model of ``arch`` with ``num_classes`` outputs, to load a checkpoint into."""
+    if timm_models.is_timm(arch):
+        return timm_models.build_for_checkpoint(arch, num_classes, meta)
+    check_model_name(arch)
+    return get_model(arch, weights=None, num_classes=num_classes, **arch_kwargs(arch, meta))
+
+
+@dataclass
+class Classifier:
+    """A model ready to fine-tune, and what was done to it."""
+
+    net: nn.Module
+    weights: WeightsInfo
+    head: str  # dotted name of the new output layer
+    preprocessing: Preprocessing
+    reused: dict[str, str]  # target class -> pretrained category whose row initialised it
+    frozen: list[str]  # frozen backbone blocks
+
+
+def build_classifier(model: str, weights: str, classes: list[str], *, image_size: int, freeze_spec: str = "none",
+                     reuse_classifier: bool = True) -> Classifier:
+    """Load a pretrained classifier, give it a head for ``classes``, and freeze what was asked.
+
+    Args:
+        model: torchvision model name.
+        weights: torchvision weights name, a local file, or ``none``.
+        classes: target class names, in label order.
+        image_size: training crop size; the eval resize follows the weights' resize/crop ratio.
+        freeze_spec: ``surgery.freeze`` spec.
+        reuse_classifier: start rows of classes that match a pretrained category from its row.
+    """
+    net, info = build_pretrained(model, weights, image_size)
+    net = fit_input_size(net, image_size)
+    reuse = match_classes(classes, info.categories) if reuse_classifier and info.pretrained else {}
+    replace_head(net, len(classes), reuse)
+    try:
+        frozen = freeze(net, freeze_spec)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    pre = Preprocessing(image_size=image_size, resize_size=round(image_size * info.resize_ratio),
+                        mean=tuple(info.mean), std=tuple(info.std), interpolation=info.interpolation)
+    return Classifier(net, info, find_head(net), pre,
+                      {classes[t]: info.categories[s] for t, s in reuse.items()}, frozen)
+
+
+def fuse_for_inference(net: nn.Module) -> nn.Module:
+    """Fold BatchNorm layers into the convolutions before them, for evaluation only.
+
+    One op fewer per convolution, which makes CPU inference noticeably faster (bench/eval_speed.py
+    measures eval.py as a whole). Models that torch.fx cannot trace are returned unchanged.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(net.eval())
+    except Exception:  # tracing fails on data-dependent control flow: fusing is only an optimisation
+        return net

@@ -1,0 +1,137 @@
+"""Exporting a trained classifier to files that run without this project: ONNX, TorchScript and
+torch.export's ExportedProgram.
+
+Every file takes a float32 batch ``images`` (N x 3 x crop x crop, RGB, normalised as
+``(pixel / 255 - mean) / std``) of any batch size and returns ``logits`` (N x classes). What is
+needed to feed it and read it — class names, crop and resize sizes, interpolation, mean, std —
+goes into the file: ONNX ``metadata_props``, and a ``finetune.json`` entry in the TorchScript
+and ExportedProgram archives (``torch.jit.load(path, _extra_files=...)``,
+``torch.export.load(path, extra_files=...)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.errors import UserError, first_line
+from finetune.utils.files import atomic_path
+from finetune.models.inference import LoadedClassifier
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
+METADATA_FILE = "finetune.json"  # the entry in TorchScript and ExportedProgram archives
+EXAMPLE_BATCH = 2  # traced at 2: torch.export treats a size of 1 as a constant
+
+
+def export_metadata(clf: LoadedClassifier) -> dict[str, Any]:
+    """What a user of an exported file needs, beyond the file: classes and preprocessing."""
+    pre, meta = clf.preprocessing, clf.meta
+    return {
+        "classes": list(clf.classes), "image_size": pre.image_size, "crop_size": pre.image_size,
+        "resize_size": pre.resize_size, "interpolation": pre.interpolation, "mean": list(pre.mean),
+        "std": list(pre.std), "input": "images: float32 N x 3 x crop x crop, RGB, (pixel / 255 - mean) / std",
+        "output": "logits: float32 N x classes", "arch": meta["arch"],
+        "finetune_version": meta.get("versions", {}).get("finetune", ""), "checkpoint": str(clf.path),
+    }
+
+
+def example_input(clf: LoadedClassifier) -> torch.Tensor:
+    size = clf.preprocessing.image_size
+    return torch.randn(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def export(clf: LoadedClassifier, fmt: str, output: str | Path) -> Path:
+    """Write ``clf`` to ``output`` as ``fmt`` (``onnx``, ``torchscript`` or ``exported-program``),
+    with a dynamic batch size and the metadata of ``export_metadata``; atomically.
+
+    Raises:
+        UserError: an unknown format, a missing exporter package, or a model the exporter refuses.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    output = Path(output)
+    model = clf.model.eval().float().cpu()
+    writer = {"onnx": _onnx, "torchscript": _torchscript, "exported-program": _exported_program}[fmt]
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output) as tmp, torch.no_grad():
+            writer(model, example_input(clf), tmp, export_metadata(clf))
+    except OSError as err:
+        raise UserError(f"cannot write {output}: {err.strerror or err}") from None
+    return output
+
+
+def _batch_dim() -> Any:
+    return {"images": {0: torch.export.Dim("batch", min=1, max=65536)}}
+
+
+def _exported(model: nn.Module, example: torch.Tensor) -> Any:
+    try:
+        return torch.export.export(_Named(model).eval(), (example,), dynamic_shapes=_batch_dim())
+    except Exception as err:  # torch.export reports untraceable code in many exception types
+        raise UserError(f"torch.export cannot capture this model: {first_line(err)}") from None
+
+
+class _Named(nn.Module):
+    """The model with its input named ``images`` (the name ONNX and ExportedProgram show)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def _exported_program(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
+    torch.export.save(_exported(model, example), str(path), extra_files={METADATA_FILE: json.dumps(meta)})
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.jit's deprecation notices
+            scripted = torch.jit.trace(model, example)
+    except Exception as err:
+        raise UserError(f"torch.jit.trace cannot trace this model: {first_line(err)}") from None
+    scripted.save(str(path), _extra_files={METADATA_FILE: json.dumps(meta)})
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the onnx and onnxscript packages: pip install 'finetune[export]'") from None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each stage
+            program = torch.onnx.export(_Named(model).eval(), (example,), input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes=_batch_dim(), dynamo=True, verbose=False)
+    except ImportError as err:
+        raise UserError(f"ONNX export needs {err.name or 'onnxscript'}: pip install 'finetune[export]'") from None
+    except Exception as err:
+        raise UserError(f"torch.onnx cannot export this model: {first_line(err)}") from None
+    proto = program.model_proto
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(proto, str(path))
+
+
+def onnx_max_difference(clf: LoadedClassifier, path: str | Path) -> float | None:
+    """The largest absolute logit difference between ONNX Runtime on ``path`` and PyTorch on a random
+    batch; None where onnxruntime is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    x = example_input(clf)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (ours,) = session.run(["logits"], {"images": x.numpy()})
+    with torch.no_grad():
+        reference = clf.model.eval().float().cpu()(x)
+    return float((torch.from_numpy(ours) - reference).abs().max())

@@ -1,0 +1,374 @@
+"""The pictures of a run, as PNG bytes: sample images, curves, a confusion matrix, the worst mistakes.
+
+Drawn with matplotlib's object API on the Agg canvas (no pyplot, no display, no global figure
+state), so they render on a headless cluster node. Every function returns PNG bytes; writing
+them is ``save_png`` (atomic, like every file of a run).
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from finetune.utils.files import atomic_write_bytes
+
+MAX_CONFUSION_CLASSES = 30  # beyond this, the matrix shows the most-confused classes only
+# DejaVu ships with matplotlib and covers Latin, Greek, Cyrillic, Armenian, Georgian, Hebrew,
+# Arabic and more; the others are used, glyph by glyph, where installed (CJK scripts).
+FONTS = ["DejaVu Sans", "Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "Droid Sans Fallback",
+         "Noto Sans"]
+
+
+def _style() -> dict[str, Any]:
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return {"font.family": [f for f in FONTS if f in installed] or ["DejaVu Sans"],
+            "text.parse_math": False,  # class names are literal: "$5 bill" is not TeX
+            "font.size": 9, "axes.titlesize": 9}
+
+
+def _figure(width: float, height: float, layout: str | None = "constrained"):
+    from matplotlib.figure import Figure
+
+    # Pictures drawn during training get fixed margins: the constrained layout doubles their cost.
+    return Figure(figsize=(width, height), dpi=100, layout=layout)
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _render(draw: Any, *args: Any) -> bytes:
+    import matplotlib
+
+    with matplotlib.rc_context(_style()), warnings.catch_warnings():
+        # A font of the fallback list that lacks a glyph is not news; a glyph no font has shows as a box.
+        warnings.filterwarnings("ignore", message="findfont")
+        return _png(draw(*args))
+
+
+def _label(name: str, width: int = 18) -> str:
+    return "\n".join(textwrap.wrap(name, width, break_long_words=True)[:3]) or " "
+
+
+def thumbnail(image: np.ndarray, max_side: int = 160) -> np.ndarray:
+    """``image`` shrunk to at most ``max_side`` pixels a side: a cell of a picture is about 110
+    pixels wide, and large photos would make drawing slow."""
+    if max(image.shape[:2]) <= max_side:
+        return image
+    from PIL import Image
+
+    img = Image.fromarray(image)
+    img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(img)
+
+
+def pick_samples(targets: Sequence[int], num_classes: int, per_class: int = 6, max_classes: int = 8,
+                 seed: int = 0) -> list[tuple[int, list[int]]]:
+    """Which images ``samples_png`` shows: up to ``max_classes`` classes spread over the class list,
+    ``per_class`` images of each, drawn with ``seed``.
+
+    Args:
+        targets: the class index of every image of the dataset.
+        num_classes: how many classes there are.
+        per_class, max_classes: how many to show.
+        seed: the draw's seed.
+
+    Returns:
+        ``(class index, dataset indices)`` per class shown (classes without images left out).
+    """
+    members: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        members.setdefault(int(t), []).append(i)
+    present = [c for c in range(num_classes) if c in members]
+    if len(present) > max_classes:
+        present = [present[round(i * (len(present) - 1) / max(1, max_classes - 1))] for i in range(max_classes)]
+    rng = np.random.default_rng(seed)
+    return [(c, sorted(rng.choice(members[c], size=min(per_class, len(members[c])), replace=False).tolist()))
+            for c in present]
+
+
+def _show(ax: Any, image: np.ndarray) -> None:
+    image = thumbnail(image)
+    ax.imshow(image, interpolation="bilinear" if max(image.shape[:2]) > 64 else "nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+SAMPLE_CELL = (115, 110)  # (height, width) in pixels of one image's cell in samples.png, gap included
+SAMPLE_GAP = 6
+
+
+def _fit(image: np.ndarray, box: tuple[int, int]) -> np.ndarray:
+    """``image`` scaled to fit ``box`` (height, width), its aspect kept: small images with sharp
+    pixels (nearest), larger ones smoothly."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = min(box[0] / h, box[1] / w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resample = Image.Resampling.NEAREST if max(h, w) <= 64 else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image[..., :3])).resize(size, resample))
+
+
+def samples_png(names: Sequence[str], loaded: Sequence[Sequence[np.ndarray]],
+                augmented: Sequence[Sequence[np.ndarray]]) -> bytes:
+    """The classic chapter's ``show_images``: training images of each class as loaded, and the same
+    images as the model sees them after augmentation.
+
+    The images are laid out in one array shown by one Axes: a grid of Axes, one an image, cost
+    a run 0.26 s to draw, most of it in their unused tick machinery.
+
+    Args:
+        names: the classes shown, one per row pair.
+        loaded: for each class, RGB uint8 arrays (H, W, 3) as decoded from disk.
+        augmented: for each class, the same images after the training transform.
+    """
+    (cell_h, cell_w), gap = SAMPLE_CELL, SAMPLE_GAP
+    columns, rows = max(len(row) for row in loaded), 2 * len(names)
+    grid = np.full((rows * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
+    for r, images in enumerate(row for pair in zip(loaded, augmented) for row in pair):
+        for c, image in enumerate(images):
+            fitted = _fit(image, (cell_h - gap, cell_w - gap))
+            top = r * cell_h + (cell_h - fitted.shape[0]) // 2
+            left = c * cell_w + (cell_w - fitted.shape[1]) // 2
+            grid[top:top + fitted.shape[0], left:left + fitted.shape[1]] = fitted
+
+    def draw():
+        left, top, bottom = 160, 40, 10  # pixels around the grid: labels, title
+        width, height = left + grid.shape[1], top + grid.shape[0] + bottom
+        fig = _figure(width / 100, height / 100, layout=None)
+        ax = fig.add_axes((left / width, bottom / height, grid.shape[1] / width, grid.shape[0] / height))
+        ax.imshow(grid, interpolation="nearest", aspect="auto")
+        ax.set_axis_off()
+        for i, name in enumerate(names):
+            for kind in (0, 1):
+                y = 1 - ((2 * i + kind) * cell_h + cell_h / 2 + top) / height
+                fig.text((left - 8) / width, y, f"{_label(name)}\n{'augmented' if kind else 'as loaded'}",
+                         ha="right", va="center")
+        fig.suptitle("training images: as loaded, and as the model sees them", y=1 - 12 / height, va="top")
+        return fig
+    return _render(draw)
+
+
+def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                         model_view: Callable[[int], Any], seed: int = 0) -> bytes:
+    """``samples_png`` of a training set: a few images of each class, from disk and as the model
+    sees them.
+
+    Args:
+        samples: the dataset's ``(path, class index)`` pairs (an ImageFolder's ``samples``).
+        classes: class names.
+        model_view: dataset index -> the image the model trains on (a uint8 tensor, C x H x W).
+        seed: which images are drawn.
+    """
+    from finetune.data.images import load_rgb
+
+    picks = pick_samples([t for _, t in samples], len(classes), seed=seed)
+    loaded = [[np.asarray(load_rgb(samples[i][0], reduce_to=(160, 160))) for i in idx] for _, idx in picks]
+    seen = [[np.asarray(model_view(i).permute(1, 2, 0)) for i in idx] for _, idx in picks]
+    return samples_png([classes[c] for c, _ in picks], loaded, seen)
+
+
+class Curves:
+    """``curves.png`` of a training run, redrawn after each epoch: loss and accuracy per epoch from
+    the run's history rows (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``, and
+    ``test_loss`` where present).
+
+    The figure is built once and its lines updated: a fresh figure each epoch cost twice the time
+    (its axes, ticks and legend made again), most of the pictures' share of an epoch.
+    """
+
+    KEYS = (("loss", "train_loss", "train loss"), ("loss", "test_loss", "test loss"),
+            ("accuracy", "train_acc", "train accuracy"), ("accuracy", "test_acc", "test accuracy"))
+
+    def __init__(self) -> None:
+        self._fig: Any = None
+        self._axes: dict[str, Any] = {}
+        self._lines: dict[str, Any] = {}
+
+    def png(self, history: Sequence[dict[str, Any]]) -> bytes:
+        """The picture of ``history`` (all epochs so far), as PNG bytes."""
+        return _render(self._update, history)
+
+    def _update(self, history: Sequence[dict[str, Any]]) -> Any:
+        if self._fig is None:
+            self._build(with_test_loss=all("test_loss" in row for row in history))
+        epochs = [row["epoch"] for row in history]
+        for key, line in self._lines.items():
+            line.set_data(epochs, [row[key] for row in history])
+            line.set_marker("o" if len(epochs) < 30 else "None")
+        for ax in self._axes.values():
+            ax.relim()
+            ax.autoscale_view()
+        self._axes["accuracy"].set_ylim(-0.02, 1.02)
+        return self._fig
+
+    def _build(self, with_test_loss: bool) -> None:
+        fig = _figure(7.5, 3.0, layout=None)
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.91, wspace=0.2)
+        loss_ax, acc_ax = fig.subplots(1, 2)
+        self._axes = {"loss": loss_ax, "accuracy": acc_ax}
+        for panel, key, label in self.KEYS:
+            if key != "test_loss" or with_test_loss:
+                self._lines[key] = self._axes[panel].plot([], [], label=label)[0]
+        for title, ax in self._axes.items():
+            ax.set_xlabel("epoch")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend()
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        self._fig = fig
+
+
+def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
+    """``Curves`` drawn once: the picture of a finished run's ``history``."""
+    return Curves().png(history)
+
+
+def study_curves_png(histories: dict[str, Sequence[dict[str, Any]]]) -> bytes:
+    """Test accuracy and train loss per epoch, one line per strategy of a study (``study.py``)."""
+    def draw():
+        fig = _figure(8.0, 3.2, layout=None)
+        fig.subplots_adjust(left=0.07, right=0.78, bottom=0.15, top=0.91, wspace=0.25)
+        acc_ax, loss_ax = fig.subplots(1, 2)
+        for name, history in histories.items():
+            epochs = [row["epoch"] for row in history]
+            marker = "o" if len(epochs) < 30 else None
+            acc_ax.plot(epochs, [row["test_acc"] for row in history], marker=marker, label=name)
+            loss_ax.plot(epochs, [row["train_loss"] for row in history], marker=marker, label=name)
+        acc_ax.set_ylim(-0.02, 1.02)
+        for ax, title in ((acc_ax, "test accuracy"), (loss_ax, "train loss")):
+            ax.set_xlabel("epoch")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        loss_ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        return fig
+    return _render(draw)
+
+
+def most_confused(matrix: np.ndarray, keep: int) -> list[int]:
+    """Indices of the ``keep`` classes with the largest share of errors, as true or as predicted
+    class, in their original order.
+
+    Args:
+        matrix: counts, rows true classes, columns predicted.
+        keep: how many classes to keep.
+    """
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    off = rates - np.diag(np.diag(rates))
+    score = off.sum(axis=1) + off.sum(axis=0)
+    return sorted(np.argsort(-score, kind="stable")[:keep].tolist())
+
+
+def confusion_png(classes: Sequence[str], matrix: Sequence[Sequence[int]],
+                  max_classes: int = MAX_CONFUSION_CLASSES) -> bytes:
+    """A row-normalised confusion matrix (rows: true class, columns: predicted), class names on
+    both axes; beyond ``max_classes`` classes, the rows and columns of the most-confused ones.
+
+    Args:
+        classes: class names, in the matrix's order.
+        matrix: counts, rows true classes, columns predicted.
+        max_classes: how many classes fit.
+    """
+    counts = np.asarray(matrix, dtype=np.float64)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    shown = list(range(len(classes))) if len(classes) <= max_classes else most_confused(counts, max_classes)
+    sub = rates[np.ix_(shown, shown)]
+    names = [_label(classes[i], 24).replace("\n", " ") for i in shown]
+    k = len(shown)
+
+    def draw():
+        side = min(14.0, max(3.5, 0.32 * k + 2.2))
+        fig = _figure(side + 1.0, side)
+        ax = fig.subplots()
+        im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
+        font = 9 if k <= 12 else 8
+        ax.set_xticks(range(k), names, rotation=90 if k > 4 else 0, fontsize=font)
+        ax.set_yticks(range(k), names, fontsize=font)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if k <= 15:  # numbers in the cells while they still fit
+            for i in range(k):
+                for j in range(k):
+                    if sub[i, j] >= 0.005:
+                        ax.text(j, i, f"{sub[i, j]:.2f}", ha="center", va="center", fontsize=font,
+                                color="white" if sub[i, j] > 0.5 else "black")
+        title = "confusion matrix, rows sum to 1"
+        if k < len(classes):
+            title += f": the {k} most-confused of {len(classes)} classes"
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        return fig
+    return _render(draw)
+
+
+def mistakes_png(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str],
+                 probability: Sequence[float], total_images: int, total_mistakes: int | None = None) -> bytes:
+    """The most confidently wrong images, each titled with its true class, the predicted one and
+    the predicted class's probability.
+
+    Args:
+        images: RGB uint8 arrays (H, W, 3), most confident mistake first.
+        true, predicted: class names per image.
+        probability: softmax probability of the predicted class per image.
+        total_images: how many images were evaluated (for the title).
+        total_mistakes: how many of them were wrong (default: as many as shown).
+    """
+    def draw():
+        if not images:
+            fig = _figure(4.0, 1.2)
+            fig.text(0.5, 0.5, f"no mistakes among {total_images} images", ha="center", va="center")
+            return fig
+        columns = min(4, len(images))
+        rows = -(-len(images) // columns)
+        fig = _figure(2.1 * columns, 2.45 * rows + 0.3)
+        axes = fig.subplots(rows, columns, squeeze=False).ravel()
+        for ax, image, t, p, prob in zip(axes, images, true, predicted, probability):
+            _show(ax, image)
+            ax.set_title(f"true: {_label(t, 22)}\npredicted: {_label(p, 22)}\nprobability {prob:.2f}", fontsize=8)
+        for ax in axes[len(images):]:
+            ax.set_axis_off()
+        wrong = len(images) if total_mistakes is None else total_mistakes
+        fig.suptitle(f"the most confident mistakes: {len(images)} shown of {wrong} wrong among {total_images} images")
+        return fig
+    return _render(draw)
+
+
+def save_png(path: str | Path, png: bytes) -> None:
+    """Write PNG bytes to ``path`` atomically."""
+    atomic_write_bytes(path, png)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) of PNG bytes, from their header."""
+    if png[:8] != PNG_SIGNATURE or png[12:16] != b"IHDR":
+        raise ValueError("not PNG bytes")
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def png_channels(png: bytes) -> int:
+    """The channels PNG bytes decode to: 1 grey, 2 grey and alpha, 3 RGB, 4 RGBA (a palette with a
+    transparency chunk counts as RGBA), as TensorBoard's image colorspace numbers them."""
+    png_size(png)  # checks the header
+    colour_type = png[25]
+    if colour_type == 3:
+        return 4 if b"tRNS" in png[:png.find(b"IDAT")] else 3
+    return {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]

@@ -1,0 +1,255 @@
+"""Training and evaluation steps: the only code that talks to the Accelerator about backward,
+gradient accumulation and gathering results across processes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from finetune.models.surgery import set_frozen_eval
+
+SYNC_EVERY_STEPS = 10  # read loss back from the device this often: every step would stall the pipeline
+MAX_SKIPPED_STEPS = 50  # fp16 steps the loss scaler may skip in a row before the run stops
+
+
+@dataclass
+class EpochStats:
+    loss: float  # mean over the whole epoch, also when it was resumed part-way
+    accuracy: float
+    images: int  # trained in this process's run of the epoch (for speed)
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def step_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
+    """The seed of the model's own randomness (dropout, stochastic depth) at one step.
+
+    Re-seeding every step makes that randomness a function of the step alone, so a run resumed
+    mid-epoch draws what an uninterrupted run drew, whatever the data loaders consumed meanwhile.
+    Reduced below 2**63: ``torch.manual_seed`` refuses larger numbers.
+    """
+    return ((seed * 1_000_003 + epoch * 100_003 + step) * 1_009 + process_index) % 2**63
+
+
+def earliest_bad_step(first_bad: torch.Tensor) -> int | None:
+    """The earliest step at which any process met a non-finite loss, from each process's first
+    (-1: none), or None. The earliest: after one process's NaN, DDP spreads NaN weights to all."""
+    seen = first_bad[first_bad >= 0]
+    return int(seen.min().item()) if seen.numel() else None
+
+
+class Trainer:
+    """The training step, and the running sums of the epoch it is in, kept on the device.
+
+    Call ``start_epoch``, then ``train_step`` for every batch, then ``end_epoch``. Nothing here
+    reads from the device unless asked (``check_finite``, ``epoch_sums``, ``running``,
+    ``end_epoch``): each read is a host sync, which would stall a GPU's queue of work.
+
+    Args:
+        accelerator: the run's Accelerator (``model``, ``optimizer`` and ``scheduler`` prepared by it).
+        loss_fn: maps ``(logits, targets)`` to the loss.
+        seed: with the epoch, step and process, seeds the model's randomness (``step_seed``).
+        to_input: turns a loader batch into the model's input (``data.ModelInput``).
+    """
+
+    def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *, seed: int = 0,
+                 to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.loss_fn, self.seed, self.to_input = loss_fn, seed, to_input
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch: int, start_step: int = 0, sums: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
+        """Put the model in training mode and start the epoch's sums.
+
+        Args:
+            start_step: index of the first batch this run of the epoch trains (a resume mid-epoch).
+            sums: the epoch's loss sum, correct predictions and images before ``start_step``,
+                over all processes (``epoch_sums`` saved before a resume; give them to one
+                process only), so that the epoch's figures cover all of it.
+        """
+        self.model.train()
+        set_frozen_eval(self.accelerator.unwrap_model(self.model))
+        # Accelerate counts an accumulation's batches within the epoch (and a loaded state restores
+        # the count it saved): a resume that splits the global batch differently continues at start_step.
+        self.accelerator.step = start_step
+        device = self.accelerator.device
+        self.epoch, self.start_step = epoch, start_step
+        self.loss_sum = torch.tensor(float(sums[0]), device=device)
+        self.correct = torch.tensor(int(sums[1]), device=device, dtype=torch.long)
+        # The first step whose loss was not finite, kept on the device: checking every step would
+        # stall the pipeline on a host sync.
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.seen = self.seen_before = int(sums[2])
+        self.skipped_in_a_row = 0
+        self.started = time.perf_counter()
+
+    def train_step(self, step: int, images: torch.Tensor, targets: torch.Tensor) -> bool:
+        """Forward, backward and (at the end of an accumulation) the optimizer and scheduler step.
+
+        Args:
+            step: the batch's index within the epoch.
+
+        Returns:
+            Whether the optimizer stepped (the last batch of an accumulation, or of the epoch).
+
+        Raises:
+            NonFiniteLossError: when fp16 gradients overflowed too many steps in a row.
+        """
+        acc = self.accelerator
+        images = self.to_input(images)
+        torch.manual_seed(step_seed(self.seed, self.epoch, step, acc.process_index))
+        with acc.accumulate(self.model):
+            logits = self.model(images)
+            loss = self.loss_fn(logits, targets)
+            acc.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                self.scheduler.step()
+        if acc.scaler is not None and acc.sync_gradients:  # fp16: the scaler skips overflowing steps
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.optimizer.step_was_skipped else 0
+            if self.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise NonFiniteLossError(f"fp16 gradients overflowed {self.skipped_in_a_row} steps in a row (up to "
+                                         f"step {step + 1} of epoch {self.epoch + 1}); use --mixed-precision bf16 or no")
+        n = targets.shape[0]
+        loss = loss.detach().float()
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        self.loss_sum += loss * n
+        self.correct += (logits.detach().argmax(dim=1) == targets).sum()
+        self.seen += n
+        return acc.sync_gradients
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` naming the earliest step at which any process met a
+        non-finite loss (a collective with several processes: all must call it at the same step)."""
+        bad = self.first_bad[None]
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.gather(bad)
+        step = earliest_bad_step(bad)
+        if step is not None:
+            raise NonFiniteLossError(f"the loss became NaN or infinite at step {step + 1} of epoch {self.epoch + 1}")
+
+    def epoch_sums(self) -> list[float]:
+        """The epoch's loss sum, correct predictions and images so far, over all processes (a collective)."""
+        device = self.accelerator.device
+        return self.accelerator.reduce(torch.stack([self.loss_sum.float(), self.correct.float(),
+                                                    torch.tensor(float(self.seen), device=device)]),
+                                       reduction="sum").tolist()
+
+    def running(self) -> tuple[float, float, float]:
+        """This process's mean loss, accuracy so far in the epoch, and images/s of this run of it."""
+        return (self.loss_sum.item() / self.seen, self.correct.item() / self.seen,
+                (self.seen - self.seen_before) / (time.perf_counter() - self.started))
+
+    def end_epoch(self) -> EpochStats:
+        """The epoch's figures over all processes (a collective).
+
+        Raises:
+            NonFiniteLossError: naming the step, when a loss of the epoch was NaN or infinite.
+        """
+        self.check_finite()
+        totals = self.accelerator.reduce(
+            torch.tensor([self.loss_sum.item(), self.correct.item(), self.seen, self.seen - self.seen_before],
+                         device=self.accelerator.device, dtype=torch.float64), reduction="sum")
+        loss_total, correct_total, seen_total, seen_now = totals.tolist()
+        return EpochStats(loss_total / max(seen_total, 1), correct_total / max(seen_total, 1), int(seen_now),
+                          time.perf_counter() - self.started)
+
+
+@dataclass
+class Predictions:
+    """Every evaluated image exactly once, in dataset order."""
+
+    indices: torch.Tensor  # dataset index of each image
+    targets: torch.Tensor
+    topk: torch.Tensor  # (N, k) class indices, best first
+    confidence: torch.Tensor  # softmax probability of the top class
+    loss: torch.Tensor  # cross-entropy of the true class, -log p(target), per image
+
+    @property
+    def accuracy(self) -> float:
+        return (self.topk[:, 0] == self.targets).float().mean().item() if len(self.targets) else 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss.mean().item() if len(self.targets) else 0.0
+
+
+@torch.inference_mode()
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_classes: int, *,
+             to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, k: int = 5) -> Predictions:
+    """Predictions for every image of ``loader``, gathered from all processes, each image once."""
+    model.eval()
+    k = min(k, num_classes)
+    parts: dict[str, list[torch.Tensor]] = {"indices": [], "targets": [], "topk": [], "confidence": [], "loss": []}
+    for images, targets, indices in loader:
+        logits = model(to_input(images)).float()
+        confidence, topk = logits.softmax(dim=1).topk(k, dim=1)
+        loss = nn.functional.cross_entropy(logits, targets, reduction="none")
+        gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0], loss))
+        for key, value in zip(parts, gathered):
+            parts[key].append(value)  # kept on the device: one copy back at the end, not four a batch
+    if not parts["indices"]:
+        empty = torch.zeros(0, dtype=torch.long)
+        return Predictions(empty, empty, torch.zeros(0, k, dtype=torch.long), torch.zeros(0), torch.zeros(0))
+    result = {key: torch.cat(values).cpu() for key, values in parts.items()}
+    kept = result["indices"] >= 0  # -1: an image that failed to decode under --bad-data skip
+    result = {key: value[kept] for key, value in result.items()}
+    order = result["indices"].argsort()
+    return Predictions(**{key: value[order] for key, value in result.items()})
+
+
+@torch.inference_mode()
+def recalibrate_batchnorm(accelerator: Accelerator, model: nn.Module, loader: Iterable, *, max_batches: int,
+                          to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> int:
+    """Recompute the running statistics of the trainable BatchNorm layers from training images.
+
+    A short fine-tune moves the features far in few steps, while BatchNorm's running averages
+    (momentum 0.1) still hold much of ImageNet's statistics: evaluation then normalises with the
+    wrong ones, and a small run can fall to chance accuracy although it trained well ("precise
+    BN", Wu & Johnson 2021). Exact averages over up to ``max_batches`` batches per process of the
+    training images, augmented as in training (the population the network learnt to normalise),
+    replace them; several processes average theirs.
+    Frozen layers keep their pretrained statistics.
+
+    Returns:
+        The number of layers recalibrated (0 when the model has none to recalibrate).
+    """
+    net = accelerator.unwrap_model(model)  # no DDP: each process's statistics are its own until averaged
+    layers = [m for m in net.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+              and any(p.requires_grad for p in m.parameters())]
+    if not layers or max_batches <= 0:
+        return 0
+    was_training = net.training
+    net.eval()  # dropout and stochastic depth off: the statistics of what evaluation will see
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative (exact) average over the batches below
+        m.train()
+    for step, batch in enumerate(loader):
+        if step >= max_batches:
+            break
+        if len(batch[0]) > 1:  # a last batch of one image may give BatchNorm one value per channel
+            net(to_input(batch[0]))
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+        if accelerator.num_processes > 1:
+            m.running_mean.copy_(accelerator.reduce(m.running_mean, reduction="mean"))
+            m.running_var.copy_(accelerator.reduce(m.running_var, reduction="mean"))
+    net.train(was_training)
+    return len(layers)

@@ -1,0 +1,109 @@
+"""A training run's prepared pieces: what trains, on which loaders, with which optimizer and
+schedule (the epoch loop that uses them is ``loop.fit``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from finetune.config import TrainConfig
+from finetune.data.loader import SkippedImages, make_eval_loader, make_train_loader
+from finetune.training.features import cached_loaders, probe_module
+from finetune.data.folders import Splits
+from finetune.models.build import Classifier
+from finetune.training.optim import build_optimizer, build_scheduler, param_groups
+from finetune.data.presets import ModelInput
+from finetune.utils.runtime import num_workers
+from finetune.training.sanity import trains_batch_norm
+
+
+@dataclass
+class Session:
+    """The prepared pieces of a run."""
+
+    accelerator: Accelerator
+    model: nn.Module  # what trains (Accelerate-wrapped): the classifier, or only its head on cached features
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    test_loader: Any
+    val_loader: Any  # None without a validation split: then the test split chooses best.safetensors
+    calibration_loader: Any | None  # training images as trained on, in a fixed order: for recalibrating BatchNorm
+    epoch_sampler: Any  # the sampler behind train_loader (Accelerate's skip wrapper hides it)
+    to_input: Callable[[torch.Tensor], torch.Tensor]
+    cached_features: int | None  # features per image when the head trains on cached features
+    class_weights: torch.Tensor | None = None  # the loss's per-class weights (--class-weights auto)
+    skipped: SkippedImages | None = None  # images that failed to decode, under --bad-data skip
+    splits: dict[str, Any] = field(default_factory=dict)  # the checkpoint's records of the held-out splits (folders.describe_split)
+
+
+def inverse_frequency_weights(targets: list[int], num_classes: int) -> torch.Tensor:
+    """Per-class loss weights ``N / (classes x images of the class)``: every class weighs as much
+    in the loss as in a balanced training set (scikit-learn's "balanced")."""
+    counts = torch.bincount(torch.tensor(targets, dtype=torch.long), minlength=num_classes).double()
+    return (len(targets) / (num_classes * counts.clamp(min=1))).float()
+
+
+def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifier, splits: Splits) -> Session:
+    """Optimizer, loaders and schedule for ``clf``, prepared by Accelerate.
+
+    With the backbone frozen and no random augmentation, the backbone's features are computed
+    once and only the head trains (``features``).
+    """
+    if config.channels_last:
+        clf.net = clf.net.to(memory_format=torch.channels_last)
+    head_mult = config.lr_head_mult if clf.weights.pretrained else 1.0  # from scratch: one learning rate
+    groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
+    optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum)
+    workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
+    to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
+    skipped = SkippedImages() if config.bad_data == "skip" else None
+    probe = None
+    if config.freeze == "backbone" and config.augment == "none" and config.cache_features:
+        blank = torch.zeros(1, 3, config.image_size, config.image_size, dtype=torch.uint8)
+        probe = probe_module(clf.net, clf.head, to_input(blank))
+    held_out = [splits.test] + ([splits.val] if splits.val is not None else [])
+    if probe is not None:
+        train_loader, eval_loaders = cached_loaders(
+            accelerator, clf.net, clf.head, splits.train, held_out, clf.preprocessing, to_input,
+            batch_size=config.batch_size, seed=config.seed, num_workers=workers)
+        trainable, to_input = probe, (lambda features: features)
+    else:
+        trainable = clf.net
+        pin = accelerator.device.type == "cuda"
+        # BatchNorm cannot train on a batch of one: an epoch that would end on one leaves that image out.
+        global_batch = config.batch_size * accelerator.num_processes if trains_batch_norm(clf.net) else 0
+        train_loader = make_train_loader(splits.train, clf.preprocessing, batch_size=config.batch_size,
+                                         seed=config.seed, num_workers=workers,
+                                         augment=config.augment, hflip=config.hflip, pin_memory=pin,
+                                         global_batch=global_batch, skipped=skipped)
+        eval_loaders = [make_eval_loader(part, clf.preprocessing, batch_size=config.batch_size,
+                                         num_workers=workers, pin_memory=pin, skipped=skipped) for part in held_out]
+    epoch_sampler = train_loader.sampler
+    model, optimizer, train_loader, *eval_loaders = accelerator.prepare(trainable, optimizer, train_loader,
+                                                                       *eval_loaders)
+    test_loader, val_loader = eval_loaders[0], (eval_loaders[1] if len(eval_loaders) > 1 else None)
+    calibration_loader = None
+    if probe is None and config.recalibrate_bn_batches > 0:
+        # The statistics of what the network trained on ("precise BN" averages over training-time
+        # augmentation): with eval preprocessing, a run trained on small random crops lost up to
+        # 0.23 of test accuracy (textures, bench/sweep_defaults.py). Shuffled with a seed of its
+        # own, so that a large set is not measured on its first classes alone; the same images
+        # every epoch, so that a resumed run recalibrates as an uninterrupted one.
+        calibration_loader = accelerator.prepare_data_loader(make_train_loader(
+            splits.train, clf.preprocessing, batch_size=config.batch_size, seed=config.seed + 1,
+            num_workers=workers, augment=config.augment, hflip=config.hflip, pin_memory=pin, skipped=skipped))
+    optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process
+    scheduler = accelerator.prepare(build_scheduler(
+        optimizer, round(config.warmup_epochs * optimizer_steps), config.epochs * optimizer_steps,
+        probe_steps=round(config.probe_epochs * optimizer_steps), schedule=config.schedule))
+    features = train_loader.dataset.features.shape[1] if probe is not None else None
+    weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)) \
+        if config.class_weights == "auto" else None
+    return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, val_loader,
+                   calibration_loader, epoch_sampler, to_input, features, weights, skipped, splits.records)
