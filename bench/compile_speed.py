@@ -24,7 +24,7 @@ from bench.datasets import photo_folder as write_dataset
 def run(data: Path, out: Path, epochs: int, size: int, *extra: str) -> list[dict]:
     argv = ["--data", str(data), "--model", "resnet18", "--weights", "none", "--image-size", str(size),
             "--epochs", str(epochs), "--output-dir", str(out), *extra]
-    return quietly(train.main, argv)["history"]
+    return quietly(train.main, argv).history
 
 
 def main() -> None:

@@ -29,13 +29,13 @@ import torch
 
 from bench.common import quietly
 from bench.datasets import photo_folder
-from finetune.models.checkpoint import describe_checkpoint, save_checkpoint
+from finetune.models.checkpoint import save_checkpoint
 from finetune.commands import eval as eval_cmd
 from finetune.commands import predict as predict_cmd
 from finetune.config import TrainConfig
 from finetune.models.export import export
 from finetune.models.inference import load_classifier
-from finetune.models.build import build_classifier, recorded_arch_kwargs
+from finetune.models.build import build_classifier, describe_checkpoint
 from finetune.utils.runtime import resolve_precision
 
 MODEL, SIZE = "resnet18", 224
@@ -45,7 +45,7 @@ def write_checkpoint(path: Path, classes: list[str]) -> Path:
     torch.manual_seed(0)
     clf = build_classifier(MODEL, "none", classes, image_size=SIZE)
     config = TrainConfig(model=MODEL, weights="none", image_size=SIZE)
-    save_checkpoint(path, clf.net.state_dict(), describe_checkpoint(config, clf, classes, {}, recorded_arch_kwargs(clf.net)))
+    save_checkpoint(path, clf.net.state_dict(), describe_checkpoint(config, clf, classes, {}))
     return path
 
 

@@ -22,7 +22,7 @@ from finetune.data.demo import demo_dataset
 
 
 def run(argv: list[str]) -> list[dict]:
-    return quietly(train.main, argv)["history"]
+    return quietly(train.main, argv).history
 
 
 def main() -> None:

@@ -40,9 +40,9 @@ from finetune.data.loader import make_eval_loader
 from finetune.data.folders import image_folder
 from finetune.data.demo import demo_dataset
 from finetune.data.presets import ModelInput, Preprocessing
-from finetune.training.study import CHAPTER_FLAGS
+from finetune.training.study import CHAPTER as CHAPTER_FIELDS, as_flags
 
-CHAPTER = CHAPTER_FLAGS
+CHAPTER = as_flags(CHAPTER_FIELDS)
 SGD = ["--optimizer", "sgd", "--lr", "0.001"]
 WU = ["--warmup-epochs", "0.1"]  # a short warmup: most recipes below vary one thing around it
 RECIPES: dict[str, list[str]] = {
@@ -154,8 +154,8 @@ def run(case: Case, flags: list[str], fit: Path, test_dir: Path, work: Path, see
             "--num-workers", "0", "--threads", str(THREADS), "--output-dir", str(out_dir), "--log-with", "none", "--no-plots", *flags]
     start = time.perf_counter()
     out = quietly(train.main, argv)
-    result = {"val_acc": out["history"][-1]["test_acc"],
-              "test_acc": test_accuracy(out["model"], test_dir, out["classes"], case.size),
+    result = {"val_acc": out.history[-1]["test_acc"],
+              "test_acc": test_accuracy(out.model, test_dir, out.classes, case.size),
               "seconds": round(time.perf_counter() - start, 1)}
     shutil.rmtree(out_dir, ignore_errors=True)
     return result

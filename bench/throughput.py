@@ -88,7 +88,7 @@ def finetune(data: Path, epochs: int, batch: int, out_dir: Path) -> list[dict[st
     persistent seeded workers, SGD + warmup/cosine), in-process. Its per-epoch history."""
     argv = ["--data", str(data), "--model", "resnet18", "--weights", "none", "--batch-size", str(batch),
             "--epochs", str(epochs), "--output-dir", str(out_dir)]
-    return quietly(train.main, argv)["history"]
+    return quietly(train.main, argv).history
 
 
 def compute_only(steps: int, precision: str, batch: int, warmup: int = 2) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it, every checkpoint records it
 
-__all__ = ["__version__", "load_classifier", "train"]
+__all__ = ["TrainConfig", "TrainResult", "__version__", "load_classifier", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,8 +19,8 @@ def __getattr__(name: str) -> Any:
         from finetune.models.inference import load_classifier
 
         return load_classifier
-    if name == "train":
-        from finetune.api import train
+    if name in ("train", "TrainConfig", "TrainResult"):
+        from finetune import api
 
-        return train
+        return getattr(api, name)
     raise AttributeError(f"module 'finetune' has no attribute '{name}'")

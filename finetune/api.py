@@ -1,50 +1,39 @@
-"""The Python API for notebooks: ``finetune.train(...)`` (``finetune.load_classifier`` is in
-``inference``)."""
+"""The Python API for notebooks: ``finetune.train(...)``; ``finetune.load_classifier`` is
+``models.inference.load_classifier``."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, settings_from
+from finetune.training.run import TrainResult
+from finetune.training.run import train as run_training
+
+__all__ = ["TrainConfig", "TrainResult", "train"]
 
 
-@dataclass
-class TrainResult:
-    """What a run left: its folder (``model.safetensors`` is in it) and one dict per epoch."""
+def train(config: TrainConfig | None = None, /, **fields: Any) -> TrainResult:
+    """Fine-tune as ``train.py`` does, from a configuration or its fields as keywords.
 
-    run_dir: Path
-    history: list[dict[str, Any]]
-
-
-def train(**fields: Any) -> TrainResult:
-    """Fine-tune as ``train.py`` does, with the flags as keyword arguments.
-
-        result = finetune.train(data="DATA", model="resnet18", weights="DEFAULT", epochs=5)
-        clf = finetune.load_classifier(result.run_dir / "model.safetensors")
+        run = finetune.train(data="DATA", model="resnet18", weights="DEFAULT", epochs=5)
+        run = finetune.train(TrainConfig(data="DATA", epochs=5), lr=1e-3)
+        clf = finetune.load_classifier(run.run_dir)
 
     Args:
-        **fields: any field of ``TrainConfig`` (a flag's name with underscores: ``batch_size=64``,
-            ``mixed_precision="no"``); omitted ones keep their defaults. Values are checked exactly
-            as the flags are.
+        config: a ``TrainConfig``; omitted: the defaults.
+        **fields: fields of ``TrainConfig`` (a flag's name with underscores: ``batch_size=64``,
+            ``mixed_precision="no"``) that replace the config's; values are read and checked as
+            the flags and a YAML file's are (``lr="1e-3"`` and ``image_size=64.0`` are accepted).
+
+    Returns:
+        The run's folder, its per-epoch history, the classes and the trained model.
 
     Raises:
-        TypeError: a name that is not a flag.
-        UserError: bad values or data, with the same one-line message the command prints.
+        UserError: an unknown field (naming the closest), bad values or bad data, with the same
+            one-line message the command prints.
+        Stopped: on SIGTERM, SIGINT or SIGUSR1, after saving a resumable state.
     """
-    from finetune.commands.train import main
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    argv: list[str] = []
-    for name, value in fields.items():
-        if name not in known:
-            raise TypeError(f"train() got an unexpected keyword argument '{name}'")
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif value is not None:
-            argv += [flag, str(value)]
-    result = main(argv)
-    return TrainResult(Path(result["run_dir"]), result["history"])
+    settings = settings_from(fields, TrainConfig, "finetune.train()")
+    config = dataclasses.replace(config, **settings) if config is not None else TrainConfig(**settings)
+    return run_training(config)

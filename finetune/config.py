@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 import yaml
 
 from finetune.errors import UserError, first_line
+from finetune.utils.files import atomic_write_text
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # The names optim.OPTIMIZERS knows (a test keeps them equal): this module stays free of torch, so
@@ -40,7 +42,8 @@ def option(default: Any, help: str, **extra: Any) -> Any:
         default: the default value.
         help: the flag's help text.
         extra: ``choices``; ``minimum``/``maximum`` (inclusive); ``above`` (exclusive lower bound);
-            ``auto`` (a value below ``minimum`` that means "choose for me", e.g. -1);
+            ``auto`` (a value below ``minimum`` that means "choose for me", e.g. -1); ``nargs``
+            (a tuple field taking several values after its flag);
             ``false_means`` (what a YAML ``no``/``false`` stands for in a text field);
             ``path`` (expand ``~`` in it).
     """
@@ -237,6 +240,8 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
         except argparse.ArgumentTypeError as err:
             raise UserError(f"{where}: '{name}' {err}") from None
     if base is str:
+        if isinstance(value, os.PathLike):  # finetune.train(data=Path(...))
+            return os.fspath(value)
         if value is False and meta.get("false_means"):  # YAML 1.1 reads no/off/false as False
             return meta["false_means"]
         if isinstance(value, (int, float)) and not isinstance(value, bool):  # freeze: 0.5
@@ -276,7 +281,9 @@ def build_parser(cls: type = TrainConfig, description: str = "") -> argparse.Arg
         if default is not None and "default" not in help_text:  # a help text may say it in words
             help_text += f" (default: {default})"
         flag = f"--{_flag(f.name)}"
-        if base is bool:
+        if f.metadata.get("nargs"):  # a list of strings after one flag, e.g. export.py's --check-images
+            parser.add_argument(flag, dest=f.name, nargs=f.metadata["nargs"], help=help_text, metavar="PATH")
+        elif base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=PARSERS.get(base, base), help=help_text,
@@ -297,13 +304,22 @@ def read_yaml(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of settings, not {type(raw).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    return settings_from(raw, cls, f"config file {path}")
+
+
+def settings_from(raw: dict[Any, Any], cls: type = TrainConfig, where: str = "settings") -> dict[str, Any]:
+    """Settings from a mapping (a YAML file's, or keyword arguments), keys normalised to field
+    names and values read as the flags would read them; an unknown key is a UserError that names
+    the closest field."""
+    known = [f.name for f in dataclasses.fields(cls)]
     settings = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise UserError(f"config file {path}: unknown setting '{key}'")
-        settings[name] = _coerce(cls, name, value, f"config file {path}")
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{where}: unknown setting '{key}'{hint}")
+        settings[name] = _coerce(cls, name, value, where)
     return settings
 
 
@@ -325,6 +341,4 @@ def parse_config(argv: Sequence[str] | None = None, cls: type = TrainConfig, des
 
 def save_yaml(config: Any, path: str | Path) -> None:
     """Write the resolved configuration as YAML (atomically)."""
-    from finetune.utils.files import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

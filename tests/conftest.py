@@ -7,21 +7,16 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pytest
 from PIL import Image
 
+if TYPE_CHECKING:
+    import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a process group's rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # Two cores: one thread per process keeps multi-process tests from fighting over them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -82,14 +77,14 @@ def write_checkpoint(path: Path, classes: list[str], model: str = "mobilenet_v3_
     make. ``meta`` overrides metadata entries (e.g. ``interpolation="bicubic"``)."""
     import torch
 
-    from finetune.models.checkpoint import describe_checkpoint, save_checkpoint
+    from finetune.models.checkpoint import save_checkpoint
     from finetune.config import TrainConfig
-    from finetune.models.build import build_classifier, recorded_arch_kwargs
+    from finetune.models.build import build_classifier, describe_checkpoint
 
     torch.manual_seed(seed)
     clf = build_classifier(model, weights, classes, image_size=image_size)
     config = TrainConfig(model=model, weights=weights, image_size=image_size)
-    description = describe_checkpoint(config, clf, classes, {}, recorded_arch_kwargs(clf.net))
+    description = describe_checkpoint(config, clf, classes, {})
     save_checkpoint(path, clf.net.state_dict(), {**description, **meta})
     return path
 
@@ -120,7 +115,7 @@ def train_until_stopped(argv: list[str], monkeypatch: pytest.MonkeyPatch, *, opt
             train.main(argv)
 
 
-def within_rounding(ours: "torch.Tensor", reference: "torch.Tensor", std: "Sequence[float]") -> bool:
+def within_rounding(ours: torch.Tensor, reference: torch.Tensor, std: Sequence[float]) -> bool:
     """Whether two normalised images (C, H, W) are the same uint8 image but for at most 5% of the
     values (on noise, the worst case; about 0.1% on photos), each off by a level (two with bicubic's
     sharper filter): the eval preset's bilinear resize is torch's uint8 one, which rounds a few

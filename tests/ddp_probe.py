@@ -14,5 +14,5 @@ from finetune.commands import train
 out = Path(sys.argv[1])
 result = train.main(sys.argv[2:])
 rank = int(os.environ.get("RANK", "0"))
-state = {k: v.detach().cpu().contiguous().clone() for k, v in result["model"].state_dict().items()}
+state = {k: v.detach().cpu().contiguous().clone() for k, v in result.model.state_dict().items()}
 save_file(state, str(out / f"weights-rank{rank}.safetensors"))

@@ -13,7 +13,7 @@ import signal
 import sys
 
 import finetune.training.loop as loop
-import finetune.models.build
+import finetune.training.run
 from finetune.commands import train
 from finetune.errors import run_cli
 
@@ -45,7 +45,7 @@ def before(module, name: str, condition=lambda *args: True) -> None:
 
 
 if when == "startup":
-    before(finetune.models.build, "build_classifier")  # train.py imports it when it runs
+    before(finetune.training.run, "build_classifier")  # the run calls it by this name
 elif when.startswith("step:"):
     step = int(when.split(":")[1])
     original_after_step = loop.after_step

@@ -25,15 +25,15 @@ def test_images_that_fail_during_the_run_are_skipped_named_once_and_counted(tiny
                              "--epochs", "2", "--num-workers", "1", "--bad-data", "skip", "--class-weights", "auto",
                              "--log-with", "none", "--no-plots"])
     text = out.getvalue()
-    assert sorted(result["skipped"]) == sorted([str(bad_train), str(bad_test)])
+    assert sorted(result.skipped) == sorted([str(bad_train), str(bad_test)])
     for bad in (bad_train, bad_test):
         assert text.count(f"cannot decode image {bad}") == 1, text  # named once over both epochs
     assert text.count("empty.jpg") == 1, text
     assert "left out 1 image(s) found before the run and 2 this process could not decode during it" in text
-    meta = read_metadata(result["run_dir"] / "model.safetensors")
+    meta = read_metadata(result.run_dir / "model.safetensors")
     assert meta["metrics"]["num_test_samples"] == 15  # the broken test image is left out, not counted
     assert meta["config"]["class_weights"] == "auto"
-    assert all("lr backbone" in row for row in result["history"])
+    assert all("lr backbone" in row for row in result.history)
 
 
 def test_inverse_frequency_weights_balance_the_classes():

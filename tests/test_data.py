@@ -202,7 +202,7 @@ def test_a_last_batch_of_one_trains(tmp_path: Path):
     write_image_folder(data / "test", {"a": 2, "b": 2}, seed=1)
     with contextlib.redirect_stdout(io.StringIO()) as out:
         result = train.main(["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST])
-    assert len(result["history"]) == 1
+    assert len(result.history) == 1
     assert "each epoch leaves out the last image of its shuffled order" in out.getvalue()
 
 

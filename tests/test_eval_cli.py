@@ -25,7 +25,7 @@ def many_classes_run(tmp_path_factory) -> tuple[Path, Path]:
     with contextlib.redirect_stdout(io.StringIO()):
         result = train.main(["--data", str(root / "data"), "--output-dir", str(root / "run"), *FAST,
                              "--log-with", "none", "--no-plots"])
-    return result["run_dir"], root / "data"
+    return result.run_dir, root / "data"
 
 
 def test_a_run_folder_is_its_model_and_a_wide_matrix_is_explained(many_classes_run, tmp_path: Path):
@@ -78,11 +78,11 @@ def test_eval_agrees_with_the_training_test_pass(tiny_data: Path, tmp_path: Path
     with contextlib.redirect_stdout(io.StringIO()):
         result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
                              "--mixed-precision", "bf16", "--log-with", "none", "--no-plots"])
-        metrics = eval_cmd.main(["--ckpt", str(result["run_dir"]), "--data", str(tiny_data), "--num-workers", "0",
+        metrics = eval_cmd.main(["--ckpt", str(result.run_dir), "--data", str(tiny_data), "--num-workers", "0",
                                  "--output-dir", str(tmp_path / "e"), "--no-plots", "--log-with", "none"])
-    clf = load_classifier(result["run_dir"])
+    clf = load_classifier(result.run_dir)
     assert clf.meta["precision"] == "bf16"
-    assert metrics["accuracy"] == result["history"][-1]["test_acc"]
+    assert metrics["accuracy"] == result.history[-1]["test_acc"]
 
     accelerator = build_accelerator(clf.meta["precision"])
     test = image_folder(tiny_data / "test", clf.classes)

@@ -36,9 +36,9 @@ def test_cached_probe_trains_like_the_uncached_one_and_eval_reads_it(tiny_data: 
         cached = train.main([*args, "--output-dir", str(tmp_path / "cached")])
         plain = train.main([*args, "--output-dir", str(tmp_path / "plain"), "--no-cache-features"])
     assert "linear probe on cached features (512 per image)" in out.getvalue()
-    a, b = (load_file(str(r["run_dir"] / "model.safetensors")) for r in (cached, plain))
+    a, b = (load_file(str(r.run_dir / "model.safetensors")) for r in (cached, plain))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
-    assert [r["test_acc"] for r in cached["history"]] == [r["test_acc"] for r in plain["history"]]
+    assert [r["test_acc"] for r in cached.history] == [r["test_acc"] for r in plain.history]
     assert not torch.equal(a["fc.weight"], torch.zeros_like(a["fc.weight"]))
-    assert all("lr head" in row for row in cached["history"])  # the epoch table names whose rate it shows
+    assert all("lr head" in row for row in cached.history)  # the epoch table names whose rate it shows

@@ -33,7 +33,7 @@ def test_flat_folder_or_train_alone_holds_out_a_stratified_test_part(tmp_path: P
     record = splits.records["test"]
     assert record["carved"] == {"fraction": 0.2, "seed": 0} and record["num_files"] == 7
     assert record["fingerprint"] == split_fingerprint([p for p, _ in splits.test.samples], splits.test.root)
-    assert splits.selected_on == "test"
+    assert splits.val is None and splits.records["test"]["name"] == "test"  # the test split chooses
     # Seeded: the same files again; another seed or fraction holds out others.
     assert names(load_splits(data).test) == names(splits.test)
     assert names(load_splits(data, split_seed=1).test) != names(splits.test)
@@ -114,7 +114,7 @@ def test_best_checkpoint_is_chosen_on_val_and_reports_that_epochs_test_accuracy(
     write_image_folder(data / "test", {"a": 4, "b": 4}, seed=2)
     result, out = quiet(train.main, ["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST,
                                      "--epochs", "3", "--lr", "0.05"])
-    history = result["history"]
+    history = result.history
     assert all({"val_acc", "test_acc"} <= row.keys() for row in history)
     best_epoch = max(history, key=lambda row: (row["val_acc"], -row["epoch"]))["epoch"]  # the first best
     best = read_metadata(tmp_path / "run" / "best.safetensors")

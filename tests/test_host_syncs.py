@@ -40,7 +40,7 @@ def test_training_reads_from_the_device_every_few_steps_only(tmp_path: Path, mon
     args = [*FAST, "--batch-size", "2", "--data", str(data), "--output-dir", str(tmp_path / "run"),
             "--log-every-seconds", "3600"]
     with contextlib.redirect_stdout(io.StringIO()):
-        history = train.main(args)["history"]
+        history = train.main(args).history
     steps = 30
     assert history[0]["train_loss"] > 0
     # Evaluation copies its predictions back once, and their figures are read from those copies:

@@ -95,13 +95,14 @@ def test_load_refuses_files_that_are_not_checkpoints(tmp_path: Path):
 def test_eval_loads_through_load_classifier_and_agrees_with_predict(ckpt: Path, tmp_path: Path, monkeypatch):
     data = write_image_folder(tmp_path / "test", {"cat": 3, "dog": 3, "hot dog": 3}, size=40)
     loaded = []
-    monkeypatch.setattr(inference, "load_classifier", lambda path: loaded.append(path) or load_classifier(path))
+    monkeypatch.setattr(inference, "load_classifier",
+                        lambda path, **kwargs: loaded.append(path) or load_classifier(path, **kwargs))
     eval_cmd.main(["--ckpt", str(ckpt), "--data", str(data), "--output-dir", str(tmp_path / "out"),
                    "--mixed-precision", "no", "--num-workers", "0", "--no-plots", "--log-with", "none"])
     assert loaded == [str(ckpt)]
     with open(tmp_path / "out" / "predictions.csv") as f:
         rows = {row["path"]: row for row in csv.DictReader(f)}
-    preds = load_classifier(ckpt).predict(data)
+    preds = load_classifier(ckpt, mixed_precision="no").predict(data)
     assert len(preds) == len(rows) == 9
     for p in preds:
         # eval.py runs in fp32 here (--mixed-precision no), as predict does: the same numbers up to rounding.
@@ -115,7 +116,7 @@ def test_train_api_takes_the_flags_as_keywords(tiny_data: Path, tmp_path: Path):
                          image_size=32, batch_size=8, epochs=2, num_workers=0, channels_last=False)
     assert run.run_dir == tmp_path / "run" and len(run.history) == 2
     assert load_classifier(run.run_dir / "model.safetensors").classes == CLASSES
-    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'"):
+    with pytest.raises(UserError, match="unknown setting 'epoch' \\(did you mean 'epochs'\\?\\)"):
         finetune.train(epoch=3)
     with pytest.raises(UserError, match="--batch-size must be at least 1"):
         finetune.train(data=tiny_data, batch_size=0)

@@ -66,7 +66,8 @@ def test_cpu_configs_run_train(name: str, env: dict, processes: int, tmp_path: P
 @pytest.mark.slow
 def test_install_writes_a_default_config_so_a_plain_launch_does_not_warn(tmp_path: Path):
     """A plain `accelerate launch train.py` printed "--num_processes was set to a value of 0"."""
-    line = next(l for l in (ROOT / "scripts" / "install.sh").read_text().splitlines() if "accelerate config default" in l)
+    line = next(text for text in (ROOT / "scripts" / "install.sh").read_text().splitlines()
+                if "accelerate config default" in text)
     venv = Path(sys.executable).parent.parent
     env = {"HF_HOME": str(tmp_path / "hf")}
     assert run_cmd(["bash", "-c", line.replace(".venv/", f"{venv}/")], env=env).returncode == 0

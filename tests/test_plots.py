@@ -54,7 +54,7 @@ def test_curves_redrawn_each_epoch_are_the_picture_drawn_afresh():
     curves = plots.Curves()
     for n in range(1, 6):  # the run's own figure, updated epoch by epoch, against a fresh one
         redrawn = np.asarray(decoded(curves.png(history[:n])).convert("RGB")).astype(int)
-        fresh = np.asarray(decoded(plots.curves_png(history[:n])).convert("RGB")).astype(int)
+        fresh = np.asarray(decoded(plots.Curves().png(history[:n])).convert("RGB")).astype(int)
         assert (np.abs(redrawn - fresh).max(axis=-1) > 8).mean() < 0.002, n  # the same axes, ticks and lines
 
 
@@ -62,7 +62,7 @@ def test_curves_have_one_point_per_epoch_and_a_fixed_size():
     history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 20, "test_acc": 0.4 + e / 20,
                 "test_loss": 1.2 / e} for e in range(1, 4)]
     for rows in (history[:1], history):  # one epoch too: a single point must draw
-        assert decoded(plots.curves_png(rows)).size == (750, 300)
+        assert decoded(plots.Curves().png(rows)).size == (750, 300)
 
 
 @pytest.mark.parametrize("n", [2, 5, 30, 100])
@@ -111,7 +111,7 @@ def test_large_photos_are_shrunk_before_drawing():
 
 def test_save_png_is_atomic_and_reports_an_unwritable_folder(tmp_path: Path):
     target = tmp_path / "curves.png"
-    png = plots.curves_png([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.5}])
+    png = plots.Curves().png([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.5}])
     plots.save_png(target, png)
     assert target.read_bytes() == png and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
     with pytest.raises(UserError, match="cannot save"):

@@ -108,12 +108,32 @@ def test_images_come_through_eval_loader_also_from_workers(ckpt: Path, photos: P
 @pytest.mark.parametrize("args, message", [
     ([], "needs --ckpt FILE and at least one INPUT"),
     (["nowhere/"], "input not found: nowhere"),
+    (["https://example.com/cat.jpg"], "https://example.com/cat.jpg is a URL: predict reads local files only"),
     (["{photos}", "--output", "preds.txt"], "--output must end in .csv or .jsonl"),
     (["{photos}", "--top-k", "0"], "--top-k must be at least 1"),
 ])
 def test_bad_input_is_one_line(ckpt: Path, photos: Path, args: list[str], message: str):
     with pytest.raises(UserError, match=message):
         predict.main(["--ckpt", str(ckpt), *[a.format(photos=photos) for a in args], *QUIET])
+
+
+def test_only_unreadable_inputs_exit_2_naming_each(ckpt: Path, tmp_path: Path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("a text file, not an image")
+    proc = run_cmd(python_cmd("predict.py", "--ckpt", str(ckpt), str(bad), *QUIET))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"skipped unreadable image: {bad}" in proc.stdout
+    assert proc.stderr.strip() == "error: none of the 1 image(s) could be read (see above): nothing predicted"
+
+
+def test_the_python_api_skips_an_unreadable_image_with_a_warning(ckpt: Path, photos: Path):
+    bad = photos / "2025" / "broken.jpg"
+    bad.write_text("a text file, not an image")
+    with pytest.warns(UserWarning, match=f"skipped unreadable image: cannot decode image {bad}: not an image"):
+        predictions = load_classifier(ckpt).predict([photos])
+    assert len(predictions) == 7 and str(bad) not in {p.source for p in predictions}
+    with pytest.raises(UserError, match="not an image"):
+        load_classifier(ckpt).predict([photos], bad_data="fail")
 
 
 def test_empty_folder_is_reported(ckpt: Path, tmp_path: Path):

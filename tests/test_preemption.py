@@ -40,6 +40,6 @@ def test_signal_saves_state_and_resume_matches_uninterrupted(tiny_data: Path, tm
     with contextlib.redirect_stdout(io.StringIO()):
         resumed = train.main([*args, "--output-dir", str(run), "--resume"])
         reference = train.main([*args, "--output-dir", str(tmp_path / "ref")])
-    a = load_file(str(reference["run_dir"] / "model.safetensors"))
-    b = load_file(str(resumed["run_dir"] / "model.safetensors"))
+    a = load_file(str(reference.run_dir / "model.safetensors"))
+    b = load_file(str(resumed.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -102,7 +102,7 @@ def test_fail_policy_names_the_files_and_skip_policy_trains_without_them(messy, 
         result = train.main(["--data", str(data), "--output-dir", str(tmp_path / "r2"), *FAST, "--bad-data", "skip"])
     assert "skipping 3 image(s)" in out.getvalue() and str(bad["text"]) in out.getvalue()
     assert "1 test image(s) also appear in train" not in out.getvalue()  # the quick check does not hash
-    assert result["history"][-1]["train_loss"] > 0
+    assert result.history[-1]["train_loss"] > 0
 
 
 @pytest.mark.slow

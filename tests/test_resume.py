@@ -97,7 +97,7 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path: Path, tiny_data: P
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     with contextlib.redirect_stdout(io.StringIO()) as out:
         result = train.main([*args, "--resume"])
-    assert result["finished"]
+    assert result.finished
     assert f"the run in {run} is finished (1 epochs" in out.getvalue() and "python eval.py --ckpt" in out.getvalue()
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 

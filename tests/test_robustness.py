@@ -48,7 +48,7 @@ def quiet_train(argv: list[str]) -> dict:
 def test_random_sigkills_resume_to_bit_identical_weights(tiny_data: Path, tmp_path: Path):
     args = ["--data", str(tiny_data), *FAST, "--epochs", "4", "--batch-size", "2", "--save-every", "1",
             "--num-workers", "1"]
-    reference = load_file(str(quiet_train([*args, "--output-dir", str(tmp_path / "ref")])["run_dir"]
+    reference = load_file(str(quiet_train([*args, "--output-dir", str(tmp_path / "ref")]).run_dir
                               / "model.safetensors"))
     run = tmp_path / "run"
     rng = random.Random(20261128)
@@ -83,7 +83,7 @@ def test_random_sigkills_resume_to_bit_identical_weights(tiny_data: Path, tmp_pa
 
 
 def _checkpoint(tmp_path: Path, tiny_data: Path) -> Path:
-    return quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "good"), *FAST])["run_dir"] \
+    return quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "good"), *FAST]).run_dir \
         / "model.safetensors"
 
 
@@ -211,7 +211,7 @@ def test_images_of_every_mode_and_unicode_class_names_round_trip(tmp_path: Path)
             exif[0x0112] = 6  # rotated 90 degrees
             Image.fromarray(rgb).save(data / split / c / "rotated.jpg", exif=exif)
     result = quiet_train(["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST])
-    ckpt = result["run_dir"] / "model.safetensors"
+    ckpt = result.run_dir / "model.safetensors"
     assert read_metadata(ckpt)["classes"] == sorted(classes)
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = eval_cmd.main(["--ckpt", str(ckpt), "--data", str(data / "test"), "--num-workers", "0",

@@ -73,7 +73,7 @@ def test_a_run_logs_its_curves_and_draws_its_pictures(tiny_data: Path, tmp_path:
     run = tmp_path / "run"
     # 36 images in batches of 4: 9 optimizer steps an epoch, a point every 2.
     history = quiet(train.main, ["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--epochs", "2",
-                                 "--batch-size", "4", "--log-every-steps", "2"])["history"]
+                                 "--batch-size", "4", "--log-every-steps", "2"]).history
     logged = events(run / "logs")
     assert sorted(logged.Tags()["scalars"]) == sorted(["train/loss", "train/images_per_s", "lr/backbone", "lr/head",
                                                        *EPOCH_TAGS])

@@ -94,7 +94,7 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_no_pictures_or_logs(tiny_dat
     """samples.png and the tracker's logs exist before the first save: a failed start removes them
     too, so the folder does not look like a run and the same command can run again; what the
     folder held before the run (here a logs/ of the user's own) stays."""
-    from finetune.training import loop
+    from finetune.training import run as training_run
 
     def fail(*args, **kwargs):
         assert (run / "samples.png").exists() and not (run / "curves.png").exists()
@@ -103,7 +103,7 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_no_pictures_or_logs(tiny_dat
     run = tmp_path / "run"
     (run / "logs").mkdir(parents=True)
     (run / "logs" / "mine.txt").write_text("the user's own log")
-    monkeypatch.setattr(loop, "fit", fail)
+    monkeypatch.setattr(training_run, "fit", fail)  # the run calls it by this name
     with pytest.raises(UserError, match="NaN"), contextlib.redirect_stdout(io.StringIO()):
         train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST, "--log-with", "none"])
     assert sorted(p.name for p in run.iterdir()) == ["logs"]

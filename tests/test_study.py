@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from finetune.commands import study
-from finetune.commands import train
+from finetune.training import run
 from finetune.errors import Stopped, UserError, run_cli
-from finetune.training.study import STRATEGIES, strategy_flags
+from finetune.training.study import STRATEGIES, as_flags, strategy_fields
 from tests.conftest import python_cmd, run_cmd
 
 TINY = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "8",
@@ -24,15 +24,15 @@ def test_every_strategy_then_an_interrupted_study_resumes(tiny_data: Path, tmp_p
     # First attempt: the third strategy is stopped by a signal (as a preempted job would be).
     calls: list[str] = []
     stop_at = [3]
-    real_main = train.main
+    real_train = run.train
 
-    def stopping_main(argv, **kwargs):
-        calls.append(Path(argv[argv.index("--output-dir") + 1]).name)
+    def stopping_train(config, **kwargs):
+        calls.append(Path(config.output_dir).name)
         if len(calls) in stop_at:
             raise Stopped("stopped by SIGTERM")
-        return real_main(argv, **kwargs)
+        return real_train(config, **kwargs)
 
-    monkeypatch.setattr(train, "main", stopping_main)
+    monkeypatch.setattr(run, "train", stopping_train)
     args = ["--data", str(tiny_data), *TINY, "--output-dir", str(out)]
     assert run_cli(study.main, args) == Stopped.exit_code
     done = json.loads((out / "study.json").read_text())["strategies"]
@@ -53,7 +53,7 @@ def test_every_strategy_then_an_interrupted_study_resumes(tiny_data: Path, tmp_p
     # The strategies are what they say: a probe trains only the head, half-frozen trains less than all.
     assert by_name["linear-probe"]["trainable_params"] < by_name["freeze-half"]["trainable_params"] \
         < by_name["finetune"]["trainable_params"] == by_name["scratch"]["trainable_params"]
-    assert by_name["classic"]["flags"] == strategy_flags(2)["classic"]
+    assert by_name["classic"]["flags"] == as_flags(strategy_fields(2)["classic"])
     with Image.open(out / "curves.png") as img:
         img.load()
         assert img.size == (800, 320)
@@ -78,8 +78,8 @@ def test_bad_data_is_one_line(tmp_path: Path):
 
 
 def test_lp_ft_probe_grows_with_the_budget():
-    assert strategy_flags(1)["lp-ft"] == ["--probe-epochs", "0.5"]
-    assert strategy_flags(9)["lp-ft"] == ["--probe-epochs", "3"]
+    assert strategy_fields(1)["lp-ft"] == {"probe_epochs": 0.5}
+    assert strategy_fields(9)["lp-ft"] == {"probe_epochs": 3.0}
     with pytest.raises(UserError, match="choose from"):
         from finetune.training.study import parse_strategies
 

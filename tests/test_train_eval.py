@@ -65,7 +65,7 @@ def test_top5_is_reported_with_more_than_five_classes(tmp_path: Path):
     write_image_folder(data / "test", {k: 1 for k in classes}, seed=1)
     result = quiet_train(["--data", str(data), "--output-dir", str(tmp_path / "run"), *FAST])
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        metrics = eval_cmd.main(["--ckpt", str(result["run_dir"] / "model.safetensors"), "--data", str(data),
+        metrics = eval_cmd.main(["--ckpt", str(result.run_dir / "model.safetensors"), "--data", str(data),
                                  "--num-workers", "0"])
     assert 0 <= metrics["top5_accuracy"] <= 1 and metrics["top5_accuracy"] >= metrics["accuracy"]
     assert "top-5 accuracy" in out.getvalue()
@@ -96,7 +96,7 @@ def test_image_that_fails_only_when_decoded_in_a_worker_is_named(tiny_data: Path
 @pytest.mark.slow
 def test_eval_refuses_other_classes_and_bad_checkpoints(tiny_data: Path, tmp_path: Path):
     result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST])
-    ckpt = result["run_dir"] / "model.safetensors"
+    ckpt = result.run_dir / "model.safetensors"
     other = write_image_folder(tmp_path / "other", {"cat": 1, "zebra": 1})
     proc = run_cmd(python_cmd("eval.py", "--ckpt", str(ckpt), "--data", str(other)))
     assert proc.returncode == 2 and "classes the training set lacks: zebra" in proc.stderr
@@ -109,10 +109,10 @@ def test_eval_refuses_other_classes_and_bad_checkpoints(tiny_data: Path, tmp_pat
 def test_same_seed_reproduces_weights_bit_for_bit(tiny_data: Path, tmp_path: Path):
     runs = [quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / f"r{i}"), *FAST, "--seed", "5",
                          "--num-workers", str(i)]) for i in (0, 1)]  # workers or not: same data order
-    a, b = (load_file(str(r["run_dir"] / "model.safetensors")) for r in runs)
+    a, b = (load_file(str(r.run_dir / "model.safetensors")) for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     c = load_file(str(quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "r2"), *FAST,
-                                   "--seed", "6"])["run_dir"] / "model.safetensors"))
+                                   "--seed", "6"]).run_dir / "model.safetensors"))
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
@@ -121,7 +121,7 @@ def test_linear_probe_trains_only_the_head(tiny_data: Path, tmp_path: Path):
 
     result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
                           "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--freeze", "backbone"])
-    trained = load_file(str(result["run_dir"] / "model.safetensors"))
+    trained = load_file(str(result.run_dir / "model.safetensors"))
     original = build_pretrained("mobilenet_v2", "IMAGENET1K_V1")[0].state_dict()
     backbone = [k for k in trained if not k.startswith("classifier.1.")]
     assert all(torch.equal(trained[k], original[k]) for k in backbone)  # running stats too: BN stayed in eval
@@ -131,7 +131,7 @@ def test_linear_probe_trains_only_the_head(tiny_data: Path, tmp_path: Path):
 def test_freeze_stage_keeps_lower_blocks(tiny_data: Path, tmp_path: Path):
     result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST,
                           "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--freeze", "features.3"])
-    model = result["model"]
+    model = result.model
     assert not any(p.requires_grad for p in model.features[:4].parameters())
     assert all(p.requires_grad for p in model.features[4:].parameters())
 
@@ -147,28 +147,28 @@ def test_reused_rows_are_reported(tmp_path: Path):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--mixed-precision", "no"], "precision no"),
+    (["--mixed-precision", "no"], "precision fp32"),
     (["--mixed-precision", "bf16"], "precision bf16"),
     (["--mixed-precision", "fp16"], "precision bf16"),  # fp16 on CPU would silently be fp32
 ])
 def test_mixed_precision_choices_on_cpu(tiny_data: Path, tmp_path: Path, flags, expected, capsys, monkeypatch):
     # The dtype the forward pass computes in, seen at the output layer (Accelerate casts the model's
     # final output back to fp32, so it is looked at inside).
-    import finetune.training.session
+    import finetune.training.run
 
     computed = set()
-    prepare = finetune.training.session.prepare_session
+    prepare = finetune.training.run.prepare_session
 
-    def watched(config, accelerator, clf, splits):
+    def watched(*, clf, **kwargs):
         clf.net.get_submodule(clf.head).register_forward_hook(
             lambda module, args, out: computed.add((module.training, out.dtype)))
-        return prepare(config, accelerator, clf, splits)
+        return prepare(clf=clf, **kwargs)
 
-    monkeypatch.setattr(finetune.training.session, "prepare_session", watched)  # train.py imports it when it runs
+    monkeypatch.setattr(finetune.training.run, "prepare_session", watched)  # the run calls it by this name
     result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, *flags])
     captured = capsys.readouterr()
-    assert expected in captured.out and result["history"][-1]["train_loss"] > 0
-    dtype = torch.float32 if expected == "precision no" else torch.bfloat16
+    assert expected in captured.out and result.history[-1]["train_loss"] > 0
+    dtype = torch.float32 if expected == "precision fp32" else torch.bfloat16
     assert computed == {(True, dtype), (False, dtype)}  # training and evaluation
     if "fp16" in flags:
         assert "fp16 is not supported on the CPU" in captured.err
@@ -181,7 +181,7 @@ def test_gradient_accumulation_steps_the_scheduler_once_per_optimizer_step(tiny_
     # 36 images in batches of 4, two batches per optimizer step: 9 batches, 5 scheduler steps an
     # epoch, 10 in all. After epoch 1 the cosine is half-way down; after epoch 2 at zero. A step per
     # batch would leave 1e-3 * 0.5 * (1 + cos(0.9 pi)) = 2.4e-5 after epoch 1.
-    lrs = [next(v for k, v in row.items() if k.startswith("lr ")) for row in a["history"]]
+    lrs = [next(v for k, v in row.items() if k.startswith("lr ")) for row in a.history]
     assert lrs == pytest.approx([0.5e-3, 0.0], abs=1e-9)
     state = torch.load(tmp_path / "a" / "state" / "optimizer.bin", weights_only=True)
     assert {int(s["step"]) for s in state["state"].values()} == {10}  # AdamW's own count of its steps
@@ -216,11 +216,11 @@ def test_killed_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: Path)
     with contextlib.redirect_stdout(io.StringIO()) as out:
         resumed = train.main([*args, "--output-dir", str(run), "--resume"])
     assert "resumed from" in out.getvalue()
-    a = load_file(str(reference["run_dir"] / "model.safetensors"))
-    b = load_file(str(resumed["run_dir"] / "model.safetensors"))
+    a = load_file(str(reference.run_dir / "model.safetensors"))
+    b = load_file(str(resumed.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     for key in ("test_acc", "train_loss", "train_acc"):  # the resumed epoch reports all of its batches
-        assert [r[key] for r in resumed["history"]] == [r[key] for r in reference["history"]], key
+        assert [r[key] for r in resumed.history] == [r[key] for r in reference.history], key
 
 
 def test_unwritable_output_dir_is_reported_before_training(tiny_data: Path, tmp_path: Path):
@@ -249,10 +249,10 @@ def test_non_finite_loss_stops_naming_the_step_and_saves_nothing_broken(tiny_dat
 def test_compile_option_trains_and_saves_clean_keys(tiny_data: Path, tmp_path: Path):
     result = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--compile",
                           "--model", "resnet18"])
-    with safe_open(str(result["run_dir"] / "model.safetensors"), "pt") as f:
+    with safe_open(str(result.run_dir / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert "fc.weight" in keys and not any("_orig_mod" in k for k in keys)
-    assert result["history"][-1]["train_loss"] > 0
+    assert result.history[-1]["train_loss"] > 0
 
 
 def optimizer_groups(run: Path) -> dict[str, dict]:
@@ -274,12 +274,12 @@ def test_head_learning_rate_multiplier_and_one_rate_from_scratch(tiny_data: Path
 def test_batchnorm_is_recalibrated_on_images_augmented_as_in_training(tiny_data: Path, tmp_path: Path, monkeypatch):
     # "Precise BN" measures the population the network trained on: with eval preprocessing, runs
     # trained on small random crops lost much of their accuracy (README, Why these defaults).
-    import finetune.training.session
+    import finetune.training.run
 
     sessions = []
-    prepare = finetune.training.session.prepare_session
-    monkeypatch.setattr(finetune.training.session, "prepare_session",
-                        lambda *args: sessions.append(prepare(*args)) or sessions[-1])
+    prepare = finetune.training.run.prepare_session
+    monkeypatch.setattr(finetune.training.run, "prepare_session",
+                        lambda **kwargs: sessions.append(prepare(**kwargs)) or sessions[-1])
     train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--augment", "classic"])
     session = sessions[0]
     calibration, training = session.calibration_loader.dataset, session.train_loader.dataset

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # real fine-tuning runs to an accuracy
 
 def final_accuracy(argv: list[str]) -> float:
     with contextlib.redirect_stdout(io.StringIO()):
-        return train.main(argv)["history"][-1]["test_acc"]
+        return train.main(argv).history[-1]["test_acc"]
 
 
 def test_pretrained_beats_scratch_on_the_demo_by_a_wide_margin(tmp_path: Path):

@@ -53,30 +53,28 @@ class EvalConfig:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: EvalConfig = parse_config(argv, EvalConfig, description=__doc__.splitlines()[0])
-    import torch
-
-    from finetune.data.loader import make_eval_loader
-    from finetune.data.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part
-    from finetune.training.engine import evaluate
+    # After the flags: --help and a bad flag answer before torch (seconds to import) loads.
     from finetune.data.evalsplit import recorded_split
-    from finetune.utils.files import atomic_write_text
-    from finetune.report.metrics import summarise
-    from finetune.models import inference
-    from finetune.models.build import fuse_for_inference
-    from finetune.data.presets import ModelInput, Preprocessing
+    from finetune.data.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part
+    from finetune.data.loader import make_eval_loader
+    from finetune.models.inference import load_classifier
     from finetune.report.console import Reporter
-    from finetune.training.rundir import ensure_writable
-    from finetune.utils.runtime import build_accelerator, eval_precision, num_workers
+    from finetune.report.metrics import summarise
     from finetune.report.tracking import check_tracker, start_trackers
+    from finetune.training.engine import evaluate
+    from finetune.training.rundir import ensure_writable
+    from finetune.utils.files import atomic_write_text
+    from finetune.utils.runtime import build_accelerator, num_workers
 
     if not config.ckpt:
         raise UserError("eval.py needs --ckpt FILE (and --data DIR, unless the checkpoint's own test folder is meant)")
     check_tracker(config.log_with)
-    clf = inference.load_classifier(config.ckpt)
+    # The precision rule (models.inference): by default the training's own test pass's, so that the
+    # accuracy agrees with the one training printed.
+    clf = load_classifier(config.ckpt, mixed_precision=config.mixed_precision, channels_last=config.channels_last,
+                          fold_batchnorm=config.fold_batchnorm)
     classes, pre = clf.classes, clf.preprocessing
-    # By default the numerics of the training's own test pass, so that the accuracy agrees with it.
-    accelerator = build_accelerator(eval_precision(config.mixed_precision, clf.meta), cpu_threads=config.threads,
-                                    cpu=config.cpu)
+    accelerator = build_accelerator(clf.precision, cpu_threads=config.threads, cpu=config.cpu)
     report = Reporter(enabled=accelerator.is_main_process)
     out_dir = Path(config.output_dir) if config.output_dir else clf.path.parent / "eval"
     if accelerator.is_main_process:
@@ -86,7 +84,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if config.data is None:  # the folder the run was tested on, as long as its files are the same
         dataset = recorded_split(clf.meta, classes, clf.path)
         data_dir = Path(dataset.root)
-        report.print(f"evaluating on {data_dir}, the test folder recorded in the checkpoint")
+        if clf.meta["splits"]["test"].get("carved"):
+            report.print(f"evaluating the {len(dataset.samples)} images held out of {data_dir} for testing, "
+                         "as recorded in the checkpoint")
+        else:
+            report.print(f"evaluating on {data_dir}, the test folder recorded in the checkpoint")
     else:
         data_dir = Path(config.data)
         if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):
@@ -103,17 +105,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
     loader = make_eval_loader(dataset, pre, batch_size=config.batch_size, num_workers=workers,
                               pin_memory=accelerator.device.type == "cuda")
-    net = fuse_for_inference(clf.model) if config.fold_batchnorm else clf.model
-    if config.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    # Evaluation mode: mixed precision and device placement, no DDP wrapper. Inference has no
-    # gradients to reduce, and with torch 2.11 the wrapper's teardown could hang a multi-process
-    # CPU eval at exit.
-    model = accelerator.prepare_model(net, evaluation_mode=True)
+    model = clf.prepare(accelerator)
     loader = accelerator.prepare_data_loader(loader)
-
-    to_input = ModelInput(pre.mean, pre.std, config.channels_last)
-    preds = evaluate(accelerator, model, loader, len(classes), to_input=to_input)
+    report.print(f"{len(dataset.samples)} images on {accelerator.device.type}, precision {clf.precision_name}")
+    preds = evaluate(accelerator, model, loader, len(classes), to_input=clf.to_input)
     metrics = {"checkpoint": str(clf.path), "data": str(data_dir),
                **summarise(classes, preds.targets, preds.topk)}
     if accelerator.is_main_process:
@@ -130,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
-def show(report: Reporter, classes: list[str], metrics: dict[str, Any], plots: bool = False) -> None:
-    from finetune.report.console import confusion_table, per_class_table
+def show(report: Any, classes: list[str], metrics: dict[str, Any], plots: bool = False) -> None:
+    from finetune.report.console import confusion_table, per_class_table  # torch-free module, loaded by main
 
     line = f"accuracy {metrics['accuracy']:.4f} on {metrics['num_samples']} images"
     if "top5_accuracy" in metrics:
@@ -149,9 +144,10 @@ def show(report: Reporter, classes: list[str], metrics: dict[str, Any], plots: b
 
 
 def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[str], metrics: dict[str, Any],
-                   preds: Any, pre: Preprocessing) -> None:
+                   preds: Any, pre: Any) -> None:
     """``confusion.png`` and ``mistakes.png`` (the most confidently wrong images, as the model saw
     them), also sent to TensorBoard's images tab where it is the tracker."""
+    # loaded by main already: here only to keep the module's top torch-free
     from finetune.report.plots import confusion_png, mistakes_png, save_png
     from finetune.report.tracking import log_png
 

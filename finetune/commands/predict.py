@@ -40,6 +40,7 @@ class PredictConfig:
     channels_last: bool = option(True, "use the channels-last memory format")
     fold_batchnorm: bool = option(False, "fold BatchNorm into the convolutions: faster on CPUs, but an image at the "
                                          "decision boundary may then flip against eval.py")
+    cpu: bool = option(False, "run on the CPU even where a GPU is visible")
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -71,41 +72,38 @@ class _Blank:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: PredictConfig = parse_config(argv, PredictConfig, description=__doc__.splitlines()[0])
-    import torch
+    # After the flags: --help and a bad flag answer before torch (seconds to import) loads.
+    from finetune.data.inputs import image_paths
     from finetune.data.loader import make_eval_loader
     from finetune.models.inference import load_classifier
-    from finetune.data.inputs import image_paths
-    from finetune.models.build import fuse_for_inference
-    from finetune.data.presets import ModelInput
     from finetune.report.console import Reporter
-    from finetune.utils.runtime import build_accelerator, eval_precision, num_workers
+    from finetune.utils.runtime import build_accelerator, num_workers
 
     if not config.ckpt or not config.inputs:
         raise UserError("predict.py needs --ckpt FILE and at least one INPUT (image, folder or .txt list)")
     out_path = Path(config.output) if config.output else None
     if out_path is not None and out_path.suffix.lower() not in OUTPUT_FORMATS:
         raise UserError(f"--output must end in .csv or .jsonl, got {out_path}")
-    clf = load_classifier(config.ckpt)
+    # The precision rule (models.inference): eval.py's, so that both give the same answers.
+    clf = load_classifier(config.ckpt, mixed_precision=config.mixed_precision, channels_last=config.channels_last,
+                          fold_batchnorm=config.fold_batchnorm)
     paths = list(image_paths(config.inputs))
     if not paths:
         raise UserError(f"no images found in {', '.join(config.inputs)}")
 
-    accelerator = build_accelerator(eval_precision(config.mixed_precision, clf.meta), cpu_threads=config.threads)
+    accelerator = build_accelerator(clf.precision, cpu_threads=config.threads, cpu=config.cpu)
     report = Reporter(enabled=accelerator.is_main_process)
     on_gpu = accelerator.device.type == "cuda"
     # eval.py's loader: its preset, worker rule and uint8 channels-last batches, normalised on the device.
     loader = make_eval_loader(_Listed(paths), clf.preprocessing, batch_size=config.batch_size,
                               num_workers=num_workers(config.num_workers, on_gpu=on_gpu), pin_memory=on_gpu,
                               skipped=None if config.bad_data == "fail" else _Blank())
-    net = fuse_for_inference(clf.model) if config.fold_batchnorm else clf.model
-    if config.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model = accelerator.prepare_model(net, evaluation_mode=True)  # no DDP wrapper: see eval.py
+    model = clf.prepare(accelerator)
     loader = accelerator.prepare_data_loader(loader)
-    to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
+    report.print(f"{len(paths)} image(s) on {accelerator.device.type}, precision {clf.precision_name}")
     k = min(config.top_k, len(clf.classes))
 
-    rows = _predict(accelerator, model, loader, to_input, k)
+    rows = _predict(accelerator, model, loader, clf.to_input, k)
     counts = {"predicted": 0, "skipped": 0}
     skipped: list[str] = []
     if accelerator.is_main_process:
@@ -119,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for path in skipped:
             report.print(f"skipped unreadable image: {path}")
         counts["skipped"] = len(skipped)
+        if not counts["predicted"]:
+            raise UserError(f"none of the {len(skipped)} image(s) could be read (see above): nothing predicted")
         where = f"; wrote {out_path}" if out_path else ""
         report.print(f"predicted {counts['predicted']} image(s), skipped {counts['skipped']}{where}")
     else:
@@ -131,15 +131,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _predict(accelerator: Any, model: Any, loader: Any, to_input: Any,
              k: int) -> Iterator[tuple[int, bool, list[int], list[float]]]:
     """(dataset index, readable, top-k classes, their probabilities) of every image once, a batch at a time."""
-    import torch
+    from finetune.models.inference import forward_batches  # loaded by main already
 
-    model.eval()
-    for images, positions, indices in loader:
+    for logits, (positions, indices) in forward_batches(model, loader, to_input):
         readable = (indices >= 0).int()  # an int: gloo gathers no bools
-        with torch.inference_mode():
-            probs = model(to_input(images)).float().softmax(dim=1)
-            top_p, top_i = probs.topk(k, dim=1)
-            gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p))
+        top_p, top_i = logits.softmax(dim=1).topk(k, dim=1)
+        gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p))
         order = gathered[0].argsort()  # gathered batches interleave the processes' shares
         yield from zip(*(part[order].tolist() for part in gathered))
 
@@ -162,7 +159,7 @@ class _Sink:
             return self
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            from finetune.utils.files import atomic_path
+            from finetune.utils.files import atomic_path  # loaded by main already
 
             tmp = self._stack.enter_context(atomic_path(self.path))  # renamed into place only when complete
             self._file = self._stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))

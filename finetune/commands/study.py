@@ -3,7 +3,7 @@
     python study.py --data DATA [--model M] [--epochs N] [--strategies finetune,scratch,...] [--output-dir DIR]
     python study.py                    # on the built-in demo (LFW faces vs not faces)
 
-Every strategy runs through train.py's own code on the same data, budget and seed, in DIR/STRATEGY.
+Every strategy runs through train.py's own run (``finetune.training.run.train``) on the same data, budget and seed, in DIR/STRATEGY.
 Writes DIR/study.json, DIR/curves.png and DIR/report.md; --resume skips finished strategies and
 resumes an interrupted one. Works under accelerate launch and in slurm/finetune.sh (FINETUNE_SCRIPT=study.py).
 """
@@ -43,34 +43,34 @@ class StudyConfig:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config: StudyConfig = parse_config(argv, StudyConfig, description=__doc__.splitlines()[0])
-    from finetune.training import study  # torch and friends load after the flags are checked
-
-    strategies = study.parse_strategies(config.strategies)
-    from finetune.commands import train
+    # After the flags: --help and a bad flag answer before torch and friends load.
+    from finetune.config import TrainConfig
     from finetune.data.demo import demo_dataset
-    from finetune.utils.files import atomic_write_text
-    from finetune.report.plots import save_png, study_curves_png
     from finetune.report.console import Reporter, study_table
+    from finetune.report.plots import save_png, study_curves_png
+    from finetune.training import study
+    from finetune.training.run import train
+    from finetune.utils.files import atomic_write_text
     from finetune.utils.runtime import process_state
 
+    strategies = study.parse_strategies(config.strategies)
     state = process_state()
     report = Reporter(enabled=state.is_main_process)
     with state.main_process_first():
         data = Path(config.data) if config.data else demo_dataset()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.model}-{data.resolve().name}")
     out_dir = Path(config.output_dir) if config.output_dir else Path("runs") / f"study-{name}"
-    common = ["--data", str(data), "--model", config.model, "--weights", config.weights, "--epochs", str(config.epochs),
-              "--image-size", str(config.image_size), "--batch-size", str(config.batch_size), "--seed", str(config.seed),
-              "--num-workers", str(config.num_workers)]
+    common = TrainConfig(data=str(data), model=config.model, weights=config.weights, epochs=config.epochs,
+                         image_size=config.image_size, batch_size=config.batch_size, seed=config.seed,
+                         num_workers=config.num_workers)
     command = shlex.join(["python", "study.py", *(sys.argv[1:] if argv is None else argv)])
 
     def announce(result: Any) -> None:
         report.print(f"{result.strategy}: test accuracy {result.test_accuracy:.4f} in {result.seconds:.1f} s")
 
     # One process group for all the runs: each run would otherwise end it for the next.
-    results = study.run_study(functools.partial(train.main, keep_process_group=True), strategies, common,
-                              config.epochs, out_dir, config.resume, state.is_main_process, command,
-                              on_result=announce)
+    results = study.run_study(functools.partial(train, keep_process_group=True), strategies, common, out_dir,
+                              config.resume, state.is_main_process, command, on_result=announce)
     if state.is_main_process:
         report.print(study_table(list(results.values())))
         save_png(out_dir / "curves.png", study_curves_png({n: r["history"] for n, r in results.items()}))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.errors import UserError
-from finetune.data.folders import describe_split, recorded_part, split_fingerprint
+from finetune.data.folders import describe_split, image_folder, recorded_part, split_fingerprint
 
 __all__ = ["describe_split", "recorded_split", "split_fingerprint"]  # the record is folders' (held-out parts too)
 
@@ -24,8 +24,6 @@ def recorded_split(meta: dict[str, Any], classes: Sequence[str], ckpt: str | Pat
         UserError: asking for ``--data`` where the checkpoint records no split, the folder is gone,
             or its files changed since training.
     """
-    from finetune.data.folders import image_folder
-
     record = (meta.get("splits") or {}).get("test")
     if not record:
         raise UserError(f"{ckpt} does not record the folder it was tested on (written by an older train.py); "

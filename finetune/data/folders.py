@@ -303,11 +303,6 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # what was carved out of what
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    @property
-    def selected_on(self) -> str:
-        """The split that chooses ``best.safetensors``, as the checkpoint names it (``val`` or ``test``)."""
-        return self.records["val" if self.val is not None else "test"]["name"]
-
 
 def load_splits(data_dir: str | Path, exclude: frozenset[str] = frozenset(), *, test_fraction: float = 0.2,
                 val_fraction: float = 0.0, split_seed: int = 0) -> Splits:

@@ -16,13 +16,21 @@ from typing import BinaryIO
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune.errors import UserError
 
 
 class BadImageError(UserError):
     """An image that cannot be decoded, named by path."""
+
+
+def why_unreadable(err: Exception) -> str:
+    """Pillow's reason as a person reads it: its "cannot identify image file <_io.BytesIO object at
+    0x...>" names a buffer, not the file."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image (or a format Pillow cannot read)"
+    return str(err)
 
 
 def load_rgb(path: str, reduce_to: tuple[int, int] | None = None) -> Image.Image:
@@ -54,7 +62,7 @@ def _pillow_rgb(source: str | BinaryIO, path: str, reduce_to: tuple[int, int] | 
             img.load()  # before the file closes: to_rgb may hand back this very image
             return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot decode image {path}: {err}") from None
+        raise BadImageError(f"cannot decode image {path}: {why_unreadable(err)}") from None
 
 
 def _header_orientation(img: Image.Image) -> int:
@@ -87,7 +95,7 @@ def oriented_size(path: str) -> tuple[int, int]:
             width, height = img.size
             return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot decode image {path}: {err}") from None
+        raise BadImageError(f"cannot decode image {path}: {why_unreadable(err)}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -139,7 +147,7 @@ def read_header(data: bytes, path: str) -> Header:
             jpeg = img.format == "JPEG"
             libjpeg_rgb = jpeg and img.mode in ("RGB", "L")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadImageError(f"cannot decode image {path}: {err}") from None
+        raise BadImageError(f"cannot decode image {path}: {why_unreadable(err)}") from None
     if orientation in ROTATED:
         width, height = height, width
     return Header(width, height, orientation if 1 <= orientation <= 8 else 1, libjpeg_rgb, jpeg)
@@ -191,17 +199,10 @@ def decode_stored(data: bytes, header: Header, path: str, reduction: int = 1) ->
     return arr, header.orientation
 
 
-def decode_rgb(data: bytes, header: Header, path: str, reduction: int = 1) -> np.ndarray:
-    """The shown image (EXIF orientation applied, as a view) as an (height, width, 3) uint8 array;
-    arguments as ``decode_stored``."""
-    arr, orientation = decode_stored(data, header, path, reduction)
-    return orient(arr, orientation)
-
-
 def stored_region(orientation: int, shown: tuple[int, int], top: int, left: int, height: int,
                   width: int) -> tuple[int, int, int, int]:
     """The (top, left, height, width) region of the stored pixels that ``orient`` shows as the given
-    region of the shown image, whose size is ``shown`` (height, width)."""
+    region of the shown image, whose size is ``shown`` (height, width) (``orient_tensor`` turns it)."""
     if orientation in (3, 4, 7, 8):  # undo the row flip
         top = shown[0] - top - height
     if orientation in (2, 3, 6, 7):  # undo the column flip
@@ -211,20 +212,9 @@ def stored_region(orientation: int, shown: tuple[int, int], top: int, left: int,
     return top, left, height, width
 
 
-def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
-    """A stored (height, width, C) array as shown under EXIF ``orientation``: a view, as Pillow's
-    ``ImageOps.exif_transpose`` would turn it."""
-    if orientation in ROTATED:
-        arr = arr.transpose(1, 0, 2)
-    if orientation in (2, 3, 6, 7):
-        arr = arr[:, ::-1]
-    if orientation in (3, 4, 7, 8):
-        arr = arr[::-1]
-    return arr
-
-
 def orient_tensor(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """``orient`` for a (C, height, width) tensor (torch flips copy: meant for small outputs)."""
+    """A stored (C, height, width) image as shown under EXIF ``orientation``, as Pillow's
+    ``ImageOps.exif_transpose`` would turn it (torch flips copy: meant for small outputs)."""
     if orientation in ROTATED:
         image = image.transpose(1, 2)
     if orientation in (2, 3, 6, 7):

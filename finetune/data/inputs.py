@@ -21,6 +21,9 @@ def image_paths(inputs: Iterable[str | Path]) -> Iterator[Path]:
         UserError: an input does not exist, or a listed path does not.
     """
     for item in inputs:
+        if "://" in str(item):  # Path() would fold the URL's double slash into one
+            raise UserError(f"{item} is a URL: predict reads local files only; download it first "
+                            "(e.g. curl -O URL) and pass the file")
         path = Path(item)
         if path.is_dir():
             yield from image_files(path)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from finetune.data.demo import cache_dir
 from finetune.data.folders import class_folders, find_layout
 from finetune.data.listing import DirListing, ResultCache, list_folder
 from finetune.errors import UserError
@@ -76,8 +77,6 @@ def cache_folder(data_dir: str | Path) -> Path:
     """Where the quick check's results for ``data_dir`` are kept: a folder per dataset folder, under
     ``$FINETUNE_CACHE`` (default ``~/.cache/finetune``); on a cluster without a shared home, each
     node that runs the main process keeps its own."""
-    from finetune.data.demo import cache_dir
-
     key = hashlib.sha256(os.path.abspath(data_dir).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return cache_dir() / "preflight" / key
 

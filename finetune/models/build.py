@@ -1,26 +1,36 @@
-"""Building torchvision (and timm) classifiers: with their starting weights (``weights``), with a new head
-for the target classes, or empty to load a checkpoint into.
+"""Building torchvision (and timm) classifiers: with their starting weights (``weights``) and a new
+head for the target classes, shape-only on the meta device (to check an input size), or empty to
+load a checkpoint into; and the metadata that describes a trained one in its checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import accelerate
+import safetensors
 import torch
 import torchvision
+from accelerate import init_empty_weights
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 from torchvision.models import get_model, list_models
+from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
-from finetune.models import timm_models
+from finetune import __version__
 from finetune.errors import UserError, first_line
 from finetune.data.presets import Preprocessing
-from finetune.models.surgery import find_head, freeze, match_classes, replace_head
-from finetune.models.weights import (WeightsInfo, ensure_cached, load_weights_file, torchvision_info, torchvision_weights,
-                              weights_only_loads)
+from finetune.models import timm_models
+from finetune.models.checkpoint import read_metadata_if_any
+from finetune.models.surgery import find_head, freeze, match_classes, replace_head, set_frozen_eval
+from finetune.models.weights import (WeightsInfo, ensure_cached, load_exactly, load_weights_file, torchvision_info,
+                                     torchvision_weights, weights_only_loads)
 
 
 def classification_models() -> list[str]:
@@ -64,8 +74,6 @@ def build_pretrained(model: str, weights: str, image_size: int | None = None) ->
 
 
 def _from_file(model: str, path: Path) -> tuple[nn.Module, WeightsInfo]:
-    from finetune.models.checkpoint import read_metadata_if_any
-
     state = load_weights_file(path)
     meta = read_metadata_if_any(path)
     net = get_model(model, weights=None, num_classes=_num_outputs(state, meta), **arch_kwargs(model, meta))
@@ -78,21 +86,6 @@ def _from_file(model: str, path: Path) -> tuple[nn.Module, WeightsInfo]:
         info.interpolation = meta.get("interpolation", "bilinear")
     return net, info
 
-
-def load_exactly(net: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
-    """Load ``state`` into ``net``: every tensor present, of the right shape, nothing extra.
-
-    Raises:
-        UserError: starting with ``problem``, naming the first mismatch.
-    """
-    try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
-        raise UserError(f"{problem}: {detail.split(' from checkpoint')[0] or 'tensor shapes differ'}") from None
-    if missing or unexpected:
-        raise UserError(f"{problem}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
-                        f"(e.g. {(missing or unexpected)[0]})")
 
 
 def _num_outputs(state: dict[str, torch.Tensor], meta: dict[str, Any] | None) -> int:
@@ -123,8 +116,6 @@ def size_kwargs(arch: str, image_size: int) -> dict[str, Any]:
 
 def recorded_arch_kwargs(net: nn.Module) -> dict[str, Any]:
     """The ``arch_kwargs`` to store in a checkpoint so that ``build_for_checkpoint`` matches ``net``."""
-    from torchvision.models.vision_transformer import VisionTransformer
-
     if hasattr(net, "pretrained_cfg"):  # a timm model
         return timm_models.recorded_kwargs(net)
     if isinstance(net, VisionTransformer):
@@ -141,8 +132,6 @@ def fit_input_size(net: nn.Module, image_size: int) -> nn.Module:
     Raises:
         UserError: for a size that is not a multiple of the ViT's patch size.
     """
-    from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
-
     if not isinstance(net, VisionTransformer) or net.image_size == image_size:
         return net
     if image_size % net.patch_size:
@@ -208,9 +197,67 @@ def fuse_for_inference(net: nn.Module) -> nn.Module:
     One op fewer per convolution, which makes CPU inference noticeably faster (bench/eval_speed.py
     measures eval.py as a whole). Models that torch.fx cannot trace are returned unchanged.
     """
-    from torch.fx.experimental.optimization import fuse
-
     try:
         return fuse(net.eval())
     except Exception:  # tracing fails on data-dependent control flow: fusing is only an optimisation
         return net
+
+
+def library_versions() -> dict[str, str]:
+    return {"finetune": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "accelerate": accelerate.__version__, "safetensors": safetensors.__version__}
+
+
+def describe_checkpoint(config: Any, clf: Classifier, classes: list[str], metrics: dict[str, Any],
+                        precision: str | None = None) -> dict[str, Any]:
+    """The metadata that lets eval.py rebuild a model and its preprocessing with no other input.
+
+    Args:
+        config: the resolved ``TrainConfig``.
+        clf: the ``Classifier`` that was trained.
+        classes: class names in label order.
+        metrics: final metrics of the run so far.
+        precision: the mixed precision the run's test pass ran in (``no``, ``bf16``, ``fp16``):
+            eval.py evaluates in it by default, so that its accuracy agrees with the training's.
+    """
+    pre = clf.preprocessing
+    return {
+        "arch": config.model, "arch_kwargs": recorded_arch_kwargs(clf.net), "classes": list(classes),
+        "image_size": pre.image_size, "resize_size": pre.resize_size, "crop_size": pre.image_size,
+        "mean": list(pre.mean), "std": list(pre.std), "interpolation": pre.interpolation,
+        "weights": clf.weights.name, "head": clf.head, "config": dataclasses.asdict(config),
+        "metrics": metrics, "versions": {**library_versions(), **_timm_version(config.model)},
+        **({"precision": precision} if precision else {}),
+    }
+
+
+def _timm_version(model: str) -> dict[str, str]:
+    return {"timm": timm_models.version()} if timm_models.is_timm(model) else {}
+
+
+def shape_model(model: str, image_size: int, freeze_spec: str = "none") -> nn.Module:
+    """``model`` on the meta device: real shapes, no memory, no initialisation; frozen as asked.
+
+    Raises:
+        UserError: for a ``--freeze`` spec the model has no block for.
+    """
+    try:
+        with init_empty_weights(), warnings.catch_warnings():  # parameters on meta; buffers (small) below
+            warnings.simplefilter("ignore")  # inception's note on its initialisation: none happens here
+            if timm_models.is_timm(model):
+                net = timm_models.build_for_size(model, image_size)
+            else:
+                net = get_model(model, weights=None, **arch_kwargs(model), **size_kwargs(model, image_size))
+    except AssertionError as err:  # torchvision's ViT refuses sizes that are not a multiple of its patch
+        patch = model.rsplit("_", 1)[-1]
+        hint = f" (it takes multiples of its {patch}-pixel patches)" if patch.isdigit() else ""
+        raise UserError(f"{model} cannot take --image-size {image_size}: {first_line(err)}{hint}") from None
+    net = net.to("meta")
+    replace_head(net, 2)
+    try:
+        freeze(net, freeze_spec)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    net.train()
+    set_frozen_eval(net)
+    return net

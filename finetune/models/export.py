@@ -14,19 +14,39 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from finetune.errors import UserError, first_line
 from finetune.utils.files import atomic_path
+from finetune.data.presets import ModelInput
 from finetune.models.inference import LoadedClassifier
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
 METADATA_FILE = "finetune.json"  # the entry in TorchScript and ExportedProgram archives
 EXAMPLE_BATCH = 2  # traced at 2: torch.export treats a size of 1 as a constant
+# The largest logit difference an exported file may show against PyTorch in fp32, relative to the
+# logits' own scale (at least 1): float32 reorderings stay near 1e-5; a wrong weight or op is far above.
+TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How an exported file's outputs compare with PyTorch's (fp32) on real images."""
+
+    images: int
+    max_difference: float  # the largest absolute logit difference
+    scale: float  # the largest absolute PyTorch logit (at least 1)
+    same_top1: int  # images whose top class is the same
+
+    @property
+    def ok(self) -> bool:
+        return self.max_difference <= TOLERANCE * self.scale and self.same_top1 == self.images
 
 
 def export_metadata(clf: LoadedClassifier) -> dict[str, Any]:
@@ -36,7 +56,7 @@ def export_metadata(clf: LoadedClassifier) -> dict[str, Any]:
         "classes": list(clf.classes), "image_size": pre.image_size, "crop_size": pre.image_size,
         "resize_size": pre.resize_size, "interpolation": pre.interpolation, "mean": list(pre.mean),
         "std": list(pre.std), "input": "images: float32 N x 3 x crop x crop, RGB, (pixel / 255 - mean) / std",
-        "output": "logits: float32 N x classes", "arch": meta["arch"],
+        "output": "logits: float32 N x classes", "precision": "fp32", "arch": meta["arch"],
         "finetune_version": meta.get("versions", {}).get("finetune", ""), "checkpoint": str(clf.path),
     }
 
@@ -46,25 +66,72 @@ def example_input(clf: LoadedClassifier) -> torch.Tensor:
     return torch.randn(EXAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def export(clf: LoadedClassifier, fmt: str, output: str | Path) -> Path:
+def export(clf: LoadedClassifier, fmt: str, output: str | Path,
+           check_on: torch.Tensor | None = None) -> tuple[Path, Agreement | None]:
     """Write ``clf`` to ``output`` as ``fmt`` (``onnx``, ``torchscript`` or ``exported-program``),
-    with a dynamic batch size and the metadata of ``export_metadata``; atomically.
+    with a dynamic batch size and the metadata of ``export_metadata``; atomically. The file computes
+    in fp32.
+
+    Args:
+        check_on: uint8 images (N x 3 x crop x crop) to run the written file on before it replaces
+            ``output``: it must agree with PyTorch in fp32 (``Agreement.ok``).
+
+    Returns:
+        The file, and how it agreed on ``check_on`` (None without images, or for ONNX without
+        onnxruntime).
 
     Raises:
-        UserError: an unknown format, a missing exporter package, or a model the exporter refuses.
+        UserError: an unknown format, a missing exporter package, a model the exporter refuses, or
+            a file that disagrees with PyTorch (then nothing is written).
     """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     output = Path(output)
     model = clf.model.eval().float().cpu()
     writer = {"onnx": _onnx, "torchscript": _torchscript, "exported-program": _exported_program}[fmt]
+    agreement = None
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(output) as tmp, torch.no_grad():
-            writer(model, example_input(clf), tmp, export_metadata(clf))
+        with atomic_path(output) as tmp:
+            with torch.no_grad():
+                writer(model, example_input(clf), tmp, export_metadata(clf))
+            if check_on is not None:
+                agreement = compare(clf, runner(fmt, tmp), check_on)
+                if agreement is not None and not agreement.ok:
+                    raise UserError(f"the exported {fmt} file disagrees with PyTorch on {agreement.images} real "
+                                    f"images: largest logit difference {agreement.max_difference:.2e} (allowed "
+                                    f"{TOLERANCE * agreement.scale:.2e}), same top class on {agreement.same_top1}; "
+                                    f"{output} was not written")
     except OSError as err:
         raise UserError(f"cannot write {output}: {err.strerror or err}") from None
-    return output
+    return output, agreement
+
+
+def runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A function that runs the exported file on normalised float images (None for ONNX without onnxruntime)."""
+    if fmt == "onnx":
+        try:
+            import onnxruntime  # optional (finetune[export])
+        except ImportError:
+            return None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+    if fmt == "torchscript":
+        return torch.jit.load(str(path))
+    return torch.export.load(str(path)).module()
+
+
+def compare(clf: LoadedClassifier, run: Callable[[torch.Tensor], torch.Tensor] | None,
+            images: torch.Tensor) -> Agreement | None:
+    """How ``run`` (an exported file) agrees with the PyTorch model in fp32 on uint8 ``images``."""
+    if run is None:
+        return None
+    model = clf.model.eval().float().cpu()
+    with torch.no_grad():
+        x = ModelInput(clf.preprocessing.mean, clf.preprocessing.std)(images)
+        reference, ours = model(x), run(x).float()
+    return Agreement(len(images), float((ours - reference).abs().max()), max(1.0, float(reference.abs().max())),
+                     int((ours.argmax(1) == reference.argmax(1)).sum()))
 
 
 def _batch_dim() -> Any:
@@ -90,7 +157,9 @@ class _Named(nn.Module):
 
 
 def _exported_program(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
-    torch.export.save(_exported(model, example), str(path), extra_files={METADATA_FILE: json.dumps(meta)})
+    with warnings.catch_warnings():  # torch warns about the temporary file name it is given
+        warnings.simplefilter("ignore")
+        torch.export.save(_exported(model, example), str(path), extra_files={METADATA_FILE: json.dumps(meta)})
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
@@ -104,7 +173,7 @@ def _torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: dict
 
 def _onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
     try:
-        import onnx
+        import onnx  # optional (finetune[export])
     except ImportError:
         raise UserError("ONNX export needs the onnx and onnxscript packages: pip install 'finetune[export]'") from None
     try:
@@ -120,18 +189,3 @@ def _onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, A
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.save(proto, str(path))
-
-
-def onnx_max_difference(clf: LoadedClassifier, path: str | Path) -> float | None:
-    """The largest absolute logit difference between ONNX Runtime on ``path`` and PyTorch on a random
-    batch; None where onnxruntime is not installed."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    x = example_input(clf)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (ours,) = session.run(["logits"], {"images": x.numpy()})
-    with torch.no_grad():
-        reference = clf.model.eval().float().cpu()(x)
-    return float((torch.from_numpy(ours) - reference).abs().max())

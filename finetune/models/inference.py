@@ -1,31 +1,60 @@
-"""Loading a checkpoint for inference: the one path that eval.py, predict.py, export.py and the
-Python API share.
+"""Running a trained classifier: the one inference path that eval.py, predict.py, export.py's
+check, the server and the Python API share.
 
     from finetune import load_classifier
     clf = load_classifier("runs/NAME/model.safetensors")
     clf.predict(["a.jpg", "photos/"], top_k=3)
 
-The checkpoint's metadata says everything: the architecture, the class names in order, and the
-preprocessing (crop, resize and its interpolation, mean, std).
+One setup, ``load_classifier``: the checkpoint's metadata says the architecture, the class names in
+order and the preprocessing (crop, resize and its interpolation, mean, std); the model is put in
+eval mode, on its device, in the channels-last format, BatchNorm folded if asked, and given its
+precision. One forward loop, ``forward_batches``: every way of running the model goes through it.
+
+The precision rule, the same for every way to run a model: ``auto`` (the default) computes in the
+precision the training's own test pass ran in, recorded in the checkpoint (bf16 on CPUs and GPUs
+that run it fast, else fp32), so that eval.py's accuracy is the one training printed; ``no`` is
+fp32, which is what exported files compute in. Each command says which it used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 
-from finetune.models.checkpoint import checkpoint_file, load_checkpoint
-from finetune.data.images import to_rgb
+from finetune.data.images import BadImageError, to_rgb
 from finetune.data.inputs import image_paths
-from finetune.models.build import build_for_checkpoint, load_exactly
 from finetune.data.presets import ModelInput, Preprocessing
+from finetune.models.build import build_for_checkpoint, fuse_for_inference
+from finetune.models.checkpoint import checkpoint_file, load_checkpoint
+from finetune.models.weights import load_exactly
+from finetune.utils.runtime import eval_precision, resolve_precision
 
 ImageInput = str | Path | Image.Image
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+@torch.inference_mode()
+def forward_batches(model: nn.Module, batches: Iterable[Any],
+                    to_input: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[Any]]]:
+    """The one forward loop: each batch's logits in fp32, with the rest of the batch as it came.
+
+    Args:
+        model: in whatever precision it was given (``LoadedClassifier.autocast``, or an Accelerator's).
+        batches: ``(uint8 images, *rest)`` tuples, e.g. a loader's ``(images, targets, indices)``.
+        to_input: turns the uint8 images into the model's input (``data.presets.ModelInput``).
+    """
+    model.eval()
+    for images, *rest in batches:
+        yield model(to_input(images)).float(), rest
 
 
 @dataclass(frozen=True)
@@ -41,28 +70,41 @@ class LoadedClassifier:
     """A trained classifier ready for inference (see ``load_classifier``).
 
     Attributes:
-        model: the network, in eval mode, on the CPU.
+        model: the network, in eval mode, on its device, as set up for inference.
         classes: class names in the order of the model's outputs.
         preprocessing: crop size, eval resize and its interpolation, mean and std.
         meta: the checkpoint's whole metadata.
         path: the checkpoint file.
+        precision: what it computes in: ``no`` (fp32), ``bf16`` or ``fp16`` (see the module's rule).
+        to_input: uint8 images to the model's normalised input (in its memory format).
     """
 
     def __init__(self, model: nn.Module, classes: list[str], preprocessing: Preprocessing, meta: dict[str, Any],
-                 path: Path):
+                 path: Path, *, precision: str = "no", channels_last: bool = False):
         self.model = model.eval()
         self.classes = classes
         self.preprocessing = preprocessing
         self.meta = meta
         self.path = path
+        self.precision = precision
         self._preset = preprocessing.eval_preset()
-        self._normalise = ModelInput(preprocessing.mean, preprocessing.std)
+        self.to_input = ModelInput(preprocessing.mean, preprocessing.std, channels_last)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def precision_name(self) -> str:
+        """``fp32``, ``bf16`` or ``fp16``: as the commands print it."""
+        return PRECISION_NAMES.get(self.precision, self.precision)
 
     @property
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """A PIL image to the model's normalised float input (3 x crop x crop), as eval.py prepares it:
         resize the short side (with the checkpoint's interpolation), center-crop, normalise."""
-        return lambda img: self._normalise(self._preset.from_image(to_rgb(img)).unsqueeze(0))[0]
+        normalise = ModelInput(self.preprocessing.mean, self.preprocessing.std)
+        return lambda img: normalise(self._preset.from_image(to_rgb(img)).unsqueeze(0))[0]
 
     def uint8_image(self, image: ImageInput) -> torch.Tensor:
         """The resized and cropped uint8 image (3 x crop x crop), before normalisation: a path is
@@ -71,14 +113,26 @@ class LoadedClassifier:
             return self._preset.from_image(to_rgb(image))
         return self._preset(str(image))
 
-    @torch.inference_mode()
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context of this classifier's forward passes (none for fp32)."""
+        if self.precision not in DTYPES:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's outputs for a batch of uint8 images (N x 3 x crop x crop), in fp32."""
-        device = next(self.model.parameters()).device
-        return self.model(self._normalise(batch.to(device))).float()
+        with self.autocast():
+            logits, _ = next(forward_batches(self.model, [(batch.to(self.device),)], self.to_input))
+        return logits
 
-    def predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1,
-                batch_size: int = 32) -> list[Prediction]:
+    def prepare(self, accelerator: Accelerator) -> nn.Module:
+        """The model for a command's loader loop: on the accelerator's device, in its precision (built
+        from ``self.precision``), without a DDP wrapper. Inference has no gradients to reduce, and
+        with torch 2.11 the wrapper's teardown could hang a multi-process CPU eval at exit."""
+        return accelerator.prepare_model(self.model, evaluation_mode=True)
+
+    def predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1, batch_size: int = 32,
+                bad_data: str = "skip") -> list[Prediction]:
         """Classify images.
 
         Args:
@@ -86,21 +140,31 @@ class LoadedClassifier:
                 list of these.
             top_k: how many classes to return per image, best first.
             batch_size: images per forward pass.
+            bad_data: ``skip`` an image that cannot be decoded, with a warning (as predict.py
+                does), or ``fail`` on it with ``BadImageError``.
 
         Returns:
-            One ``Prediction`` per image, in input order (a folder's images sorted by path).
+            One ``Prediction`` per readable image, in input order (a folder's images sorted by path).
         """
-        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size))
+        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size, bad_data=bad_data))
 
-    def iter_predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1,
-                     batch_size: int = 32) -> Iterator[Prediction]:
+    def iter_predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1, batch_size: int = 32,
+                     bad_data: str = "skip") -> Iterator[Prediction]:
         """``predict``, one result at a time: memory stays flat however many images there are."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if bad_data not in ("skip", "fail"):
+            raise ValueError(f"bad_data must be 'skip' or 'fail', got {bad_data!r}")
         k = min(top_k, len(self.classes))
         batch: list[tuple[str, torch.Tensor]] = []
         for source, image in _sources(images):
-            batch.append((source, self.uint8_image(image)))
+            try:
+                batch.append((source, self.uint8_image(image)))
+            except BadImageError as err:
+                if bad_data == "fail":
+                    raise
+                warnings.warn(f"skipped unreadable image: {err}", stacklevel=2)
+                continue
             if len(batch) == batch_size:
                 yield from self._classify(batch, k)
                 batch = []
@@ -125,13 +189,19 @@ def _sources(images: ImageInput | Iterable[ImageInput]) -> Iterator[tuple[str, I
                 yield str(path), path
 
 
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> LoadedClassifier:
-    """Rebuild a classifier from a checkpoint written by train.py.
+def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mixed_precision: str = "auto",
+                    channels_last: bool = True, fold_batchnorm: bool = False) -> LoadedClassifier:
+    """Rebuild a classifier from a checkpoint written by train.py, set up for inference.
 
     Args:
         path: the ``.safetensors`` checkpoint (``model.safetensors`` or ``best.safetensors``), or a
             run folder (its ``model.safetensors``).
         device: where the model goes.
+        mixed_precision: ``auto`` (the training's test-pass precision, recorded in the checkpoint),
+            ``no`` (fp32), ``bf16`` or ``fp16``: the same choice as the commands' ``--mixed-precision``.
+        channels_last: the channels-last memory format (faster convolutions).
+        fold_batchnorm: fold BatchNorm into the convolutions (faster on CPUs; an image at the
+            decision boundary may flip).
 
     Raises:
         UserError: the file is missing, not a checkpoint, or does not fit its own description.
@@ -141,7 +211,12 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
     classes = list(meta["classes"])
     net = build_for_checkpoint(meta["arch"], len(classes), meta)
     load_exactly(net, state, f"{path} does not fit a {meta['arch']} with {len(classes)} classes")
-    return LoadedClassifier(net.to(device), classes, preprocessing_of(meta), meta, path)
+    net = fuse_for_inference(net) if fold_batchnorm else net.eval()
+    device = torch.device(device)
+    net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)
+    precision = resolve_precision(eval_precision(mixed_precision, meta), on_cpu=device.type == "cpu")
+    return LoadedClassifier(net, classes, preprocessing_of(meta), meta, path, precision=precision,
+                            channels_last=channels_last)
 
 
 def preprocessing_of(meta: dict[str, Any]) -> Preprocessing:

@@ -15,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from finetune.errors import UserError, first_line
-from finetune.models.weights import WeightsInfo, load_weights_file, weights_only_loads
+from finetune.models.checkpoint import read_metadata_if_any
+from finetune.models.weights import WeightsInfo, load_exactly, load_weights_file, weights_only_loads
 
 PREFIX = "timm/"
 HUB_WEIGHTS = ("default", "imagenet1k_v1", "pretrained", "hub")  # all mean: the weights the name's tag picks
@@ -91,9 +92,6 @@ def build_pretrained(model: str, weights: str, image_size: int | None = None) ->
 
 
 def _from_file(name: str, path: Path, image_size: int | None) -> tuple[nn.Module, WeightsInfo]:
-    from finetune.models.checkpoint import read_metadata_if_any
-    from finetune.models.build import load_exactly
-
     state = load_weights_file(path)
     meta = read_metadata_if_any(path)
     if meta:  # one of our own checkpoints: its classes seed the new head

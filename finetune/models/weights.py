@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 from torchvision.models import get_model_weights
 
 from finetune.errors import UserError, first_line
+from finetune.models.checkpoint import load_safetensors
 from finetune.utils.files import atomic_path, file_digest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,8 +144,6 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from finetune.models.checkpoint import load_safetensors
-
         return load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -156,3 +156,19 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} does not hold a state dict of tensors")
     return obj
+
+
+def load_exactly(net: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
+    """Load ``state`` into ``net``: every tensor present, of the right shape, nothing extra.
+
+    Raises:
+        UserError: starting with ``problem``, naming the first mismatch.
+    """
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise UserError(f"{problem}: {detail.split(' from checkpoint')[0] or 'tensor shapes differ'}") from None
+    if missing or unexpected:
+        raise UserError(f"{problem}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+                        f"(e.g. {(missing or unexpected)[0]})")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from finetune.data.images import load_rgb
 from finetune.utils.files import atomic_write_bytes
 
 MAX_CONFUSION_CLASSES = 30  # beyond this, the matrix shows the most-confused classes only
@@ -175,8 +176,6 @@ def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[s
         model_view: dataset index -> the image the model trains on (a uint8 tensor, C x H x W).
         seed: which images are drawn.
     """
-    from finetune.data.images import load_rgb
-
     picks = pick_samples([t for _, t in samples], len(classes), seed=seed)
     loaded = [[np.asarray(load_rgb(samples[i][0], reduce_to=(160, 160))) for i in idx] for _, idx in picks]
     seen = [[np.asarray(model_view(i).permute(1, 2, 0)) for i in idx] for _, idx in picks]
@@ -232,11 +231,6 @@ class Curves:
             ax.legend()
             ax.xaxis.get_major_locator().set_params(integer=True)
         self._fig = fig
-
-
-def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
-    """``Curves`` drawn once: the picture of a finished run's ``history``."""
-    return Curves().png(history)
 
 
 def study_curves_png(histories: dict[str, Sequence[dict[str, Any]]]) -> bytes:

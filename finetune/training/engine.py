@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from finetune.models.inference import forward_batches
 from finetune.models.surgery import set_frozen_eval
 
 SYNC_EVERY_STEPS = 10  # read loss back from the device this often: every step would stall the pipeline
@@ -192,11 +193,9 @@ class Predictions:
 def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_classes: int, *,
              to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, k: int = 5) -> Predictions:
     """Predictions for every image of ``loader``, gathered from all processes, each image once."""
-    model.eval()
     k = min(k, num_classes)
     parts: dict[str, list[torch.Tensor]] = {"indices": [], "targets": [], "topk": [], "confidence": [], "loss": []}
-    for images, targets, indices in loader:
-        logits = model(to_input(images)).float()
+    for logits, (targets, indices) in forward_batches(model, loader, to_input):
         confidence, topk = logits.softmax(dim=1).topk(k, dim=1)
         loss = nn.functional.cross_entropy(logits, targets, reduction="none")
         gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0], loss))

@@ -102,11 +102,8 @@ def check_resumable(saved: dict[str, Any] | None, now: RunSetup, state: Path) ->
     """Raise a UserError naming every change, if the state in ``state`` cannot continue under ``now``.
 
     Args:
-        saved: the state's recorded setup (None for states saved before setups were recorded:
-            those resume unchecked, as they did).
+        saved: the state's recorded setup.
     """
-    if saved is None:
-        return
     try:
         before = RunSetup.from_dict(saved)
     except (KeyError, TypeError):
@@ -137,7 +134,6 @@ def resumed_progress(state: Path, now: RunSetup) -> Progress:
     """
     progress = read_progress(state)
     check_resumable(progress.setup, now, state)
-    if progress.setup is not None:  # older states count steps only: they resume as they were saved
-        progress.step = resumed_step(progress.samples, now)
+    progress.step = resumed_step(progress.samples, now)
     progress.setup = now.to_dict()
     return progress

@@ -6,53 +6,17 @@ written; what is probably a mistake comes back as a warning for the run to print
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torchvision.models import get_model_weights
 
 from finetune.errors import UserError, first_line
-
-
-def shape_model(model: str, image_size: int, freeze_spec: str = "none") -> nn.Module:
-    """``model`` on the meta device: real shapes, no memory, no initialisation; frozen as asked.
-
-    Raises:
-        UserError: for a ``--freeze`` spec the model has no block for.
-    """
-    from accelerate import init_empty_weights
-    from torchvision.models import get_model
-
-    from finetune.models import timm_models
-    from finetune.models.build import arch_kwargs, size_kwargs
-    from finetune.models.surgery import freeze, replace_head, set_frozen_eval
-
-    try:
-        with init_empty_weights(), warnings.catch_warnings():  # parameters on meta; buffers (small) below
-            warnings.simplefilter("ignore")  # inception's note on its initialisation: none happens here
-            if timm_models.is_timm(model):
-                net = timm_models.build_for_size(model, image_size)
-            else:
-                net = get_model(model, weights=None, **arch_kwargs(model), **size_kwargs(model, image_size))
-    except AssertionError as err:  # torchvision's ViT refuses sizes that are not a multiple of its patch
-        patch = model.rsplit("_", 1)[-1]
-        hint = f" (it takes multiples of its {patch}-pixel patches)" if patch.isdigit() else ""
-        raise UserError(f"{model} cannot take --image-size {image_size}: {first_line(err)}{hint}") from None
-    net = net.to("meta")
-    replace_head(net, 2)
-    try:
-        freeze(net, freeze_spec)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    net.train()
-    set_frozen_eval(net)
-    return net
+from finetune.models.build import shape_model
 
 
 def _min_size_hint(model: str) -> str:
-    from torchvision.models import get_model_weights
-
     try:
         sizes = [w.meta.get("min_size") for w in get_model_weights(model)]
     except (ValueError, KeyError):

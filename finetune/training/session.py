@@ -1,10 +1,12 @@
-"""A training run's prepared pieces: what trains, on which loaders, with which optimizer and
-schedule (the epoch loop that uses them is ``loop.fit``)."""
+"""What a training run holds, in one object built once by ``prepare_session``: the model and its
+optimizer, schedule and loss (in the ``Trainer``), the loaders, where the run stands, and where it
+reports. The epoch loop that uses it is ``loop.fit``."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -12,24 +14,32 @@ from accelerate import Accelerator
 from torch import nn
 
 from finetune.config import TrainConfig
-from finetune.data.loader import SkippedImages, make_eval_loader, make_train_loader
-from finetune.training.features import cached_loaders, probe_module
 from finetune.data.folders import Splits
-from finetune.models.build import Classifier
-from finetune.training.optim import build_optimizer, build_scheduler, param_groups
+from finetune.data.loader import SkippedImages, make_eval_loader, make_train_loader
 from finetune.data.presets import ModelInput
-from finetune.utils.runtime import num_workers
+from finetune.models.build import Classifier
+from finetune.report.console import Reporter
+from finetune.report.tracking import RunLog
+from finetune.training.engine import SYNC_EVERY_STEPS, Trainer
+from finetune.training.features import cached_loaders, probe_module
+from finetune.training.optim import build_optimizer, build_scheduler, param_groups
 from finetune.training.sanity import trains_batch_norm
+from finetune.training.state import Progress
+from finetune.utils.preemption import StopSignal
+from finetune.utils.runtime import num_workers
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Session:
-    """The prepared pieces of a run."""
+    """Everything a run holds while it trains."""
 
+    config: TrainConfig
     accelerator: Accelerator
-    model: nn.Module  # what trains (Accelerate-wrapped): the classifier, or only its head on cached features
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
+    clf: Classifier  # the classifier as built (unwrapped): what the checkpoints save
+    classes: list[str]
+    run_dir: Path
+    trainer: Trainer  # the prepared model (the classifier, or only its head on cached features), optimizer,
+    # scheduler and loss
     train_loader: Any
     test_loader: Any
     val_loader: Any  # None without a validation split: then the test split chooses best.safetensors
@@ -37,9 +47,47 @@ class Session:
     epoch_sampler: Any  # the sampler behind train_loader (Accelerate's skip wrapper hides it)
     to_input: Callable[[torch.Tensor], torch.Tensor]
     cached_features: int | None  # features per image when the head trains on cached features
-    class_weights: torch.Tensor | None = None  # the loss's per-class weights (--class-weights auto)
-    skipped: SkippedImages | None = None  # images that failed to decode, under --bad-data skip
-    splits: dict[str, Any] = field(default_factory=dict)  # the checkpoint's records of the held-out splits (folders.describe_split)
+    skipped: SkippedImages | None  # images that failed to decode, under --bad-data skip
+    splits: dict[str, Any]  # the checkpoint's records of the held-out splits (folders.describe_split)
+    progress: Progress  # where the run stands: saved with every state
+    report: Reporter
+    log: RunLog  # the tracker's points and figures, the pictures
+    stop: StopSignal
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.trainer.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self.trainer.scheduler
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches per process and epoch."""
+        return len(self.train_loader)
+
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return math.ceil(self.steps_per_epoch / self.config.grad_accum_steps)
+
+    @property
+    def stop_check_every(self) -> int:
+        """Optimizer steps between agreeing on a stop across processes.
+
+        Agreeing reads a flag back from the device: a host sync, which on a GPU would stall the
+        queue of work every step, so there it happens every few steps."""
+        one = self.accelerator.device.type == "cpu" or self.accelerator.num_processes == 1
+        return 1 if one else SYNC_EVERY_STEPS
+
+    @property
+    def lr_column(self) -> str:
+        """The epoch table's learning rate: the first group's (the backbone's, or the head's alone)."""
+        return "lr " + str(self.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay")
 
 
 def inverse_frequency_weights(targets: list[int], num_classes: int) -> torch.Tensor:
@@ -49,11 +97,15 @@ def inverse_frequency_weights(targets: list[int], num_classes: int) -> torch.Ten
     return (len(targets) / (num_classes * counts.clamp(min=1))).float()
 
 
-def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifier, splits: Splits) -> Session:
-    """Optimizer, loaders and schedule for ``clf``, prepared by Accelerate.
+def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Classifier, splits: Splits,
+                    run_dir: Path, progress: Progress, report: Reporter, stop: StopSignal) -> Session:
+    """Optimizer, loaders, schedule and loss for ``clf``, prepared by Accelerate, and the run's log.
 
     With the backbone frozen and no random augmentation, the backbone's features are computed
     once and only the head trains (``features``).
+
+    Args:
+        progress: where the run starts (a resume's, or a fresh one).
     """
     if config.channels_last:
         clf.net = clf.net.to(memory_format=torch.channels_last)
@@ -103,7 +155,14 @@ def prepare_session(config: TrainConfig, accelerator: Accelerator, clf: Classifi
         optimizer, round(config.warmup_epochs * optimizer_steps), config.epochs * optimizer_steps,
         probe_steps=round(config.probe_epochs * optimizer_steps), schedule=config.schedule))
     features = train_loader.dataset.features.shape[1] if probe is not None else None
-    weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)) \
+    weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)).to(accelerator.device) \
         if config.class_weights == "auto" else None
-    return Session(accelerator, model, optimizer, scheduler, train_loader, test_loader, val_loader,
-                   calibration_loader, epoch_sampler, to_input, features, weights, skipped, splits.records)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    trainer = Trainer(accelerator, model, optimizer, scheduler, loss_fn, seed=config.seed, to_input=to_input)
+    log = RunLog(accelerator, config, run_dir, len(train_loader),
+                 (progress.epoch, progress.step) if progress.epoch or progress.step else None)
+    return Session(config=config, accelerator=accelerator, clf=clf, classes=splits.classes, run_dir=run_dir,
+                   trainer=trainer, train_loader=train_loader, test_loader=test_loader, val_loader=val_loader,
+                   calibration_loader=calibration_loader, epoch_sampler=epoch_sampler, to_input=to_input,
+                   cached_features=features, skipped=skipped, splits=splits.records, progress=progress,
+                   report=report, log=log, stop=stop)

@@ -1,45 +1,61 @@
 """The classic chapter's experiment: several transfer strategies on the same data, budget and seed.
 
-Each strategy is a list of train.py flags run through train.py's own ``main``, in its own run folder.
+Each strategy is a set of ``TrainConfig`` fields that replace the study's common configuration,
+run through ``run.train`` (train.py's own run) in a run folder of its own.
 The results go to ``study.json`` (rewritten after each strategy, so an interrupted study resumes
 where it stopped), ``curves.png`` and ``report.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
+from finetune.config import TrainConfig
 from finetune.errors import UserError
+from finetune.training.run import TrainResult
 from finetune.utils.files import atomic_write_text
 
 # The chapter's recipe on a mean loss: plain SGD at 5e-5 on a loss summed over 128 images is 6.4e-3
 # on their mean; its weight decay 1e-3 then acts as 1e-3 / 128 per unit of learning rate. No
 # warmup, no decay, the classic augmentation, decay on every parameter, no BatchNorm recalibration.
-CHAPTER_FLAGS = ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.0064", "--batch-size", "128",
-                 "--weight-decay", "7.8e-6", "--decay-norm-and-bias", "--augment", "classic",
-                 "--warmup-epochs", "0", "--probe-epochs", "0", "--schedule", "constant",
-                 "--recalibrate-bn-batches", "0"]
+CHAPTER = {"optimizer": "sgd", "momentum": 0.0, "lr": 0.0064, "batch_size": 128, "weight_decay": 7.8e-6,
+           "decay_norm_and_bias": True, "augment": "classic", "warmup_epochs": 0.0, "probe_epochs": 0.0,
+           "schedule": "constant", "recalibrate_bn_batches": 0}
 
 
-def strategy_flags(epochs: int) -> dict[str, list[str]]:
-    """train.py flags of each strategy, in the order the study runs them, for a budget of ``epochs``."""
+def strategy_fields(epochs: int) -> dict[str, dict[str, Any]]:
+    """The ``TrainConfig`` fields of each strategy, in the order the study runs them, for a budget
+    of ``epochs``."""
     return {
-        "finetune": [],  # the defaults
-        "scratch": ["--weights", "none", "--probe-epochs", "0"],
-        "linear-probe": ["--freeze", "backbone", "--augment", "none"],
+        "finetune": {},  # the defaults
+        "scratch": {"weights": "none", "probe_epochs": 0.0},
+        "linear-probe": {"freeze": "backbone", "augment": "none"},
         # A probe for a third of the budget (at least half an epoch), then everything trains.
-        "lp-ft": ["--probe-epochs", f"{max(0.5, round(epochs / 3)):g}"],
-        "freeze-half": ["--freeze", "0.5"],
-        "classic": CHAPTER_FLAGS,
+        "lp-ft": {"probe_epochs": float(max(0.5, round(epochs / 3)))},
+        "freeze-half": {"freeze": "0.5"},
+        "classic": CHAPTER,
     }
 
 
-STRATEGIES = tuple(strategy_flags(1))
+def as_flags(fields: dict[str, Any]) -> list[str]:
+    """``fields`` as the train.py flags that set them (for the records and report.md)."""
+    flags: list[str] = []
+    for name, value in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags
+
+
+STRATEGIES = tuple(strategy_fields(1))
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -67,16 +83,16 @@ class Result:
     history: list[dict[str, Any]]
 
 
-def summarise(strategy: str, flags: list[str], out: dict[str, Any], seconds: float) -> Result:
-    """A ``Result`` from what train.main returned."""
-    history = out["history"]
+def summarise(strategy: str, flags: list[str], out: TrainResult, seconds: float) -> Result:
+    """A ``Result`` from what the run returned."""
+    history = out.history
     best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
     # A run that had already finished (a study resumed just after it) is not rebuilt: no model.
-    trainable = sum(p.numel() for p in out["model"].parameters() if p.requires_grad) if "model" in out else None
+    trainable = sum(p.numel() for p in out.model.parameters() if p.requires_grad) if out.model is not None else None
     return Result(strategy=strategy, test_accuracy=history[-1]["test_acc"], best_accuracy=history[best]["test_acc"],
                   best_epoch=history[best]["epoch"], seconds=round(seconds, 2),
                   images_per_s=round(sum(r["img/s"] for r in history) / len(history), 2),
-                  trainable_params=trainable, checkpoint=str(Path(out["run_dir"]) / "model.safetensors"),
+                  trainable_params=trainable, checkpoint=str(out.run_dir / "model.safetensors"),
                   flags=flags, history=history)
 
 
@@ -96,16 +112,16 @@ def save_results(path: Path, command: str, common: list[str], results: dict[str,
                                         "strategies": list(results.values())}, indent=1))
 
 
-def run_study(train_main: Callable[[Sequence[str]], dict[str, Any]], strategies: list[str], common: list[str],
-              epochs: int, out_dir: Path, resume: bool, is_main: bool, command: str,
+def run_study(train: Callable[[TrainConfig], TrainResult], strategies: list[str], common: TrainConfig,
+              out_dir: Path, resume: bool, is_main: bool, command: str,
               on_result: Callable[[Result], None] = lambda r: None) -> dict[str, dict[str, Any]]:
-    """Run each strategy through ``train_main`` with ``common`` flags plus its own; return the records.
+    """Run each strategy: ``common`` with the strategy's fields replaced; return the records.
 
     Args:
-        train_main: train.py's ``main``.
+        train: the run (``run.train``).
         strategies: names from ``STRATEGIES``, in order.
-        common: flags every run gets (data, model, epochs, seed, ...).
-        epochs: the budget (LP-FT sizes its probe from it).
+        common: the configuration every run shares (data, model, epochs, seed, ...); its epochs
+            are the budget (LP-FT sizes its probe from it).
         out_dir: the study folder; strategy S runs in ``out_dir/S``.
         resume: skip strategies that study.json records as finished, resume an interrupted one.
         is_main: whether this process writes study.json (under several processes, all run, one writes).
@@ -114,17 +130,19 @@ def run_study(train_main: Callable[[Sequence[str]], dict[str, Any]], strategies:
     """
     record = out_dir / "study.json"
     results = load_results(record) if resume else {}
-    flags_of = strategy_flags(epochs)
+    fields_of = strategy_fields(common.epochs)
+    common_flags = as_flags({f.name: getattr(common, f.name) for f in dataclasses.fields(common)
+                             if getattr(common, f.name) != f.default and f.name != "output_dir"})
     for name in strategies:
         if name in results:
             continue
-        flags = flags_of[name]
-        argv = [*common, *flags, "--output-dir", str(out_dir / name), *(["--resume"] if resume else [])]
+        fields = fields_of[name]
+        config = dataclasses.replace(common, **fields, output_dir=str(out_dir / name), resume=resume)
         start = time.perf_counter()
-        result = summarise(name, flags, train_main(argv), time.perf_counter() - start)
+        result = summarise(name, as_flags(fields), train(config), time.perf_counter() - start)
         results[name] = result.__dict__
         if is_main:
-            save_results(record, command, common, results)
+            save_results(record, command, common_flags, results)
         on_result(result)
     return {name: results[name] for name in strategies}
 
