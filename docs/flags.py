@@ -112,7 +112,7 @@ def render() -> str:
     for script, doc_module, cls_module, cls_name in COMMANDS:
         cls = getattr(importlib.import_module(cls_module), cls_name)
         summary = (importlib.import_module(doc_module).__doc__ or "").strip().splitlines()[0]
-        lines += [f"## {script}", "", f"{summary} (`{cls_module}.{cls_name}`)", "", *command_table(cls), ""]
+        lines += [f"## {script}", "", f"{summary} The flags are the fields of `{cls_module}.{cls_name}`.", "", *command_table(cls), ""]
     lines.append(FOOTER)
     return "\n".join(lines)
 
