@@ -1,1 +1,1 @@
-"""The README's pictures (``python -m docs.pictures``)."""
+"""The documentation pages' scripts: the pictures (``python -m docs.pictures``) and the flags page (``python -m docs.flags``)."""

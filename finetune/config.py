@@ -64,9 +64,11 @@ class TrainConfig:
                                        "test/ (or val/) folder", above=0)
     split_seed: int = option(0, "which files --val-fraction and --test-fraction hold out (independent of --seed)",
                              minimum=0, maximum=2**32 - 1)
-    model: str = option("mobilenet_v2", "any torchvision classification model name, e.g. resnet18")
+    model: str = option("mobilenet_v2", "any torchvision classification model name (resnet18, efficientnet_b0, "
+                                        "convnext_tiny, vit_b_16, ...), or a timm model as timm/NAME")
     weights: str = option("IMAGENET1K_V1", "torchvision weights name (IMAGENET1K_V1, DEFAULT, ...), "
-                                         "a local .pth/.safetensors file, or 'none' to train from scratch",
+                                         "a local .pth/.safetensors file, or 'none' to train from scratch; for "
+                                         "timm/NAME, DEFAULT (or the default) is the weights the name's tag picks",
                            path=True, false_means="none")
     epochs: int = option(5, "passes over the training set", minimum=1)
     batch_size: int = option(32, "images per process per step (global batch = this x processes x accumulation)", minimum=1)
@@ -75,11 +77,12 @@ class TrainConfig:
     lr_head_mult: float = option(10.0, "learning-rate multiplier of the new output layer (1 when training from scratch)", minimum=0)
     weight_decay: float = option(1e-4, "weight decay (not applied to norm and bias parameters unless --decay-norm-and-bias)", minimum=0)
     decay_norm_and_bias: bool = option(False, "also apply weight decay to norm-layer and bias parameters")
-    optimizer: str = option("auto", "adamw, sgd (momentum 0.9, nesterov), or auto (chosen by the recipe, see README)",
+    optimizer: str = option("auto", "adamw, sgd (momentum 0.9, nesterov), or auto (chosen by the recipe: adamw for up "
+                                  "to 3 epochs, sgd beyond; see docs/defaults.md)",
                             choices=("auto", *OPTIMIZERS))
     momentum: float = option(0.9, "SGD momentum", minimum=0)
     warmup_epochs: float | None = option(None, "linear learning-rate warmup, in epochs, before the decay "
-                                                "(default: chosen by the recipe, see README)", minimum=0)
+                                                "(default: chosen by the recipe, see docs/defaults.md)", minimum=0)
     probe_epochs: float | None = option(None, "train only the new head for this many epochs first, then "
                                               "everything (linear probe, then fine-tune; default: chosen by the recipe)",
                                         minimum=0)

@@ -273,7 +273,7 @@ def test_head_learning_rate_multiplier_and_one_rate_from_scratch(tiny_data: Path
 
 def test_batchnorm_is_recalibrated_on_images_augmented_as_in_training(tiny_data: Path, tmp_path: Path, monkeypatch):
     # "Precise BN" measures the population the network trained on: with eval preprocessing, runs
-    # trained on small random crops lost much of their accuracy (README, Why these defaults).
+    # trained on small random crops lost much of their accuracy (docs/defaults.md).
     import finetune.training.run
 
     sessions = []

@@ -1,7 +1,7 @@
 """The data-aware defaults: what a run can see before it starts -> the settings left on ``auto``.
 
 Like BiT's HyperRule, one small rule, chosen from ``bench/sweep_defaults.py`` over many datasets,
-image sizes and budgets (the README's "Why these defaults" is that sweep's output), picks the
+image sizes and budgets (docs/defaults.md is that sweep's output), picks the
 settings that no single value suits everywhere. A flag given by the user always wins.
 """
 
