@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune.config import PRECISIONS, TRACKERS, check_values, option, parse_config
+from finetune.config import LABEL_FILE_HELP, PRECISIONS, TRACKERS, check_values, option, parse_config
 from finetune.errors import UserError, run_cli
 
 MISTAKES_SHOWN = 16
@@ -27,8 +27,14 @@ class EvalConfig:
     ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors), or its run folder",
                               path=True)
     data: str | None = option(None, "ImageFolder to evaluate (one sub-folder per class); "
-                                  "a dataset folder with train/ and test/ (or val/) uses its test split; omitted: the test folder "
+                                  "a dataset folder with train/ and test/ (or val/) uses its test split; a label file "
+                                  "its test rows (or the part the run held out of it); omitted: the test folder "
                                   "recorded in the checkpoint, if its files are unchanged", path=True)
+    image_column: str | None = option(None, LABEL_FILE_HELP["image_column"])
+    label_column: str | None = option(None, LABEL_FILE_HELP["label_column"])
+    label_sep: str | None = option(None, LABEL_FILE_HELP["label_sep"])
+    label_columns: str | None = option(None, LABEL_FILE_HELP["label_columns"])
+    split_column: str | None = option(None, LABEL_FILE_HELP["split_column"])
     output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: eval/ beside the "
                                           "checkpoint)", path=True)
     batch_size: int = option(64, "images per process per batch", minimum=1)
@@ -59,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from finetune.data.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part
     from finetune.training.engine import evaluate
     from finetune.data.evalsplit import recorded_split
+    from finetune.data.labelfiles import Columns, eval_split, is_label_file
     from finetune.utils.files import atomic_write_text
     from finetune.report.metrics import summarise
     from finetune.models import inference
@@ -86,7 +93,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if config.data is None:  # the folder the run was tested on, as long as its files are the same
         dataset = recorded_split(clf.meta, classes, clf.path)
         data_dir = Path(dataset.root)
-        report.print(f"evaluating on {data_dir}, the test folder recorded in the checkpoint")
+        where = getattr(dataset, "label_file", None)  # a label file's rows, else a folder
+        report.print(f"evaluating on {where}, the test images recorded in the checkpoint" if where else
+                     f"evaluating on {data_dir}, the test folder recorded in the checkpoint")
+    elif is_label_file(config.data):
+        given = Columns.from_config(config)
+        dataset, which = eval_split(config.data, classes, clf.meta.get("splits", {}).get("test"),
+                                    None if given == Columns() else given)
+        data_dir = Path(config.data)
+        report.print(f"evaluating {which}")
     else:
         data_dir = Path(config.data)
         if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the module itself stays torch-free: --help answers before t
     from accelerate import Accelerator
 
     from finetune.data.folders import Splits
+    from finetune.data.labelfiles import Columns
     from finetune.utils.preemption import StopSignal
     from finetune.models.build import Classifier
     from finetune.report.console import Reporter
@@ -53,7 +54,8 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
     from accelerate.utils import set_seed
 
     from finetune.training import recipe
-    from finetune.data.folders import load_splits
+    from finetune.data.labelfiles import Columns
+    from finetune.data.sources import load_splits
     from finetune.models.build import check_model_name
     from finetune.report.console import Reporter
     from finetune.training.rundir import discard_unsaved, prepare_run_dir
@@ -73,11 +75,13 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
         report.print(f"warning: {note}")
 
     data_dir = dataset_folder(accelerator, config)
+    columns = Columns.from_config(config)  # of a label file
     if config.check_data:
-        return check_data(data_dir, report)
-    exclude, notes = preflight(accelerator, data_dir, config.bad_data)
+        return check_data(data_dir, report, columns)
+    exclude, notes = preflight(accelerator, data_dir, config.bad_data, columns)
     splits = load_splits(data_dir, frozenset(exclude), test_fraction=config.test_fraction,
-                         val_fraction=config.val_fraction, split_seed=config.split_seed)  # also checks the layout
+                         val_fraction=config.val_fraction, split_seed=config.split_seed,
+                         columns=columns)  # also checks the layout
     check_classes(splits.classes, splits.train.root)
     for note in splits.notes:
         report.print(note)
@@ -120,7 +124,7 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
     if state is not None:
         progress = resumed_progress(state, setup)  # before the model is built: a changed run is named, not loaded
         if progress.epoch >= config.epochs:
-            return finished(run_dir, progress, splits.test.root, report)
+            return finished(run_dir, progress, eval_data(data_dir, splits), report)
 
     clf = build_model(accelerator, config, splits.classes)
     session = prepare_session(config, accelerator, clf, splits)
@@ -161,12 +165,9 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
     if "val_acc" in best:
         report.print(f"best.safetensors: epoch {best['epoch']}, chosen on validation accuracy "
                      f"{best['val_acc']:.4f}; its test accuracy {best['test_acc']:.4f}")
-    # A test part held out of the training folder is evaluated by naming the dataset folder:
-    # eval.py holds out the same files again (the checkpoint records which).
-    eval_data = data_dir if splits.records["test"]["carved"] else splits.test.root
     report.print(f"saved {run_dir / 'model.safetensors'} (test accuracy "
                  f"{final.get('test_acc', float('nan')):.4f}); evaluate it with:\n"
-                 f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {eval_data}")
+                 f"  python eval.py --ckpt {run_dir / 'model.safetensors'} --data {eval_data(data_dir, splits)}")
     if keep_process_group:
         for tracker in accelerator.trackers:
             tracker.finish()
@@ -174,6 +175,14 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
         accelerator.end_training()
     return {"run_dir": run_dir, "history": progress.history, "classes": splits.classes, "model": clf.net,
             "skipped": list(skipped)}
+
+
+def eval_data(data_dir: Path, splits: Splits) -> Path:
+    """What eval.py's ``--data`` names for the run's test split: a test part held out of the training
+    folder, and any split of a label file, by the dataset folder or label file (eval.py finds the
+    same files again: the checkpoint records which); a test folder by itself."""
+    record = splits.records["test"]
+    return data_dir if record["carved"] or record.get("labels") else Path(splits.test.root)
 
 
 def finished(run_dir: Path, progress: Progress, test_dir: Path, report: Reporter) -> dict[str, Any]:
@@ -204,7 +213,8 @@ def build_model(accelerator: Accelerator, config: TrainConfig, classes: list[str
                                 freeze_spec=config.freeze, reuse_classifier=config.reuse_classifier)
 
 
-def preflight(accelerator: Accelerator, data_dir: Path, bad_data: str) -> tuple[set[str], list[str]]:
+def preflight(accelerator: Accelerator, data_dir: Path, bad_data: str,
+              columns: "Columns") -> tuple[set[str], list[str]]:
     """The quick preflight: the files to leave out and the lines to print (``preflight.apply_policy``).
 
     The main process reads the headers (those of files unchanged since the last start come from
@@ -214,17 +224,22 @@ def preflight(accelerator: Accelerator, data_dir: Path, bad_data: str) -> tuple[
     from finetune.utils.runtime import main_decides
 
     return main_decides(accelerator, lambda: apply_policy(
-        check_dataset(data_dir, full=False, cache=cache_folder(data_dir)), bad_data))
+        check_dataset(data_dir, full=False, cache=cache_folder(data_dir), columns=columns), bad_data))
 
 
-def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
+def check_data(data_dir: Path, report: Reporter, columns: "Columns") -> dict[str, Any]:
     """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
-    from finetune.data.folders import load_splits
+    from finetune.data.labelfiles import is_label_file, read_table
     from finetune.data.preflight import check_dataset
+    from finetune.data.sources import load_splits
     from finetune.report.console import preflight_table
 
-    load_splits(data_dir)  # the layout first: the report covers files only
-    found = check_dataset(data_dir, full=True)
+    label_file = is_label_file(data_dir)
+    if label_file:
+        read_table(data_dir, columns)  # its rows first: missing images are the report's to name
+    else:
+        load_splits(data_dir)  # the layout first: the report covers files only
+    found = check_dataset(data_dir, full=True, columns=columns)
     report.print(preflight_table(found.counts))
     for path, why in found.bad:
         report.print(f"bad image: {path}: {why}")
@@ -236,6 +251,8 @@ def check_data(data_dir: Path, report: Reporter) -> dict[str, Any]:
         report.print(f"warning: {note}")
     if found.bad:
         raise UserError(f"{data_dir}: {len(found.bad)} image(s) cannot be used")
+    if label_file:
+        load_splits(data_dir, columns=columns)  # its splits: labels of val or test rows that train lacks, ...
     report.print(f"{data_dir}: no problems that stop a run")
     return {"report": found}
 
