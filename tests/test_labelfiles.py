@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import write_image_folder
+from conftest import FAST, python_cmd, run_cmd, write_image_folder
 
+from finetune.commands import eval as eval_cmd
+from finetune.commands import train
 from finetune.data.labelfiles import (
     Columns,
     LabelledImages,
@@ -22,6 +26,7 @@ from finetune.data.labelfiles import (
 from finetune.data.preflight import apply_policy, check_dataset
 from finetune.data.sources import load_splits
 from finetune.errors import UserError
+from finetune.models.checkpoint import read_metadata
 
 
 def images(root: Path, classes: dict[str, int], seed: int = 0) -> list[tuple[str, str]]:
@@ -299,3 +304,55 @@ def test_preflight_finds_bad_images_a_label_file_lists(tmp_path: Path, rows):
     assert report.counts == {"test": {"cat": 2, "dog": 3}, "train": {"cat": 2, "dog": 2}}
     splits = load_splits(file, frozenset(report.bad_paths()))
     assert len(splits.train) + len(splits.test) == 9
+
+
+# End to end: train.py and eval.py on a label file
+
+EVAL = ["--num-workers", "0", "--batch-size", "8", "--log-with", "none", "--no-plots"]
+TIMINGS = ("img/s", "seconds", "rss_mib")  # how long, not what: they differ between any two runs
+
+
+def labels_of(data: Path, splits: tuple[str, ...]) -> Path:
+    """``data/labels.csv`` listing ``data/SPLIT/CLASS/*.png`` with a split column, in no helpful order."""
+    lines = [f"{p.relative_to(data).as_posix()},{p.parent.name},{split}"
+             for split in splits for p in sorted((data / split).rglob("*.png"), reverse=True)]
+    return write_csv(data / "labels.csv", "image,label,split", lines)
+
+
+@pytest.mark.slow
+def test_same_images_as_class_folders_and_as_a_label_file_train_the_same(tiny_data: Path, tmp_path: Path):
+    """The done-when of label files: the same history and test accuracy, to the last digit, on the same seed."""
+    file = labels_of(tiny_data, ("train", "test"))
+    common = [*FAST, "--epochs", "2", "--seed", "3", "--log-with", "none", "--no-plots"]
+    by_folder = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "folders"), *common])
+    by_file = train.main(["--data", str(file), "--output-dir", str(tmp_path / "file"), *common])
+    assert by_file["classes"] == by_folder["classes"] == ["cat", "dog", "hot dog"]
+    strip = [{k: v for k, v in row.items() if k not in TIMINGS} for row in by_folder["history"]]
+    assert [{k: v for k, v in row.items() if k not in TIMINGS} for row in by_file["history"]] == strip
+    assert by_file["history"][-1]["test_acc"] == by_folder["history"][-1]["test_acc"]
+    ckpt = tmp_path / "file" / "model.safetensors"
+    record = read_metadata(ckpt)["splits"]["test"]
+    assert record["labels"]["file"] == str(file) and record["num_files"] == 15
+    # eval.py: the recorded test rows without --data; the label file's test rows with it.
+    recorded = eval_cmd.main(["--ckpt", str(ckpt), *EVAL])
+    given = eval_cmd.main(["--ckpt", str(ckpt), "--data", str(file), *EVAL, "--output-dir", str(tmp_path / "e")])
+    folder = eval_cmd.main(["--ckpt", str(tmp_path / "folders" / "model.safetensors"), *EVAL])
+    assert recorded["num_samples"] == given["num_samples"] == 15
+    assert recorded["accuracy"] == given["accuracy"] == folder["accuracy"] == by_file["history"][-1]["test_acc"]
+
+
+@pytest.mark.slow
+def test_missing_image_fails_in_one_line_or_is_skipped_and_counted(tiny_data: Path, tmp_path: Path):
+    file = labels_of(tiny_data, ("train", "test"))
+    with file.open("a") as f:
+        f.write("train/cat/gone.png,cat,train\n")
+    proc = run_cmd(python_cmd("train.py", "--data", str(file), "--output-dir", str(tmp_path / "a"), *FAST))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "gone.png (not found, listed at labels.csv line 53)" in proc.stderr
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = train.main(["--data", str(file), "--output-dir", str(tmp_path / "b"), *FAST, "--bad-data", "skip",
+                             "--log-with", "none", "--no-plots"])
+    assert "skipping 1 image(s) that cannot be used" in out.getvalue()
+    assert "--bad-data skip left out 1 image(s) found before the run" in out.getvalue()
+    assert len(result["history"]) == 1
