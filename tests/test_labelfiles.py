@@ -14,6 +14,7 @@ from conftest import FAST, python_cmd, run_cmd, write_image_folder
 
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
+from finetune.config import parse_config
 from finetune.data.labelfiles import (
     Columns,
     LabelledImages,
@@ -356,3 +357,25 @@ def test_missing_image_fails_in_one_line_or_is_skipped_and_counted(tiny_data: Pa
     assert "skipping 1 image(s) that cannot be used" in out.getvalue()
     assert "--bad-data skip left out 1 image(s) found before the run" in out.getvalue()
     assert len(result["history"]) == 1
+
+
+def test_flags_name_the_columns(tmp_path: Path):
+    config = parse_config(["--data", "l.csv", "--image-column", "img", "--label-columns", "cat, dog",
+                           "--split-column", "part", "--label-sep", "/"])
+    assert Columns.from_config(config) == Columns(image="img", sep="/", onehot=("cat", "dog"), split="part")
+    assert Columns.from_config(parse_config([])) == Columns()
+    assert Columns.from_dict(Columns(onehot=("a", "b")).to_dict()) == Columns(onehot=("a", "b"))
+
+
+def test_check_data_reports_the_missing_images_of_a_label_file(tiny_data: Path):
+    file = labels_of(tiny_data, ("train", "test"))
+    with file.open("a") as f:
+        f.write("train/cat/gone.png,cat,train\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(UserError, match=r"1 image\(s\) cannot be used"):
+        train.main(["--data", str(file), "--check-data"])
+    assert "gone.png: not found, listed at labels.csv line 53" in out.getvalue()
+    with file.open("a") as f:
+        f.write("train/dog/000.png,cat,train\n")  # the same image, labelled again otherwise: the rows come first
+    with pytest.raises(UserError, match=r"labels.csv line 54 lists train/dog/000.png again with other labels"):
+        train.main(["--data", str(file), "--check-data"])
