@@ -82,7 +82,7 @@ def run_training(config: TrainConfig, stop: "StopSignal", keep_process_group: bo
     splits = load_splits(data_dir, frozenset(exclude), test_fraction=config.test_fraction,
                          val_fraction=config.val_fraction, split_seed=config.split_seed,
                          columns=columns)  # also checks the layout
-    check_classes(splits.classes, splits.train.root)
+    check_classes(splits.classes, getattr(splits.train, "label_file", splits.train.root))
     for note in splits.notes:
         report.print(note)
     for note in notes + splits.warnings:
