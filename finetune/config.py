@@ -33,6 +33,17 @@ BAD_DATA_POLICIES = ("fail", "skip")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "none")  # Accelerate's names (finetune.report.tracking)
 AUGMENTS = ("auto", "classic", "mild", "crop", "flip", "none")  # presets.train_preset builds each
 SCHEDULES = ("cosine", "constant")  # optim.lr_factor
+# The columns of a label file (finetune.data.labelfiles): flags of train.py and eval.py alike.
+LABEL_FILE_HELP = {
+    "image_column": "label file: the column of image paths, relative to the file's folder (default: image, path, "
+                    "file or filename)",
+    "label_column": "label file: the column of labels (default: label, labels, class or tags)",
+    "label_sep": "label file: what joins several labels in the label column (default: the first of ; | , found)",
+    "label_columns": "label file: one 0/1 column per class, comma-separated, e.g. cat,dog (default: found where "
+                     "every column but the image and split columns holds 0 or 1)",
+    "split_column": "label file: the column holding train, val (valid, validation) or test (default: split, where "
+                    "there is one; without it a test part is held out as for a flat folder)",
+}
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -55,8 +66,14 @@ class TrainConfig:
     """Everything a training run needs; see ``--help`` for each field."""
 
     data: str | None = option(None, "dataset folder holding train/ and test/ (or val/) ImageFolder trees, train/ "
-                                  "alone, or one sub-folder per class (a test part is then held out); "
+                                  "alone, or one sub-folder per class (a test part is then held out); or a label "
+                                  "file (.csv, .tsv, .jsonl, .json) of one row per image; "
                                   "omitted: the built-in offline demo (LFW faces vs not faces)", path=True)
+    image_column: str | None = option(None, LABEL_FILE_HELP["image_column"])
+    label_column: str | None = option(None, LABEL_FILE_HELP["label_column"])
+    label_sep: str | None = option(None, LABEL_FILE_HELP["label_sep"])
+    label_columns: str | None = option(None, LABEL_FILE_HELP["label_columns"])
+    split_column: str | None = option(None, LABEL_FILE_HELP["split_column"])
     val_fraction: float = option(0.0, "share of each training class held out for validation, which then chooses "
                                       "best.safetensors (0: none; a val/ folder beside test/ is used without it)",
                                  minimum=0)

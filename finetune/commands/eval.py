@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune.config import PRECISIONS, TRACKERS, check_values, option, parse_config
+from finetune.config import LABEL_FILE_HELP, PRECISIONS, TRACKERS, check_values, option, parse_config
 from finetune.errors import UserError, run_cli
 
 MISTAKES_SHOWN = 16
@@ -27,8 +27,14 @@ class EvalConfig:
     ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors), or its run folder",
                               path=True)
     data: str | None = option(None, "ImageFolder to evaluate (one sub-folder per class); "
-                                  "a dataset folder with train/ and test/ (or val/) uses its test split; omitted: the test folder "
+                                  "a dataset folder with train/ and test/ (or val/) uses its test split; a label file "
+                                  "its test rows (or the part the run held out of it); omitted: the test folder "
                                   "recorded in the checkpoint, if its files are unchanged", path=True)
+    image_column: str | None = option(None, LABEL_FILE_HELP["image_column"])
+    label_column: str | None = option(None, LABEL_FILE_HELP["label_column"])
+    label_sep: str | None = option(None, LABEL_FILE_HELP["label_sep"])
+    label_columns: str | None = option(None, LABEL_FILE_HELP["label_columns"])
+    split_column: str | None = option(None, LABEL_FILE_HELP["split_column"])
     output_dir: str | None = option(None, "where metrics.json and predictions.csv go (default: eval/ beside the "
                                           "checkpoint)", path=True)
     batch_size: int = option(64, "images per process per batch", minimum=1)
@@ -56,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # After the flags: --help and a bad flag answer before torch (seconds to import) loads.
     from finetune.data.evalsplit import recorded_split
     from finetune.data.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part
+    from finetune.data.labelfiles import Columns, eval_split, is_label_file
     from finetune.data.loader import make_eval_loader
     from finetune.models.inference import load_classifier
     from finetune.report.console import Reporter
@@ -84,11 +91,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if config.data is None:  # the folder the run was tested on, as long as its files are the same
         dataset = recorded_split(clf.meta, classes, clf.path)
         data_dir = Path(dataset.root)
-        if clf.meta["splits"]["test"].get("carved"):
+        where = getattr(dataset, "label_file", None)  # a label file's rows, else a folder
+        if where:
+            report.print(f"evaluating on {where}, the test images recorded in the checkpoint")
+        elif clf.meta["splits"]["test"].get("carved"):
             report.print(f"evaluating the {len(dataset.samples)} images held out of {data_dir} for testing, "
                          "as recorded in the checkpoint")
         else:
             report.print(f"evaluating on {data_dir}, the test folder recorded in the checkpoint")
+    elif is_label_file(config.data):
+        given = Columns.from_config(config)
+        dataset, which = eval_split(config.data, classes, clf.meta.get("splits", {}).get("test"),
+                                    None if given == Columns() else given)
+        data_dir = Path(config.data)
+        report.print(f"evaluating {which}")
     else:
         data_dir = Path(config.data)
         if find_split(data_dir, ("train",)) and find_split(data_dir, EVAL_SPLITS):

@@ -57,14 +57,20 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
     """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
     # loaded here, not at the top: --help answers before torch loads
     from finetune.data.demo import demo_dataset
-    from finetune.data.folders import load_splits
+    from finetune.data.labelfiles import Columns, is_label_file, read_table
     from finetune.data.preflight import check_dataset
+    from finetune.data.sources import load_splits
     from finetune.report.console import Reporter, preflight_table
 
     data_dir = Path(config.data) if config.data else demo_dataset()
+    columns = Columns.from_config(config)  # of a label file
     report = Reporter()
-    load_splits(data_dir)  # the layout first: the report covers files only
-    found = check_dataset(data_dir, full=True)
+    label_file = is_label_file(data_dir)
+    if label_file:
+        read_table(data_dir, columns)  # its rows first: missing images are the report's to name
+    else:
+        load_splits(data_dir)  # the layout first: the report covers files only
+    found = check_dataset(data_dir, full=True, columns=columns)
     report.print(preflight_table(found.counts))
     for path, why in found.bad:
         report.print(f"bad image: {path}: {why}")
@@ -76,6 +82,8 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
         report.print(f"warning: {note}")
     if found.bad:
         raise UserError(f"{data_dir}: {len(found.bad)} image(s) cannot be used")
+    if label_file:
+        load_splits(data_dir, columns=columns)  # its splits: labels of val or test rows that train lacks, ...
     report.print(f"{data_dir}: no problems that stop a run")
     return {"report": found}
 

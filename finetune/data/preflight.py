@@ -6,7 +6,8 @@ extension. ``full`` (``train.py --check-data``) also decodes every image (trunca
 hashes every file to find images shared between train and test.
 
 The folder layout itself (splits, class folders, classes with no images left once bad files are
-skipped) is ``folders.load_splits``'s to check: the preflight reports on files.
+skipped) is ``sources.load_splits``'s to check: the preflight reports on files. For a label file it
+checks the images the rows list, and reports rows that name no image and images that are missing.
 
 At scale, the quick check is cached: each file's result is kept with its size and modification
 time, so a restart (a requeued job, a second run on the same data) reads only the files that
@@ -25,6 +26,7 @@ from PIL import Image
 
 from finetune.data.demo import cache_dir
 from finetune.data.folders import class_folders, find_layout
+from finetune.data.labelfiles import Columns, is_label_file, read_table
 from finetune.data.listing import DirListing, ResultCache, list_folder
 from finetune.errors import UserError
 from finetune.utils.files import file_digest
@@ -82,47 +84,55 @@ def cache_folder(data_dir: str | Path) -> Path:
 
 
 def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None = None,
-                  cache: Path | None = None) -> Report:
-    """Preflight of a dataset's split folders (train, and val and test where they exist); see the
-    module docstring.
+                  cache: Path | None = None, columns: Columns | None = None) -> Report:
+    """Preflight of a dataset's split folders (train, and val and test where they exist), or of the
+    images a label file lists; see the module docstring.
 
     Args:
-        data_dir: the dataset folder.
+        data_dir: the dataset folder, or a label file (``labelfiles``).
         full: also decode every image and look for train/test duplicates.
         workers: threads reading files (default: the CPU count).
         cache: a folder keeping the quick check's result per file (``listing.ResultCache``,
             ``cache_folder``): files unchanged since they were checked are not read again.
             The full check always reads everything.
+        columns: a label file's columns (see ``labelfiles.Columns``; None: found by name).
     """
     data_dir = Path(data_dir)
     report = Report()
-    root = os.path.abspath(data_dir)
-    # split -> class -> the directories of its images
-    files = {split: {c: list_folder(folder / c) for c in class_folders(folder)}
-             for split, folder in find_layout(data_dir).folders().items()}
+    if is_label_file(data_dir):
+        root, files = _label_file_listings(data_dir, columns or Columns(), report)
+    else:
+        root = os.path.abspath(data_dir)
+        # split -> class -> the directories of its images
+        files = {split: {c: list_folder(folder / c) for c in class_folders(folder)}
+                 for split, folder in find_layout(data_dir).folders().items()}
+    # A label file's classes may share a directory: each directory is checked (and cached) once.
+    merged: dict[str, DirListing] = {}
+    for by_class in files.values():
+        for dirs in by_class.values():
+            for listing in dirs:
+                merged[listing.path] = _union(merged.get(listing.path), listing)
 
     store = ResultCache(cache, root) if cache is not None and not full else None
     # Per directory, the files that are not clean: name -> (problem, wrong format, content digest).
     found: dict[str, dict[str, tuple[str | None, str | None, str | None]]] = {}
     jobs: list[tuple[str, str]] = []  # (directory, name) of the files to read
     pending: list[DirListing] = []  # directories to record in the cache once their files are checked
-    for by_class in files.values():
-        for dirs in by_class.values():
-            for listing in dirs:
-                flagged = store.unchanged(listing) if store else None
-                if flagged is not None:  # nothing changed here: only its flagged files need naming
-                    found[listing.path] = {name: (problem, wrong, None) for name, (problem, wrong) in flagged.items()}
-                    continue
-                known = store.entries(listing) if store else {}
-                here = found.setdefault(listing.path, {})
-                for name, size, mtime in zip(listing.names, listing.sizes, listing.mtimes):
-                    hit = known.get(name)
-                    if hit is not None and hit[:2] == [size, mtime]:
-                        if hit[2] or hit[3]:
-                            here[name] = (hit[2], hit[3], None)
-                    else:
-                        jobs.append((listing.path, name))
-                pending.append(listing)
+    for listing in merged.values():
+        flagged = store.unchanged(listing) if store else None
+        if flagged is not None:  # nothing changed here: only its flagged files need naming
+            found[listing.path] = {name: (problem, wrong, None) for name, (problem, wrong) in flagged.items()}
+            continue
+        known = store.entries(listing) if store else {}
+        here = found.setdefault(listing.path, {})
+        for name, size, mtime in zip(listing.names, listing.sizes, listing.mtimes):
+            hit = known.get(name)
+            if hit is not None and hit[:2] == [size, mtime]:
+                if hit[2] or hit[3]:
+                    here[name] = (hit[2], hit[3], None)
+            else:
+                jobs.append((listing.path, name))
+        pending.append(listing)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         checked = pool.map(lambda job: _check_file(Path(job[0], job[1]), full), jobs)
         for (folder, name), result in zip(jobs, checked):
@@ -153,6 +163,7 @@ def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None 
                     if digest:
                         hashes["train" if split == "train" else "held-out"].setdefault(digest, path)
             report.counts[split][c] = usable
+    report.bad = list(dict.fromkeys(report.bad))  # an image of several labels is listed under each
     train_counts = [n for n in report.counts.get("train", {}).values() if n > 0]
     if train_counts and max(train_counts) > IMBALANCE_RATIO * min(train_counts):
         report.warnings.append(f"classes are very imbalanced in train: {max(train_counts)} vs {min(train_counts)} "
@@ -165,6 +176,39 @@ def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None 
         report.warnings.append(f"{len(report.wrong_extension)} file(s) hold another format than their extension "
                                "says (they load fine)")
     return report
+
+
+def _union(a: DirListing | None, b: DirListing) -> DirListing:
+    """The files of two listings of one directory, sorted by name."""
+    if a is None:
+        return b
+    files = sorted(set(zip(a.names, a.sizes, a.mtimes)) | set(zip(b.names, b.sizes, b.mtimes)))
+    return DirListing(a.path, [f[0] for f in files], [f[1] for f in files], [f[2] for f in files])
+
+
+def _label_file_listings(file: Path, columns: Columns,
+                         report: Report) -> tuple[str, dict[str, dict[str, list[DirListing]]]]:
+    """The label file's folder, and its images as ``check_dataset`` lists a folder's: split (``train``
+    without a split column) -> label -> a listing per directory. Rows that name no image and images
+    that are not there go into ``report.bad`` (the first by ``Row.where``, as ``labelfiles`` knows them)."""
+    table = read_table(file, columns)
+    report.bad.extend((where, why) for where, why in table.bad)
+    by_place: dict[tuple[str, str, str], list[tuple[str, int, int]]] = {}
+    for row in table.rows:
+        try:
+            st = os.stat(row.path)
+        except OSError:
+            report.bad.append((row.path, f"not found, listed at {row.where}"))
+            continue
+        folder, name = os.path.split(row.path)
+        for label in row.labels or ("(no label)",):
+            by_place.setdefault((row.split or "train", label, folder), []).append((name, st.st_size, st.st_mtime_ns))
+    files: dict[str, dict[str, list[DirListing]]] = {}
+    for (split, label, folder), entries in sorted(by_place.items()):
+        entries.sort()
+        listing = DirListing(folder, [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries])
+        files.setdefault(split, {}).setdefault(label, []).append(listing)
+    return table.folder, files
 
 
 def _listing(items: list[tuple[str, str]], limit: int = 10) -> str:

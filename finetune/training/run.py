@@ -18,8 +18,10 @@ from torch import nn
 
 from finetune.config import TrainConfig
 from finetune.data.demo import demo_dataset
-from finetune.data.folders import Splits, load_splits
+from finetune.data.folders import Splits
+from finetune.data.labelfiles import Columns
 from finetune.data.preflight import apply_policy, cache_folder, check_dataset
+from finetune.data.sources import load_splits
 from finetune.models.build import Classifier, build_classifier, check_model_name
 from finetune.models.inference import PRECISION_NAMES
 from finetune.report.console import Reporter
@@ -97,10 +99,12 @@ def _train(config: TrainConfig, stop: StopSignal, keep_process_group: bool) -> T
         report.print(f"warning: {note}")
 
     data_dir = dataset_folder(accelerator, config)
-    exclude, notes = preflight(accelerator, data_dir, config.bad_data)
+    columns = Columns.from_config(config)  # of a label file
+    exclude, notes = preflight(accelerator, data_dir, config.bad_data, columns)
     splits = load_splits(data_dir, frozenset(exclude), test_fraction=config.test_fraction,
-                         val_fraction=config.val_fraction, split_seed=config.split_seed)  # also checks the layout
-    check_classes(splits.classes, splits.train.root)
+                         val_fraction=config.val_fraction, split_seed=config.split_seed,
+                         columns=columns)  # also checks the layout
+    check_classes(splits.classes, getattr(splits.train, "label_file", splits.train.root))
     for note in splits.notes:
         report.print(note)
     for note in notes + splits.warnings:
@@ -134,9 +138,11 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
 
     ``skipped_before`` counts the images the preflight left out (``--bad-data skip``), for the summary.
     """
-    # A test part held out of the training folder is evaluated by naming the dataset folder:
-    # eval.py holds out the same files again (the checkpoint records which).
-    eval_data = data_dir if splits.records["test"]["carved"] else splits.test.root
+    # A test part held out of the training folder, and any split of a label file, is evaluated by
+    # naming the dataset folder or label file: eval.py finds the same files again (the checkpoint
+    # records which); a test folder by itself.
+    record = splits.records["test"]
+    eval_data = data_dir if record["carved"] or record.get("labels") else Path(splits.test.root)
     held = [("train", splits.train), ("test", splits.test)] + ([("val", splits.val)] if splits.val else [])
     setup = run_setup(config, splits.classes, held, accelerator.num_processes)
     progress, state = Progress(setup=setup.to_dict()), latest_state(run_dir) if config.resume else None
@@ -210,11 +216,12 @@ def build_model(accelerator: Accelerator, config: TrainConfig, classes: list[str
                                 freeze_spec=config.freeze, reuse_classifier=config.reuse_classifier)
 
 
-def preflight(accelerator: Accelerator, data_dir: Path, bad_data: str) -> tuple[set[str], list[str]]:
+def preflight(accelerator: Accelerator, data_dir: Path, bad_data: str,
+              columns: Columns) -> tuple[set[str], list[str]]:
     """The quick preflight: the files to leave out and the lines to print (``preflight.apply_policy``).
 
     The main process reads the headers (those of files unchanged since the last start come from
     its cache); every process receives what it found.
     """
     return main_decides(accelerator, lambda: apply_policy(
-        check_dataset(data_dir, full=False, cache=cache_folder(data_dir)), bad_data))
+        check_dataset(data_dir, full=False, cache=cache_folder(data_dir), columns=columns), bad_data))

@@ -68,7 +68,7 @@ def check_classes(classes: Sequence[str], where: Any) -> None:
     """A classifier needs two classes at least: with one, the loss is 0 and the accuracy 1 from the start."""
     if len(classes) < 2:
         raise UserError(f"{where} has one class ('{classes[0]}'): a classifier needs at least two "
-                        "class folders" if classes else f"{where} has no classes")
+                        "classes" if classes else f"{where} has no classes")
 
 
 def probable_mistakes(config: Any) -> list[str]:
