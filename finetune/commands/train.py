@@ -111,6 +111,7 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
     from finetune.training.resume import resumed_progress, run_setup
     from finetune.training.session import prepare_session
     from finetune.training.state import Progress, latest_state, load_training_state
+    from finetune.utils.runtime import precision_name
 
     held = [("train", splits.train), ("test", splits.test)] + ([("val", splits.val)] if splits.val else [])
     setup = run_setup(config, splits.classes, held, accelerator.num_processes)
@@ -129,7 +130,7 @@ def train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, rep
                  f"{len(splits.train)} train / {'' if splits.val is None else f'{len(splits.val)} val / '}"
                  f"{len(splits.test)} test images from {data_dir}; "
                  f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
-                 f"precision {accelerator.mixed_precision}")
+                 f"precision {precision_name(accelerator.mixed_precision)}")
     if clf.reused:
         report.print("reused pretrained classifier rows: " + ", ".join(f"{t} <- {s}" for t, s in clf.reused.items()))
     if clf.frozen:

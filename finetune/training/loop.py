@@ -48,7 +48,7 @@ class Loop:
     steps_per_epoch: int  # batches per process
     optimizer_steps_per_epoch: int
     stop_check_every: int  # optimizer steps between agreeing on a stop across processes
-    lr_column: str  # the epoch table's learning rate: the first group's (the backbone's, or the head's alone)
+    lr_column: str  # the epoch table's learning rate: the first group's (lr_backbone, or lr_head alone)
     log: RunLog  # the tracker's points and figures, the pictures
 
     @property
@@ -126,7 +126,7 @@ def start_loop(session: Session, config: TrainConfig, clf: Classifier, classes: 
     stop.defer()
     return Loop(session, config, clf, classes, run_dir, report, progress, trainer, stop,
                 steps_per_epoch, math.ceil(steps_per_epoch / config.grad_accum_steps), stop_check_every,
-                "lr " + str(session.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay"), log)
+                "lr_" + str(session.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay"), log)
 
 
 def epoch_batches(loop: Loop, epoch: int, start_step: int) -> Any:
@@ -178,7 +178,7 @@ def after_epoch(loop: Loop, epoch: int, stats: EpochStats, preds: Predictions, v
     row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
            **({"val_acc": val.accuracy} if val is not None else {}),
            "test_acc": preds.accuracy, "test_loss": preds.mean_loss, loop.lr_column: loop.session.scheduler.get_last_lr()[0],
-           "img/s": stats.images_per_s,
+           "images_per_s": stats.images_per_s,
            "seconds": stats.seconds, "rss_mib": rss_mib()}
     loop.report.end_epoch(row)
     loop.progress.history.append(row)
