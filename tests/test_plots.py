@@ -155,6 +155,9 @@ def test_long_names_are_shortened_with_an_ellipsis_never_a_space():
     short = plots.short_name(name)
     assert len(short) == plots.MAX_LABEL and " " not in short
     assert short.startswith("a" * 26) and short.endswith("z" * 13) and "\u2026" in short
+    # The captions of samples.png and mistakes.png: three lines at most, and an ellipsis where cut.
+    assert plots._label(TOMATO[1], 22) == "Tomato___Tomato_Yellow\n_Leaf_Curl_Virus"
+    assert plots._label("a" * 100, 22).split("\n") == ["a" * 22, "a" * 22, "a" * 21 + "\u2026"]
 
 
 def test_one_epoch_of_curves_has_the_integer_tick_1(figures: list):

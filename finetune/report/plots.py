@@ -85,7 +85,12 @@ def _render(draw: Any, *args: Any) -> bytes:
 
 
 def _label(name: str, width: int = 18) -> str:
-    return "\n".join(textwrap.wrap(name, width, break_long_words=True)[:3]) or " "
+    """``name`` on up to three lines of ``width`` characters, broken at spaces, hyphens or anywhere;
+    what does not fit ends in an ellipsis."""
+    lines = textwrap.wrap(name, width, break_long_words=True)
+    if len(lines) > 3:
+        lines = [*lines[:2], lines[2][:width - 1] + "\u2026"]
+    return "\n".join(lines) or " "
 
 
 def thumbnail(image: np.ndarray, max_side: int = 160) -> np.ndarray:
