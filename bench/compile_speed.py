@@ -38,7 +38,7 @@ def main() -> None:
         data = write_dataset(Path(tmp) / "data", args.images, 32)
         eager = run(data, Path(tmp) / "eager", args.epochs, args.image_size)
         compiled = run(data, Path(tmp) / "compiled", args.epochs, args.image_size, "--compile")
-    res = {name: {"first_epoch_s": h[0]["seconds"], "last_epoch_img_per_s": h[-1]["img/s"]}
+    res = {name: {"first_epoch_s": h[0]["seconds"], "last_epoch_img_per_s": h[-1]["images_per_s"]}
            for name, h in (("eager", eager), ("compiled", compiled))}
     extra_s = res["compiled"]["first_epoch_s"] - res["eager"]["first_epoch_s"]
     saved_per_image = 1 / res["eager"]["last_epoch_img_per_s"] - 1 / res["compiled"]["last_epoch_img_per_s"]

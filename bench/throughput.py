@@ -160,9 +160,9 @@ def main() -> None:
         if args.large:  # the same run on 3000x2000 photos: reduced-scale JPEG decoding should hide the size
             big = write_dataset(Path(tmp) / "big", args.images, max(args.batch, args.images // 4), size=(3000, 2000))
             large = finetune(big, args.epochs, args.batch, Path(tmp) / "run-big")
-    ips = {"classic": classic_rates[-1], "finetune": history[-1]["img/s"], "compute_only": compute}
+    ips = {"classic": classic_rates[-1], "finetune": history[-1]["images_per_s"], "compute_only": compute}
     if large:
-        ips["finetune_3000x2000"] = large[-1]["img/s"]
+        ips["finetune_3000x2000"] = large[-1]["images_per_s"]
     res = {"images": args.images, "epochs": args.epochs, "img_per_s": ips,
            "finetune_over_classic": ips["finetune"] / ips["classic"],
            "finetune_over_compute": ips["finetune"] / ips["compute_only"],

@@ -33,7 +33,7 @@ def test_images_that_fail_during_the_run_are_skipped_named_once_and_counted(tiny
     meta = read_metadata(result.run_dir / "model.safetensors")
     assert meta["metrics"]["num_test_samples"] == 15  # the broken test image is left out, not counted
     assert meta["config"]["class_weights"] == "auto"
-    assert all("lr backbone" in row for row in result.history)
+    assert all("lr_backbone" in row for row in result.history)
 
 
 def test_inverse_frequency_weights_balance_the_classes():

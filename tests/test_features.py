@@ -41,4 +41,4 @@ def test_cached_probe_trains_like_the_uncached_one_and_eval_reads_it(tiny_data: 
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     assert [r["test_acc"] for r in cached.history] == [r["test_acc"] for r in plain.history]
     assert not torch.equal(a["fc.weight"], torch.zeros_like(a["fc.weight"]))
-    assert all("lr head" in row for row in cached.history)  # the epoch table names whose rate it shows
+    assert all("lr_head" in row for row in cached.history)  # the epoch table names whose rate it shows

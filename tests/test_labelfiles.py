@@ -310,7 +310,7 @@ def test_preflight_finds_bad_images_a_label_file_lists(tmp_path: Path, rows):
 # End to end: train.py and eval.py on a label file
 
 EVAL = ["--num-workers", "0", "--batch-size", "8", "--log-with", "none", "--no-plots"]
-TIMINGS = ("img/s", "seconds", "rss_mib")  # how long, not what: they differ between any two runs
+TIMINGS = ("images_per_s", "seconds", "rss_mib")  # how long, not what: they differ between any two runs
 
 
 def labels_of(data: Path, splits: tuple[str, ...]) -> Path:
@@ -327,10 +327,10 @@ def test_same_images_as_class_folders_and_as_a_label_file_train_the_same(tiny_da
     common = [*FAST, "--epochs", "2", "--seed", "3", "--log-with", "none", "--no-plots"]
     by_folder = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "folders"), *common])
     by_file = train.main(["--data", str(file), "--output-dir", str(tmp_path / "file"), *common])
-    assert by_file["classes"] == by_folder["classes"] == ["cat", "dog", "hot dog"]
-    strip = [{k: v for k, v in row.items() if k not in TIMINGS} for row in by_folder["history"]]
-    assert [{k: v for k, v in row.items() if k not in TIMINGS} for row in by_file["history"]] == strip
-    assert by_file["history"][-1]["test_acc"] == by_folder["history"][-1]["test_acc"]
+    assert by_file.classes == by_folder.classes == ["cat", "dog", "hot dog"]
+    strip = [{k: v for k, v in row.items() if k not in TIMINGS} for row in by_folder.history]
+    assert [{k: v for k, v in row.items() if k not in TIMINGS} for row in by_file.history] == strip
+    assert by_file.history[-1]["test_acc"] == by_folder.history[-1]["test_acc"]
     ckpt = tmp_path / "file" / "model.safetensors"
     record = read_metadata(ckpt)["splits"]["test"]
     assert record["labels"]["file"] == str(file) and record["num_files"] == 15
@@ -339,7 +339,7 @@ def test_same_images_as_class_folders_and_as_a_label_file_train_the_same(tiny_da
     given = eval_cmd.main(["--ckpt", str(ckpt), "--data", str(file), *EVAL, "--output-dir", str(tmp_path / "e")])
     folder = eval_cmd.main(["--ckpt", str(tmp_path / "folders" / "model.safetensors"), *EVAL])
     assert recorded["num_samples"] == given["num_samples"] == 15
-    assert recorded["accuracy"] == given["accuracy"] == folder["accuracy"] == by_file["history"][-1]["test_acc"]
+    assert recorded["accuracy"] == given["accuracy"] == folder["accuracy"] == by_file.history[-1]["test_acc"]
 
 
 @pytest.mark.slow
@@ -356,7 +356,7 @@ def test_missing_image_fails_in_one_line_or_is_skipped_and_counted(tiny_data: Pa
                              "--log-with", "none", "--no-plots"])
     assert "skipping 1 image(s) that cannot be used" in out.getvalue()
     assert "--bad-data skip left out 1 image(s) found before the run" in out.getvalue()
-    assert len(result["history"]) == 1
+    assert len(result.history) == 1
 
 
 def test_flags_name_the_columns(tmp_path: Path):

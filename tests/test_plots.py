@@ -65,15 +65,134 @@ def test_curves_have_one_point_per_epoch_and_a_fixed_size():
         assert decoded(plots.Curves().png(rows)).size == (750, 300)
 
 
+@pytest.fixture
+def figures(monkeypatch) -> list:
+    """The figures the pictures were drawn from, laid out as in their PNG."""
+    drawn = []
+    encode = plots._png
+
+    def keep(fig):
+        drawn.append(fig)
+        return encode(fig)
+    monkeypatch.setattr(plots, "_png", keep)
+    return drawn
+
+
+def confusion_matrix(n: int) -> list[list[int]]:
+    rng = np.random.default_rng(n)
+    return (rng.integers(0, 3, (n, n)) + np.diag(rng.integers(5, 20, n))).tolist()
+
+
 @pytest.mark.parametrize("n", [2, 5, 30, 100])
 def test_confusion_matrix_renders_from_2_to_100_classes(n: int):
-    rng = np.random.default_rng(n)
-    matrix = rng.integers(0, 3, (n, n)) + np.diag(rng.integers(5, 20, n))
     classes = [f"{NAMES[i % len(NAMES)]} {i}" for i in range(n)]
-    img = decoded(plots.confusion_png(classes, matrix.tolist()))
+    img = decoded(plots.confusion_png(classes, confusion_matrix(n)))
     shown = min(n, plots.MAX_CONFUSION_CLASSES)
-    side = min(14.0, max(3.5, 0.32 * shown + 2.2))
-    assert img.size == (round((side + 1) * 100), round(side * 100))
+    assert 0.32 * shown * 100 < img.size[1] < 0.32 * shown * 100 + 400  # the matrix, with room for the names
+
+
+def overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+TOMATO = ["Tomato___Septoria_leaf_spot", "Tomato___Tomato_Yellow_Leaf_Curl_Virus", "Tomato___healthy"]
+LAYOUTS = {
+    "2 long": ["Pepper,_bell___Bacterial_spot", "Pepper,_bell___healthy"],
+    "3 long": TOMATO,
+    "4 long": ["Apple___Cedar_apple_rust", "Apple___Black_rot", "Corn_(maize)___Northern_Leaf_Blight",
+               "Grape___Esca_(Black_Measles)"],
+    "one of 41 characters": ["Tomato___Spider_mites Two-spotted_spider_mite"[:41], "ok", "fine"],
+    "longer than the limit": ["x" * 30 + "_the_middle_goes_" + "y" * 20, "Tomato___Tomato_mosaic_virus"],
+    "CJK": ["猫", "狗狗", "鳥類の写真", "café"],  # Chinese and Japanese: Korean needs a larger font package
+    "40 classes": [f"Species_{i:02d}_{'long_name_' * (i % 3)}" for i in range(40)],
+    "2 short": ["cat", "dog"],
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_confusion_matrix_keeps_names_whole_and_the_matrix_large(case: str, figures: list):
+    """Long names, few or many classes, CJK: the layout engine fits everything without a warning,
+    the matrix keeps a fair part of the picture, and every name shows as it is, nowhere overlapping."""
+    classes = LAYOUTS[case]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        png = plots.confusion_png(classes, confusion_matrix(len(classes)))
+    messages = [str(w.message) for w in caught]
+    if not plots.has_cjk_font():  # boxes for CJK glyphs then, with a warning; nothing else
+        messages = [m for m in messages if not ("Glyph" in m and "missing" in m)]
+    assert messages == []
+    fig = figures[-1]
+    assert np.abs(np.subtract(decoded(png).size, fig.get_size_inches() * fig.dpi)).max() <= 1  # the figure drawn
+    renderer = fig.canvas.get_renderer()
+    ax, colorbar = fig.axes
+    matrix = ax.get_window_extent(renderer)
+    figure_box = fig.bbox
+    assert min(matrix.width, matrix.height) >= 2.3 * fig.dpi  # inches a side
+    assert matrix.width * matrix.height >= 0.12 * figure_box.width * figure_box.height
+    shown = classes if len(classes) <= plots.MAX_CONFUSION_CLASSES else [
+        classes[i] for i in plots.most_confused(np.asarray(confusion_matrix(len(classes))), 30)]
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        assert [t.get_text() for t in labels] == [plots.short_name(c) for c in shown]
+        angle = labels[0].get_rotation()
+        if angle == 0:
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            assert not any(overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        else:  # parallel lines of text, a column apart: apart by at least a line's height
+            line = 1.2 * labels[0].get_fontsize() / 72 * fig.dpi
+            assert angle in (45, 90) and matrix.width / len(shown) * np.sin(np.radians(angle)) >= line
+    texts = [*ax.get_xticklabels(), *ax.get_yticklabels(), ax.title, ax.xaxis.label, ax.yaxis.label,
+             *colorbar.get_yticklabels()]
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= figure_box.x1 + 1 and box.y1 <= figure_box.y1 + 1, text
+    title = ax.title.get_window_extent(renderer)
+    assert title.y0 >= matrix.y1 and not overlap(title, colorbar.get_tightbbox(renderer))
+
+
+def test_long_names_are_shortened_with_an_ellipsis_never_a_space():
+    assert plots.short_name(TOMATO[1]) == TOMATO[1]  # 38 characters: whole
+    name = "a" * 30 + "_middle_" + "z" * 20
+    short = plots.short_name(name)
+    assert len(short) == plots.MAX_LABEL and " " not in short
+    assert short.startswith("a" * 26) and short.endswith("z" * 13) and "\u2026" in short
+    # The captions of samples.png and mistakes.png: three lines at most, and an ellipsis where cut.
+    assert plots._label(TOMATO[1], 22) == "Tomato___Tomato_Yellow\n_Leaf_Curl_Virus"
+    assert plots._label("a" * 100, 22).split("\n") == ["a" * 22, "a" * 22, "a" * 21 + "\u2026"]
+
+
+def test_one_epoch_of_curves_has_the_integer_tick_1(figures: list):
+    plots.Curves().png([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.6, "test_loss": 0.9}])
+    plots.study_curves_png({"finetune": [{"epoch": 1, "train_loss": 1.0, "test_acc": 0.6}]})
+    for fig in figures:
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            assert [t for t in ax.get_xticks() if lo <= t <= hi] == [1.0]
+
+
+def pixels_of(png: bytes, fig, ax, colour: str) -> int:
+    """How many pixels inside ``ax`` are near ``colour``."""
+    from matplotlib.colors import to_rgb
+
+    box = ax.get_window_extent(fig.canvas.get_renderer())
+    image = np.asarray(decoded(png).convert("RGB")).astype(int)
+    height = image.shape[0]
+    inside = image[round(height - box.y1):round(height - box.y0), round(box.x0):round(box.x1)]
+    target = np.array(to_rgb(colour)) * 255
+    return int((np.abs(inside - target).max(axis=-1) < 30).sum())
+
+
+def test_study_curves_show_every_strategy_where_their_points_are_equal(figures: list):
+    strategies = ["finetune", "scratch", "linear-probe", "lp-ft", "freeze-half", "classic"]
+    same = [{"epoch": e, "train_loss": 1 / e, "test_acc": 1.0} for e in (1, 2, 3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = plots.study_curves_png({name: same for name in strategies})
+    fig = figures[-1]
+    for ax in fig.axes:
+        lines = ax.get_lines()
+        assert len({(line.get_marker(), line.get_linestyle(), tuple(line.get_xdata())) for line in lines}) == 6
+        for i in range(len(strategies)):  # each strategy's colour shows in the panel itself, not only its legend
+            assert pixels_of(png, fig, ax, f"C{i}") > 20, (ax.get_title(), strategies[i])
 
 
 def test_beyond_30_classes_the_most_confused_are_shown():
@@ -90,8 +209,19 @@ def test_mistakes_grid_and_the_no_mistakes_picture():
     images = [rgb(64, 64, i) for i in range(6)]
     img = decoded(plots.mistakes_png(images, NAMES[:3] * 2, NAMES[2:] + NAMES[:1], [0.99, 0.9, 0.8, 0.7, 0.6, 0.55],
                                      total_images=60))
-    assert img.size == (round(2.1 * 4 * 100), round((2.45 * 2 + 0.3) * 100))
+    assert img.size == (round(2.1 * 4 * 100), round((2.45 * 2 + 0.4) * 100))
     assert decoded(plots.mistakes_png([], [], [], [], total_images=60)).size == (400, 120)
+
+
+def test_the_mistakes_title_stands_clear_of_the_captions(figures: list):
+    images = [rgb(64, 64, i) for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.mistakes_png(images, TOMATO * 2, ["cat"] * 6, [0.9] * 6, total_images=60)
+    fig = figures[-1]
+    renderer = fig.canvas.get_renderer()
+    captions = max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes if ax.get_title())
+    assert fig.get_suptitle() and fig._suptitle.get_window_extent(renderer).y0 - captions >= 10  # pixels
 
 
 def test_pick_samples_spreads_over_classes_and_is_seeded():

@@ -33,13 +33,34 @@ def test_pipe_gets_one_plain_line_per_epoch_and_other_processes_nothing():
     reporter.start_epoch(0, 1, total_steps=10)
     reporter.update(5, loss=0.5)
     reporter.end_epoch({"epoch": 1, "train_loss": 0.51234, "test_acc": 0.8})
-    assert buffer.getvalue() == "epoch 1  train_loss 0.5123  test_acc 0.8\n"
+    assert buffer.getvalue() == "epoch 1  train_loss 0.5123  test_acc 0.8000\n"
     silent = io.StringIO()
     other = Reporter(enabled=False, console=Console(file=silent, force_terminal=True))
     other.start_epoch(0, 1, total_steps=1)
     other.end_epoch({"epoch": 1})
     other.print("hello")
     assert silent.getvalue() == ""
+
+
+ROW = {"epoch": 3, "train_loss": 0.41234567, "train_acc": 0.875, "test_acc": 1.0, "test_loss": 0.0123456,
+       "lr_backbone": 0.00064, "images_per_s": 3.2303, "seconds": 12.3456, "rss_mib": 1835.1055}
+
+
+def test_an_epoch_row_has_a_fixed_format_per_column():
+    buffer = io.StringIO()
+    Reporter(console=Console(file=buffer, force_terminal=False, width=200)).end_epoch(ROW)
+    assert buffer.getvalue() == ("epoch 3  train_loss 0.4123  train_acc 0.8750  test_acc 1.0000  test_loss 0.0123  "
+                                 "lr backbone 0.00064  img/s 3.2  seconds 12.3  RSS MiB 1835\n")
+
+
+def test_the_epoch_table_has_friendly_headers_and_the_same_figures():
+    buffer = io.StringIO()
+    Reporter(console=Console(file=buffer, force_terminal=True, width=200, color_system=None)).end_epoch(ROW)
+    header, _, values = buffer.getvalue().splitlines()[:3]
+    assert [h.strip() for h in header.split("┃")] == ["epoch", "train_loss", "train_acc", "test_acc", "test_loss",
+                                                      "lr backbone", "img/s", "seconds", "RSS MiB"]
+    assert [v.strip() for v in values.split("│")] == ["3", "0.4123", "0.8750", "1.0000", "0.0123", "0.00064", "3.2",
+                                                      "12.3", "1835"]
 
 
 @pytest.mark.parametrize("through_reporter", [True, False])
@@ -75,7 +96,7 @@ def test_pipe_gets_a_plain_progress_line_at_the_set_cadence():
     out = buffer.getvalue().splitlines()
     # 60 s for 60 steps of this run, 240 steps left: 4 minutes.
     assert out[0] == "epoch 2/5  step 160/400  loss 0.5000  acc 0.750  32.0 img/s  ETA 4:00"
-    assert len(out) == len(lines) + 1 and out[-1] == "epoch 2  train_loss 0.5"
+    assert len(out) == len(lines) + 1 and out[-1] == "epoch 2  train_loss 0.5000"
     assert not reporter.due()  # between epochs: nothing to show
 
 

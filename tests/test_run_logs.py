@@ -19,6 +19,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import FAST, ROOT, python_cmd, run_cmd
+from test_tracking import logged_hparams
 from finetune.report import plots
 from finetune.report import tracking
 from finetune.commands import eval as eval_cmd
@@ -31,8 +32,8 @@ def quiet(main, argv: list[str]):
         return main(argv)
 
 
-def events(log_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir / tracking.PROJECT))
+def events(log_dir: Path, run: str = tracking.PROJECT) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir / run))
     acc.Reload()
     return acc
 
@@ -53,7 +54,8 @@ def test_eval_writes_the_confusion_matrix_and_the_mistakes(tiny_data: Path, tmp_
                                     "--output-dir", str(out), "--num-workers", "0"])
     assert png_size(out / "confusion.png")[0] >= 350
     assert png_size(out / "mistakes.png")[0] >= 400
-    logged = events(out / "logs")
+    [tensorboard_run] = (out / "logs" / tracking.PROJECT).iterdir()  # each evaluation a run of its own
+    logged = events(tensorboard_run.parent, tensorboard_run.name)
     assert set(logged.Tags()["images"]) == {"eval/confusion", "eval/mistakes"}
     assert [(e.step, e.value) for e in logged.Scalars("eval/accuracy")] == [(0, pytest.approx(metrics["accuracy"]))]
     quiet(eval_cmd.main, ["--ckpt", str(run / "model.safetensors"), "--data", str(tiny_data), "--output-dir",
@@ -83,8 +85,9 @@ def test_a_run_logs_its_curves_and_draws_its_pictures(tiny_data: Path, tmp_path:
         assert scalars(logged, tag) == [(9, pytest.approx(history[0][key])), (18, pytest.approx(history[1][key]))]
     assert [e.step for e in logged.Images("samples")] == [0]
     assert [e.step for e in logged.Images("curves")] == [9, 18]
-    hparams = list((run / "logs" / tracking.PROJECT).glob("*/hparams.yml"))
-    assert len(hparams) == 1 and "batch_size: 4" in hparams[0].read_text()
+    assert logged_hparams(run / "logs")["batch_size"] == 4  # in the run itself: no second run beside it
+    assert [p.name for p in (run / "logs").iterdir()] == [tracking.PROJECT]
+    assert all(p.is_file() for p in (run / "logs" / tracking.PROJECT).iterdir())
     # 3 classes, 6 images each, as loaded and augmented; two panels of curves.
     cell_h, cell_w = plots.SAMPLE_CELL
     assert png_size(run / "samples.png") == (160 + 6 * cell_w, 40 + 2 * 3 * cell_h + 10)

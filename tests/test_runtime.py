@@ -57,6 +57,10 @@ def test_fp16_on_cpu_becomes_bf16_with_a_note(capsys):
     assert "fp16 is not supported on the CPU" in capsys.readouterr().err
 
 
+def test_precision_is_named_as_a_reader_names_it():
+    assert [runtime.precision_name(p) for p in ("no", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
 def test_cores_are_shared_among_local_processes(monkeypatch):
     monkeypatch.setattr(runtime, "_cores", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")

@@ -17,8 +17,8 @@ from finetune.report import tracking
 from finetune.errors import UserError
 
 
-def read_events(log_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(log_dir / tracking.PROJECT))
+def read_events(log_dir: Path, run: str = tracking.PROJECT) -> EventAccumulator:
+    events = EventAccumulator(str(log_dir / run))
     events.Reload()
     return events
 
@@ -60,8 +60,33 @@ def test_points_every_n_steps_with_window_means_and_learning_rates(tmp_path: Pat
     assert scalars(events, "train/loss") == [(2, 15.5), (4, 35.5), (6, 55.5)]
     assert [v for _, v in scalars(events, "lr/head")] == pytest.approx([0.1] * 3)
     assert all(v > 0 for _, v in scalars(events, "train/images_per_s"))
-    hparams = list((tmp_path / "logs" / tracking.PROJECT).glob("*/hparams.yml"))
-    assert len(hparams) == 1 and "lr: 0.01" in hparams[0].read_text()
+    assert logged_hparams(tmp_path / "logs") == {"lr": 0.01, "data": "none"}
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == [tracking.PROJECT]  # one run: no folder beside it
+    assert [p.is_file() for p in (tmp_path / "logs" / tracking.PROJECT).iterdir()] == [True]  # nor inside it
+
+
+def logged_hparams(log_dir: Path) -> dict:
+    """The hyperparameters TensorBoard's HParams tab shows for the run in ``log_dir/finetune``."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginEvents
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = PluginEvents(str(log_dir / tracking.PROJECT))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    return {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in start.hparams.items()}
+
+
+def test_each_call_with_own_run_is_a_run_of_its_own(tmp_path: Path):
+    """eval.py three times into one folder: three runs, each with its point at step 0."""
+    for accuracy in (0.5, 0.75, 1.0):
+        accelerator = Accelerator(cpu=True)
+        tracking.start_trackers(accelerator, "tensorboard", tmp_path / "logs", "eval", own_run=True)
+        accelerator.log({"eval/accuracy": accuracy}, step=0)
+        accelerator.end_training()
+    runs = sorted((tmp_path / "logs" / tracking.PROJECT).iterdir())
+    assert len(runs) == 3 and all(r.name.startswith("eval-") for r in runs)
+    assert sorted(scalars(read_events(r.parent, r.name), "eval/accuracy")[0][1] for r in runs) == [0.5, 0.75, 1.0]
 
 
 def test_a_resumed_run_replaces_the_points_after_its_state(tmp_path: Path):

@@ -168,6 +168,8 @@ def test_mixed_precision_choices_on_cpu(tiny_data: Path, tmp_path: Path, flags, 
     result = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, *flags])
     captured = capsys.readouterr()
     assert expected in captured.out and result.history[-1]["train_loss"] > 0
+    assert {"lr_backbone", "images_per_s", "rss_mib"} <= result.history[-1].keys()
+    assert all(key.isidentifier() for key in result.history[-1])  # run.history["images_per_s"], not "img/s"
     dtype = torch.float32 if expected == "precision fp32" else torch.bfloat16
     assert computed == {(True, dtype), (False, dtype)}  # training and evaluation
     if "fp16" in flags:
@@ -181,7 +183,7 @@ def test_gradient_accumulation_steps_the_scheduler_once_per_optimizer_step(tiny_
     # 36 images in batches of 4, two batches per optimizer step: 9 batches, 5 scheduler steps an
     # epoch, 10 in all. After epoch 1 the cosine is half-way down; after epoch 2 at zero. A step per
     # batch would leave 1e-3 * 0.5 * (1 + cos(0.9 pi)) = 2.4e-5 after epoch 1.
-    lrs = [next(v for k, v in row.items() if k.startswith("lr ")) for row in a.history]
+    lrs = [next(v for k, v in row.items() if k.startswith("lr_")) for row in a.history]
     assert lrs == pytest.approx([0.5e-3, 0.0], abs=1e-9)
     state = torch.load(tmp_path / "a" / "state" / "optimizer.bin", weights_only=True)
     assert {int(s["step"]) for s in state["state"].values()} == {10}  # AdamW's own count of its steps

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(config.output_dir) if config.output_dir else clf.path.parent / "eval"
     if accelerator.is_main_process:
         ensure_writable(out_dir)
-    start_trackers(accelerator, config.log_with, out_dir / "logs", out_dir.name)
+    start_trackers(accelerator, config.log_with, out_dir / "logs", out_dir.name, own_run=True)  # each eval apart
 
     if config.data is None:  # the folder the run was tested on, as long as its files are the same
         dataset = recorded_split(clf.meta, classes, clf.path)

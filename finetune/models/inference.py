@@ -35,11 +35,10 @@ from finetune.data.presets import ModelInput, Preprocessing
 from finetune.models.build import build_for_checkpoint, fuse_for_inference
 from finetune.models.checkpoint import checkpoint_file, load_checkpoint
 from finetune.models.weights import load_exactly
-from finetune.utils.runtime import eval_precision, resolve_precision
+from finetune.utils.runtime import eval_precision, precision_name, resolve_precision
 
 ImageInput = str | Path | Image.Image
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 @torch.inference_mode()
@@ -97,7 +96,7 @@ class LoadedClassifier:
     @property
     def precision_name(self) -> str:
         """``fp32``, ``bf16`` or ``fp16``: as the commands print it."""
-        return PRECISION_NAMES.get(self.precision, self.precision)
+        return precision_name(self.precision)
 
     @property
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:

@@ -99,11 +99,12 @@ class Reporter:
         if self.live:
             table = Table(show_edge=False, pad_edge=False)
             for key in row:
-                table.add_column(key, justify="right")
-            table.add_row(*(_fmt(v) for v in row.values()))
+                table.add_column(HEADERS.get(key, key), justify="right")
+            table.add_row(*(format_cell(k, v) for k, v in row.items()))
             self.console.print(table)
         else:
-            self.console.print("  ".join(f"{k} {_fmt(v)}" for k, v in row.items()), highlight=False, soft_wrap=True)
+            self.console.print("  ".join(f"{HEADERS.get(k, k)} {format_cell(k, v)}" for k, v in row.items()),
+                               highlight=False, soft_wrap=True)
 
 
 def _duration(seconds: float) -> str:
@@ -113,10 +114,25 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-2 and value != 0 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return str(value)
+# The epoch table's columns: a friendly header where a history key reads awkwardly, and a fixed
+# format per kind of figure, so that a column lines up (test_acc 1.0000 beside 0.9583, not 1).
+HEADERS = {"images_per_s": "img/s", "rss_mib": "RSS MiB", "lr_backbone": "lr backbone", "lr_head": "lr head"}
+DECIMALS = {"images_per_s": 1, "seconds": 1, "rss_mib": 0}
+
+
+def format_cell(key: str, value: Any) -> str:
+    """A figure of an epoch's row as printed: accuracies and losses to 4 decimals, learning rates to
+    3 significant digits, speed and seconds to 1 decimal, memory in whole MiB.
+
+    Args:
+        key: its history key (``test_acc``, ``train_loss``, ``lr_head``, ``images_per_s``, ...).
+        value: the figure.
+    """
+    if not isinstance(value, float):
+        return str(value)
+    if key.startswith("lr_"):
+        return f"{value:.3g}"
+    return f"{value:.{DECIMALS.get(key, 4)}f}"
 
 
 # Cells are rich Text, not strings: the Reporter prints with markup off, so class names with

@@ -7,6 +7,8 @@ them is ``save_png`` (atomic, like every file of a run).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import textwrap
 import warnings
@@ -20,31 +22,55 @@ from finetune.utils.files import atomic_write_bytes
 
 MAX_CONFUSION_CLASSES = 30  # beyond this, the matrix shows the most-confused classes only
 # DejaVu ships with matplotlib and covers Latin, Greek, Cyrillic, Armenian, Georgian, Hebrew,
-# Arabic and more; the others are used, glyph by glyph, where installed (CJK scripts).
-FONTS = ["DejaVu Sans", "Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "Droid Sans Fallback",
-         "Noto Sans"]
+# Arabic and more; the others are used, glyph by glyph, where installed, for CJK scripts: Noto CJK
+# and WenQuanYi have Hangul too; Debian's fonts-droid-fallback (7 MB, which scripts/test.sh
+# installs) has Chinese and Japanese, and NanumGothic (fonts-nanum) Korean.
+CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "Droid Sans Fallback", "NanumGothic")
+FONTS = ("DejaVu Sans", *CJK_FONTS, "Noto Sans")
+
+
+@functools.cache
+def font_family() -> tuple[str, ...]:
+    """The installed fonts of ``FONTS``, in order: matplotlib draws each glyph with the first that has it.
+
+    matplotlib lists the system's fonts once, in a cache kept across processes; a CJK font
+    installed after that (``apt-get install fonts-droid-fallback``) is added here, once a process.
+    """
+    from matplotlib import font_manager
+
+    manager = font_manager.fontManager
+    if not {f.name for f in manager.ttflist} & set(CJK_FONTS):
+        known = {f.fname for f in manager.ttflist}
+        for path in font_manager.findSystemFonts():
+            if path not in known:
+                with contextlib.suppress(OSError, RuntimeError, ValueError):  # a broken font file: skip it
+                    manager.addfont(path)
+    installed = {f.name for f in manager.ttflist}
+    return tuple(f for f in FONTS if f in installed) or ("DejaVu Sans",)
+
+
+def has_cjk_font() -> bool:
+    """Whether a font with CJK glyphs is installed (without one they show as boxes)."""
+    return bool(set(font_family()) & set(CJK_FONTS))
 
 
 def _style() -> dict[str, Any]:
-    from matplotlib import font_manager
-
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    return {"font.family": [f for f in FONTS if f in installed] or ["DejaVu Sans"],
+    return {"font.family": list(font_family()),
             "text.parse_math": False,  # class names are literal: "$5 bill" is not TeX
             "font.size": 9, "axes.titlesize": 9}
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained"):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     # Pictures drawn during training get fixed margins: the constrained layout doubles their cost.
-    return Figure(figsize=(width, height), dpi=100, layout=layout)
+    fig = Figure(figsize=(width, height), dpi=100, layout=layout)
+    FigureCanvasAgg(fig)  # a canvas that can measure text, and draw
+    return fig
 
 
 def _png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -60,7 +86,12 @@ def _render(draw: Any, *args: Any) -> bytes:
 
 
 def _label(name: str, width: int = 18) -> str:
-    return "\n".join(textwrap.wrap(name, width, break_long_words=True)[:3]) or " "
+    """``name`` on up to three lines of ``width`` characters, broken at spaces, hyphens or anywhere;
+    what does not fit ends in an ellipsis."""
+    lines = textwrap.wrap(name, width, break_long_words=True)
+    if len(lines) > 3:
+        lines = [*lines[:2], lines[2][:width - 1] + "\u2026"]
+    return "\n".join(lines) or " "
 
 
 def thumbnail(image: np.ndarray, max_side: int = 160) -> np.ndarray:
@@ -229,27 +260,39 @@ class Curves:
             ax.set_title(title)
             ax.grid(alpha=0.3)
             ax.legend()
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)  # 1 epoch: tick 1, not 0.96
         self._fig = fig
 
 
+STUDY_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--"), ("X", "-."), ("*", ":")]
+
+
 def study_curves_png(histories: dict[str, Sequence[dict[str, Any]]]) -> bytes:
-    """Test accuracy and train loss per epoch, one line per strategy of a study (``study.py``)."""
+    """Test accuracy and train loss per epoch, one line per strategy of a study (``study.py``).
+
+    Strategies often reach the same points (accuracy 1.0 from the second epoch on): each has its
+    own marker and line style, and its points are shifted a little sideways, so that none hides another.
+    """
+    spread = 0.25  # of an epoch, over all the strategies
+
     def draw():
         fig = _figure(8.0, 3.2, layout=None)
         fig.subplots_adjust(left=0.07, right=0.78, bottom=0.15, top=0.91, wspace=0.25)
         acc_ax, loss_ax = fig.subplots(1, 2)
-        for name, history in histories.items():
-            epochs = [row["epoch"] for row in history]
-            marker = "o" if len(epochs) < 30 else None
-            acc_ax.plot(epochs, [row["test_acc"] for row in history], marker=marker, label=name)
-            loss_ax.plot(epochs, [row["train_loss"] for row in history], marker=marker, label=name)
-        acc_ax.set_ylim(-0.02, 1.02)
+        for i, (name, history) in enumerate(histories.items()):
+            shift = spread * (i / max(1, len(histories) - 1) - 0.5) if len(histories) > 1 else 0.0
+            epochs = [row["epoch"] + shift for row in history]
+            marker, line = STUDY_STYLES[i % len(STUDY_STYLES)]
+            style = {"marker": marker if len(epochs) < 30 else None, "linestyle": line, "label": name,
+                     "markersize": 5, "color": f"C{i % 10}"}
+            acc_ax.plot(epochs, [row["test_acc"] for row in history], **style)
+            loss_ax.plot(epochs, [row["train_loss"] for row in history], **style)
+        acc_ax.set_ylim(-0.03, 1.05)  # markers at 1.0 whole, below the frame
         for ax, title in ((acc_ax, "test accuracy"), (loss_ax, "train loss")):
             ax.set_xlabel("epoch")
             ax.set_title(title)
             ax.grid(alpha=0.3)
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)  # 1 epoch: tick 1, not 0.96
         loss_ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
         return fig
     return _render(draw)
@@ -269,10 +312,31 @@ def most_confused(matrix: np.ndarray, keep: int) -> list[int]:
     return sorted(np.argsort(-score, kind="stable")[:keep].tolist())
 
 
+MAX_LABEL = 40  # characters of a class name on the matrix's axes
+
+
+def short_name(name: str, limit: int = MAX_LABEL) -> str:
+    """``name`` whole up to ``limit`` characters; a longer one keeps its start and end around an
+    ellipsis (class names often differ at their end: ``Tomato___Tomato_mosaic_virus``)."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 3
+    return name[:limit - 1 - tail] + "\u2026" + name[-tail:]
+
+
+def _widest(fig: Any, texts: Sequence[Any]) -> float:
+    """The width in inches of the widest of ``texts`` (matplotlib Text objects), as drawn."""
+    renderer = fig.canvas.get_renderer()
+    return max((t.get_window_extent(renderer).width for t in texts), default=0.0) / fig.dpi
+
+
 def confusion_png(classes: Sequence[str], matrix: Sequence[Sequence[int]],
                   max_classes: int = MAX_CONFUSION_CLASSES) -> bytes:
     """A row-normalised confusion matrix (rows: true class, columns: predicted), class names on
     both axes; beyond ``max_classes`` classes, the rows and columns of the most-confused ones.
+
+    The figure is sized from the names as drawn: the matrix keeps its size, the names get the
+    room they need, and the column names turn where they are wider than a column.
 
     Args:
         classes: class names, in the matrix's order.
@@ -283,16 +347,16 @@ def confusion_png(classes: Sequence[str], matrix: Sequence[Sequence[int]],
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     shown = list(range(len(classes))) if len(classes) <= max_classes else most_confused(counts, max_classes)
     sub = rates[np.ix_(shown, shown)]
-    names = [_label(classes[i], 24).replace("\n", " ") for i in shown]
+    names = [short_name(classes[i]) for i in shown]
     k = len(shown)
 
     def draw():
-        side = min(14.0, max(3.5, 0.32 * k + 2.2))
-        fig = _figure(side + 1.0, side)
+        side = float(np.clip(0.32 * k, 2.4, 10.0))  # the matrix, inches
+        fig = _figure(side + 2.0, side + 2.0)
         ax = fig.subplots()
         im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=1)
         font = 9 if k <= 12 else 8
-        ax.set_xticks(range(k), names, rotation=90 if k > 4 else 0, fontsize=font)
+        ax.set_xticks(range(k), names, fontsize=font)
         ax.set_yticks(range(k), names, fontsize=font)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
@@ -307,6 +371,19 @@ def confusion_png(classes: Sequence[str], matrix: Sequence[Sequence[int]],
             title += f": the {k} most-confused of {len(classes)} classes"
         ax.set_title(title)
         fig.colorbar(im, ax=ax, shrink=0.8)
+        # Room for the names as drawn: their width beside the rows; below the columns, one line
+        # if each fits its column, else turned (45 degrees for a few columns, upright for many).
+        widest = _widest(fig, ax.get_yticklabels())
+        below = 2 * font / 72
+        if widest > 0.9 * side / k:
+            angle = 45 if k <= 12 else 90
+            ax.tick_params(axis="x", labelrotation=angle)
+            if angle == 45:
+                for label in ax.get_xticklabels():
+                    label.set(ha="right", rotation_mode="anchor")
+            below = widest * (0.72 if angle == 45 else 1.0) + font / 72
+        title_width = _widest(fig, [ax.title])
+        fig.set_size_inches(max(widest + side, title_width) + 1.9, side + below + 1.1)
         return fig
     return _render(draw)
 
@@ -330,7 +407,8 @@ def mistakes_png(images: Sequence[np.ndarray], true: Sequence[str], predicted: S
             return fig
         columns = min(4, len(images))
         rows = -(-len(images) // columns)
-        fig = _figure(2.1 * columns, 2.45 * rows + 0.3)
+        fig = _figure(2.1 * columns, 2.45 * rows + 0.4)
+        fig.get_layout_engine().set(h_pad=6 / 72)  # 6 points between the title and the captions, and the rows
         axes = fig.subplots(rows, columns, squeeze=False).ravel()
         for ax, image, t, p, prob in zip(axes, images, true, predicted, probability):
             _show(ax, image)

@@ -64,7 +64,8 @@ def hyperparameters(config: Any) -> dict[str, Any]:
 
 
 def start_trackers(accelerator: Accelerator, name: str, log_dir: Path, run_name: str,
-                   hparams: dict[str, Any] | None = None, resume_step: int | None = None) -> None:
+                   hparams: dict[str, Any] | None = None, resume_step: int | None = None,
+                   own_run: bool = False) -> None:
     """Start ``--log-with`` tracker ``name`` on the main process, writing under ``log_dir``.
 
     Args:
@@ -75,16 +76,22 @@ def start_trackers(accelerator: Accelerator, name: str, log_dir: Path, run_name:
         hparams: logged as the run's hyperparameters (a fresh start; a resumed run logged them).
         resume_step: the optimizer step the run resumes after: TensorBoard hides the points a
             killed run wrote beyond it, which the resumed run writes again.
+        own_run: TensorBoard's events in a folder of their own for each call,
+            ``log_dir/finetune/RUN_NAME-DATE-TIME``: eval.py's runs into one output folder show
+            apart, where in one folder each would write the same step 0 over the last.
     """
     if name == "none":
         return
     check_tracker(name)
     from accelerate.tracking import filter_trackers
 
+    project, tracker_dir = PROJECT, log_dir
+    if own_run and name == "tensorboard":  # TensorBoard writes in tracker_dir/project
+        tracker_dir, project = log_dir / PROJECT, new_run_name(log_dir / PROJECT, run_name)
     # The run folder is known only once the Accelerator exists (the demo dataset is written
     # under it), so the logging directory and tracker are given to it here, before init_trackers.
-    accelerator.project_configuration.logging_dir = str(log_dir)
-    accelerator.log_with = filter_trackers([name], str(log_dir))
+    accelerator.project_configuration.logging_dir = str(tracker_dir)
+    accelerator.log_with = filter_trackers([name], str(tracker_dir))
     init_kwargs: dict[str, dict[str, Any]] = {
         "tensorboard": {"purge_step": resume_step + 1} if resume_step is not None else {},
         "wandb": {"name": run_name, "dir": str(log_dir)},
@@ -92,7 +99,41 @@ def start_trackers(accelerator: Accelerator, name: str, log_dir: Path, run_name:
     }
     if accelerator.is_main_process:
         log_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.init_trackers(PROJECT, config=hparams, init_kwargs=init_kwargs)
+    # Accelerate's TensorBoard tracker would write the hyperparameters as a run of their own
+    # (logs/finetune/TIMESTAMP, with hparams.yml in a second folder): they go into the run itself.
+    accelerator.init_trackers(project, config=None if name == "tensorboard" else hparams, init_kwargs=init_kwargs)
+    if name == "tensorboard" and hparams and accelerator.is_main_process:
+        log_hparams(accelerator.get_tracker("tensorboard"), hparams)
+
+
+def new_run_name(folder: Path, prefix: str) -> str:
+    """``PREFIX-YYYYMMDD-HHMMSS``, with ``-2``, ``-3``... if ``folder`` holds that name already."""
+    stamp = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = stamp, 1
+    while (folder / name).exists():
+        n += 1
+        name = f"{stamp}-{n}"
+    return name
+
+
+def log_hparams(tracker: Any, hparams: dict[str, Any]) -> None:
+    """The run's hyperparameters in its own TensorBoard folder, for the HParams tab beside its
+    epoch figures (its metrics); a text table where the writer takes no summaries (tensorboardX).
+
+    Args:
+        tracker: Accelerate's TensorBoard tracker, started.
+        hparams: flat values (``hyperparameters``).
+    """
+    file_writer = getattr(tracker.writer, "file_writer", None)
+    if file_writer is None:
+        table = "\n".join(["| hyperparameter | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in hparams.items())])
+        tracker.writer.add_text("hparams", table, global_step=0)
+    else:
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(hparams, {tag: 0.0 for tag in EPOCH_TAGS.values()}):
+            file_writer.add_summary(summary, 0)
+    tracker.writer.flush()
 
 
 def log_png(accelerator: Accelerator, tag: str, png: bytes, step: int) -> None:

@@ -126,7 +126,7 @@ def after_epoch(session: Session, epoch: int, stats: EpochStats, preds: Predicti
            **({"val_acc": val.accuracy} if val is not None else {}),
            "test_acc": preds.accuracy, "test_loss": preds.mean_loss,
            session.lr_column: session.scheduler.get_last_lr()[0],
-           "img/s": stats.images_per_s,
+           "images_per_s": stats.images_per_s,
            "seconds": stats.seconds, "rss_mib": rss_mib()}
     session.report.end_epoch(row)
     session.progress.history.append(row)

@@ -23,7 +23,6 @@ from finetune.data.labelfiles import Columns
 from finetune.data.preflight import apply_policy, cache_folder, check_dataset
 from finetune.data.sources import load_splits
 from finetune.models.build import Classifier, build_classifier, check_model_name
-from finetune.models.inference import PRECISION_NAMES
 from finetune.report.console import Reporter
 from finetune.report.tracking import check_tracker
 from finetune.training import recipe
@@ -34,7 +33,7 @@ from finetune.training.sanity import check_classes, check_model_input, probable_
 from finetune.training.session import Session, prepare_session
 from finetune.training.state import Progress, latest_state, load_training_state
 from finetune.utils.preemption import StopSignal
-from finetune.utils.runtime import build_accelerator, main_decides
+from finetune.utils.runtime import build_accelerator, main_decides, precision_name
 
 
 @dataclass
@@ -189,7 +188,7 @@ def announce(session: Session, splits: Splits, data_dir: Path) -> None:
     report.print(f"{config.model} from {clf.weights.name}: {len(splits.classes)} classes, "
                  f"{len(splits.train)} train / {val}{len(splits.test)} test images from {data_dir}; "
                  f"{acc.num_processes} process(es) on {acc.device.type}, "
-                 f"precision {PRECISION_NAMES.get(acc.mixed_precision, acc.mixed_precision)}")
+                 f"precision {precision_name(acc.mixed_precision)}")
     if clf.reused:
         report.print("reused pretrained classifier rows: " + ", ".join(f"{t} <- {s}" for t, s in clf.reused.items()))
     if clf.frozen:

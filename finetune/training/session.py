@@ -87,7 +87,7 @@ class Session:
     @property
     def lr_column(self) -> str:
         """The epoch table's learning rate: the first group's (the backbone's, or the head's alone)."""
-        return "lr " + str(self.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay")
+        return "lr_" + str(self.optimizer.param_groups[0].get("name", "")).removesuffix("_no_decay")
 
 
 def inverse_frequency_weights(targets: list[int], num_classes: int) -> torch.Tensor:

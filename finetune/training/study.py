@@ -91,7 +91,7 @@ def summarise(strategy: str, flags: list[str], out: TrainResult, seconds: float)
     trainable = sum(p.numel() for p in out.model.parameters() if p.requires_grad) if out.model is not None else None
     return Result(strategy=strategy, test_accuracy=history[-1]["test_acc"], best_accuracy=history[best]["test_acc"],
                   best_epoch=history[best]["epoch"], seconds=round(seconds, 2),
-                  images_per_s=round(sum(r["img/s"] for r in history) / len(history), 2),
+                  images_per_s=round(sum(r["images_per_s"] for r in history) / len(history), 2),
                   trainable_params=trainable, checkpoint=str(out.run_dir / "model.safetensors"),
                   flags=flags, history=history)
 

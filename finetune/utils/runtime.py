@@ -164,6 +164,11 @@ def configure_device(device: torch.device) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+def precision_name(mixed_precision: str) -> str:
+    """Accelerate's ``mixed_precision`` as a reader names it: ``fp32`` for ``no``; ``bf16``, ``fp16`` as they are."""
+    return "fp32" if mixed_precision == "no" else mixed_precision
+
+
 def eval_precision(requested: str, meta: dict, env: dict[str, str] | None = None) -> str:
     """The precision eval.py asks for: ``requested``, or for ``auto`` the precision the training's
     own test pass ran in (``meta["precision"]``) unless ``accelerate launch`` was told one.
