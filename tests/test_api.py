@@ -39,3 +39,16 @@ def test_the_api_is_the_run_itself_not_a_command_line():
     source = inspect.getsource(api) + inspect.getsource(run)
     assert "argv" not in source and "parse_config" not in source
     assert finetune.TrainConfig is TrainConfig and finetune.TrainResult is run.TrainResult
+
+
+def test_the_summary_names_the_eval_command_the_user_has(monkeypatch):
+    from finetune.commands import train as train_cmd
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/finetune-train", "--data", "D"])
+    assert train_cmd._command("eval") == "finetune-eval"
+    monkeypatch.setattr("sys.argv", ["train.py", "--data", "D"])
+    assert train_cmd._command("eval") == "python eval.py"
+    result = run.TrainResult(Path("runs/r"), [{"epoch": 1, "test_acc": 1.0}], ["a", "b"], Path("D/test"))
+    assert train_cmd.summary(result, "finetune-eval") == (
+        "saved runs/r/model.safetensors (test accuracy 1.0000); evaluate it with:\n"
+        "  finetune-eval --ckpt runs/r/model.safetensors --data D/test")

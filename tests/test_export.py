@@ -51,8 +51,9 @@ def model_input(ckpt: Path, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.slow
 def test_onnx_runtime_agrees_with_pytorch_on_real_images(pretrained: Path, photos: Path, tmp_path: Path):
     out = tmp_path / "model.onnx"
-    result = export_cmd.main(["--ckpt", str(pretrained), "--format", "onnx", "--output", str(out)])
-    assert result["max_difference"] <= 1e-3
+    result = export_cmd.main(["--ckpt", str(pretrained), "--format", "onnx", "--output", str(out),
+                              "--check-images", str(photos)])
+    assert result["max_difference"] <= 1e-3 and result["agreement"].same_top1 == len(PHOTOS)
     images, expected = model_input(pretrained, photos)
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for batch in (images[:1], images):  # batch 1 and 5: the batch size is dynamic
@@ -91,10 +92,12 @@ def test_torchscript_and_exported_program_reload_without_the_project(pretrained:
                                                                      tmp_path: Path, fmt: str, suffix: str):
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(pretrained.read_bytes())
-    proc = run_cmd(python_cmd("export.py", "--ckpt", str(ckpt), "--format", fmt))
+    proc = run_cmd(python_cmd("export.py", "--ckpt", str(ckpt), "--format", fmt, "--check-images", str(photos)))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warn" not in proc.stderr.lower() and ".tmp" not in proc.stderr  # torch's notes on the temporary file
     out = ckpt.with_suffix(suffix)  # the default name: beside the checkpoint
-    assert f"wrote {out}" in proc.stdout
+    assert f"wrote {out} ({fmt}, fp32" in proc.stdout
+    assert f"checked on {len(PHOTOS)} images (--check-images): the file agrees with PyTorch in fp32" in proc.stdout
     images, expected = model_input(pretrained, photos)
     torch.save(images, tmp_path / "images.pt")
     (tmp_path / "reload.py").write_text(RELOAD)
@@ -121,3 +124,6 @@ def test_bad_input_is_one_line(tmp_path: Path):
         export_cmd.main(["--ckpt", "x.safetensors", "--format", "tflite"])
     with pytest.raises(UserError, match="checkpoint not found"):
         export_cmd.main(["--ckpt", str(tmp_path / "x.safetensors")])
+    with pytest.raises(UserError, match=r"--output x.onnx is named like a onnx file, but --format torchscript "
+                                        r"writes .ts; rename it or choose the format"):
+        export_cmd.main(["--ckpt", str(tmp_path / "x.safetensors"), "--format", "torchscript", "--output", "x.onnx"])

@@ -33,7 +33,7 @@ def test_flat_folder_or_train_alone_holds_out_a_stratified_test_part(tmp_path: P
     record = splits.records["test"]
     assert record["carved"] == {"fraction": 0.2, "seed": 0} and record["num_files"] == 7
     assert record["fingerprint"] == split_fingerprint([p for p, _ in splits.test.samples], splits.test.root)
-    assert splits.val is None and splits.records["test"]["name"] == "test"  # the test split chooses
+    assert splits.selected_on == "test"
     # Seeded: the same files again; another seed or fraction holds out others.
     assert names(load_splits(data).test) == names(splits.test)
     assert names(load_splits(data, split_seed=1).test) != names(splits.test)

@@ -25,11 +25,12 @@ def fake_run(folder: Path) -> Path:
     return folder
 
 
-def test_output_dir_holding_a_run_is_refused_unless_overwrite(tiny_data: Path, tmp_path: Path):
+def test_output_dir_holding_a_run_is_refused_unless_overwrite(tiny_data: Path, tmp_path: Path, capsys):
     run = fake_run(tmp_path / "run")
     with pytest.raises(UserError, match=r"holds a previous run: continue it with --resume, replace it with "
                                         r"--overwrite, or choose another --output-dir"):
         train.main(["--data", str(tiny_data), "--output-dir", str(run), *FAST])
+    assert "recipe:" not in capsys.readouterr().out  # refused before the recipe is printed
     assert (run / "model.safetensors").read_bytes() == b"a previous run's weights"
     assert (run / "config.yaml").read_text() == "epochs: 9\n"
 
@@ -60,6 +61,20 @@ def test_default_folder_moves_on_to_a_fresh_name(tmp_path: Path, monkeypatch):
     # --resume continues the newest run of that name; --overwrite replaces the first.
     assert choose_run_dir(TrainConfig(model="resnet18", resume=True), data) == Path("runs/resnet18-data-2")
     assert choose_run_dir(TrainConfig(model="resnet18", overwrite=True), data) == Path("runs/resnet18-data")
+
+
+def test_a_run_that_moves_on_to_a_fresh_name_says_so_at_its_start(tiny_data: Path, tmp_path: Path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    fake_run(tmp_path / "runs" / "mobilenet_v3_small-data")
+    result = train.main(["--data", str(tiny_data), *FAST, "--log-with", "none", "--no-plots"])
+    assert result.run_dir == Path("runs/mobilenet_v3_small-data-2")
+    lines = capsys.readouterr().out.splitlines()
+    said = next(i for i, line in enumerate(lines) if line.startswith("run folder: "))
+    assert lines[said] == ("run folder: runs/mobilenet_v3_small-data-2 (runs/mobilenet_v3_small-data holds an earlier "
+                           "run; --output-dir names the folder, --resume continues the newest run)")
+    assert said < next(i for i, line in enumerate(lines) if line.startswith("epoch 1"))  # before training
 
 
 def test_symlinked_data_folder_is_named_after_the_link(tmp_path: Path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from finetune.commands import train
-from bench.datasets import FASHION_DIR, fashion_mnist
+from finetune.data.fashion import FASHION_DIR, fashion_mnist
 from finetune.data.demo import demo_dataset
 
 pytestmark = pytest.mark.slow  # real fine-tuning runs to an accuracy

@@ -40,7 +40,7 @@ def demo_dataset(root: Path | None = None) -> Path:
     if (root / "train").is_dir() and (root / "test").is_dir():
         return root
     try:
-        from skimage.data import lfw_subset
+        from skimage.data import lfw_subset  # scikit-image loads in about a second: only the demo needs it
     except ImportError:
         raise UserError("the demo dataset needs scikit-image: pip install scikit-image "
                         "(or pass --data DIR)") from None

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from PIL import Image, ImageFile
 from torchvision import datasets
 
-from finetune.errors import UserError
 from finetune.data.images import load_rgb
+from finetune.errors import UserError
 
 
 def _pillow_extensions() -> tuple[str, ...]:
@@ -34,8 +35,6 @@ def _pillow_extensions() -> tuple[str, ...]:
     Left out: stub formats that need a plugin Pillow lacks (BUFR, GRIB, HDF5, WMF), EPS (it
     needs Ghostscript) and MPEG (Pillow reads only its header).
     """
-    from PIL import Image, ImageFile
-
     Image.init()
     decodable = {fmt for fmt, (factory, _) in Image.OPEN.items()
                  if fmt not in ("EPS", "MPEG")
@@ -302,6 +301,11 @@ class Splits:
     val: datasets.ImageFolder | None = None
     notes: list[str] = field(default_factory=list)  # what was carved out of what
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def selected_on(self) -> str:
+        """The split that chooses ``best.safetensors``, as the checkpoint names it (``val`` or ``test``)."""
+        return self.records["val" if self.val is not None else "test"]["name"]
 
 
 def load_splits(data_dir: str | Path, exclude: frozenset[str] = frozenset(), *, test_fraction: float = 0.2,

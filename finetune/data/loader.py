@@ -10,7 +10,9 @@ in ``folders``.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
 from typing import Any, Iterator
 
 import torch
@@ -18,10 +20,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from torchvision import datasets
 
 from finetune.data.decoding import Encoded, EncodedBatch, stack_channels_last
-from finetune.errors import UserError
 from finetune.data.images import BadImageError
-from finetune.utils.preemption import end_workers_at_exit, ignore_stop_signals
 from finetune.data.presets import Preprocessing, train_preset
+from finetune.errors import UserError
+from finetune.utils.preemption import end_workers_at_exit, ignore_stop_signals
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -37,8 +39,6 @@ class SkippedImages:
     """
 
     def __init__(self) -> None:
-        import multiprocessing
-
         self._owner = os.getpid()
         self._queue = multiprocessing.Queue()
         self._here: list[tuple[str, str]] = []  # skipped in this process (no workers): no queue latency
@@ -52,8 +52,6 @@ class SkippedImages:
 
     def new(self) -> list[tuple[str, str]]:
         """Skipped images not yet returned by an earlier call (call it in the run's own process)."""
-        import queue
-
         found, self._here = self._here, []
         try:
             while True:

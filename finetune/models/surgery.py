@@ -137,7 +137,7 @@ def _timm_blocks(model: nn.Module, head: str) -> list[tuple[str, list[nn.Paramet
     A block is named by the module path its parameters share, two levels at most (``stages.1``,
     ``blocks.3``), else ``group0``, ``group1``, ... (stems that mix several top-level modules).
     """
-    from timm.models import group_parameters
+    from timm.models import group_parameters  # timm is needed only for timm models
 
     params = dict(model.named_parameters())
     blocks = []

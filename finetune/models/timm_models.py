@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from finetune.errors import UserError, first_line
 from finetune.models.checkpoint import read_metadata_if_any
@@ -117,8 +118,6 @@ def _info(net: nn.Module, name: str, pretrained: bool) -> WeightsInfo:
                        resize_ratio=1 / float(config.get("crop_pct") or 0.875),
                        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear")
     if pretrained and net.num_classes == 1000 and timm.data.infer_imagenet_subset(net) == "imagenet-1k":
-        from torchvision.models._meta import _IMAGENET_CATEGORIES
-
         info.categories = list(_IMAGENET_CATEGORIES)  # the same 1000 classes in the same order
     return info
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from finetune.data.images import load_rgb
 from finetune.utils.files import atomic_write_bytes
@@ -36,7 +37,7 @@ def font_family() -> tuple[str, ...]:
     matplotlib lists the system's fonts once, in a cache kept across processes; a CJK font
     installed after that (``apt-get install fonts-droid-fallback``) is added here, once a process.
     """
-    from matplotlib import font_manager
+    from matplotlib import font_manager  # matplotlib loads only where a picture is drawn
 
     manager = font_manager.fontManager
     if not {f.name for f in manager.ttflist} & set(CJK_FONTS):
@@ -61,7 +62,7 @@ def _style() -> dict[str, Any]:
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained"):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only where a picture is drawn
     from matplotlib.figure import Figure
 
     # Pictures drawn during training get fixed margins: the constrained layout doubles their cost.
@@ -77,7 +78,7 @@ def _png(fig: Any) -> bytes:
 
 
 def _render(draw: Any, *args: Any) -> bytes:
-    import matplotlib
+    import matplotlib  # loads only where a picture is drawn (a run with --no-plots never pays for it)
 
     with matplotlib.rc_context(_style()), warnings.catch_warnings():
         # A font of the fallback list that lacks a glyph is not news; a glyph no font has shows as a box.
@@ -99,8 +100,6 @@ def thumbnail(image: np.ndarray, max_side: int = 160) -> np.ndarray:
     pixels wide, and large photos would make drawing slow."""
     if max(image.shape[:2]) <= max_side:
         return image
-    from PIL import Image
-
     img = Image.fromarray(image)
     img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return np.asarray(img)
@@ -147,8 +146,6 @@ SAMPLE_GAP = 6
 def _fit(image: np.ndarray, box: tuple[int, int]) -> np.ndarray:
     """``image`` scaled to fit ``box`` (height, width), its aspect kept: small images with sharp
     pixels (nearest), larger ones smoothly."""
-    from PIL import Image
-
     h, w = image.shape[:2]
     scale = min(box[0] / h, box[1] / w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))

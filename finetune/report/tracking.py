@@ -19,11 +19,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import filter_trackers, get_available_trackers
+from PIL import Image
 
-from finetune.report import plots
 from finetune.data.loader import SeededDataset
-from finetune.errors import UserError
 from finetune.data.presets import EvalPreset
+from finetune.errors import UserError
+from finetune.report import plots
 
 PROJECT = "finetune"  # TensorBoard's sub-folder, W&B's project, MLflow's experiment
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}  # name: pip package
@@ -39,8 +41,6 @@ def check_tracker(name: str) -> None:
     """
     if name == "none":
         return
-    from accelerate.tracking import get_available_trackers
-
     if name not in {str(t) for t in get_available_trackers()}:
         raise UserError(f"--log-with {name} needs the '{TRACKERS[name]}' package: pip install {TRACKERS[name]} "
                         "(or --log-with none)")
@@ -83,8 +83,6 @@ def start_trackers(accelerator: Accelerator, name: str, log_dir: Path, run_name:
     if name == "none":
         return
     check_tracker(name)
-    from accelerate.tracking import filter_trackers
-
     project, tracker_dir = PROJECT, log_dir
     if own_run and name == "tensorboard":  # TensorBoard writes in tracker_dir/project
         tracker_dir, project = log_dir / PROJECT, new_run_name(log_dir / PROJECT, run_name)
@@ -129,7 +127,7 @@ def log_hparams(tracker: Any, hparams: dict[str, Any]) -> None:
         table = "\n".join(["| hyperparameter | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in hparams.items())])
         tracker.writer.add_text("hparams", table, global_step=0)
     else:
-        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries  # only with TensorBoard
 
         for summary in hparams_summaries(hparams, {tag: 0.0 for tag in EPOCH_TAGS.values()}):
             file_writer.add_summary(summary, 0)
@@ -149,12 +147,10 @@ def log_png(accelerator: Accelerator, tag: str, png: bytes, step: int) -> None:
             continue
         file_writer = getattr(tracker.writer, "file_writer", None)
         if file_writer is None:  # tensorboardX's writer (Accelerate's fallback): it takes pixels
-            from PIL import Image
-
             with Image.open(io.BytesIO(png)) as img:
                 tracker.log_images({tag: np.asarray(img.convert("RGB"))[None]}, step=step, dataformats="NHWC")
             continue
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.compat.proto.summary_pb2 import Summary  # only with TensorBoard
 
         width, height = plots.png_size(png)
         image = Summary.Image(height=height, width=width, colorspace=plots.png_channels(png), encoded_image_string=png)

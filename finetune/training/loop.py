@@ -214,7 +214,7 @@ def save_checkpoints(session: Session, epoch: int, stats: EpochStats, preds: Pre
         meta = describe_checkpoint(session.config, session.clf, session.classes, metrics,
                                    precision=session.accelerator.mixed_precision)
         meta["splits"] = records  # eval.py without --data evaluates these files again
-        meta["selected_on"] = records.get("val" if val is not None else "test", {}).get("name")
+        meta["selected_on"] = session.selected_on
         state_dict = session.clf.net.state_dict()  # the whole model, also when only its head trained
         save_checkpoint(session.run_dir / "model.safetensors", state_dict, meta)
         if chooser.accuracy > progress.best_accuracy:

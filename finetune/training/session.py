@@ -49,6 +49,7 @@ class Session:
     cached_features: int | None  # features per image when the head trains on cached features
     skipped: SkippedImages | None  # images that failed to decode, under --bad-data skip
     splits: dict[str, Any]  # the checkpoint's records of the held-out splits (folders.describe_split)
+    selected_on: str  # the split that chooses best.safetensors, as the checkpoint names it
     progress: Progress  # where the run stands: saved with every state
     report: Reporter
     log: RunLog  # the tracker's points and figures, the pictures
@@ -164,5 +165,6 @@ def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Class
     return Session(config=config, accelerator=accelerator, clf=clf, classes=splits.classes, run_dir=run_dir,
                    trainer=trainer, train_loader=train_loader, test_loader=test_loader, val_loader=val_loader,
                    calibration_loader=calibration_loader, epoch_sampler=epoch_sampler, to_input=to_input,
-                   cached_features=features, skipped=skipped, splits=splits.records, progress=progress,
+                   cached_features=features, skipped=skipped, splits=splits.records,
+                   selected_on=splits.selected_on, progress=progress,
                    report=report, log=log, stop=stop)

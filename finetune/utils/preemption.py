@@ -71,7 +71,7 @@ class StopSignal:
         """
         if accelerator.num_processes == 1:
             return self.received is not None
-        import torch
+        import torch  # the handlers are installed before torch loads
 
         flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
         return accelerator.reduce(flag, reduction="sum").item() > 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import sys
 import warnings
 from typing import Any, Callable, TypeVar
 
+import psutil
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, PartialState
@@ -27,8 +29,6 @@ def cpu_has_fast_bf16() -> bool:
 def launcher_command() -> list[str]:
     """The command line of the process that started this one (``accelerate launch ...``), if readable."""
     try:
-        import psutil
-
         return psutil.Process().parent().cmdline()
     except Exception:  # no parent, no permission, no psutil: no launcher choice to honour
         return []
@@ -236,8 +236,6 @@ def quiet_cuda_lookup() -> None:
     A CUDA build of torch on a machine without a GPU logs it when inductor first loads
     ``torch.utils.cpp_extension`` (``--compile``): nothing the user can or needs to act on.
     """
-    import logging
-
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
@@ -281,8 +279,6 @@ def set_cpu_threads(threads: int) -> int:
 
 def rss_mib() -> float:
     """This process's resident memory now, in MiB (to see growth from epoch to epoch)."""
-    import psutil
-
     return psutil.Process().memory_info().rss / 2**20
 
 
