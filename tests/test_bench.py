@@ -22,6 +22,8 @@ pytestmark = pytest.mark.slow  # benchmark scripts end to end
     ("inference_speed", ["--images", "8", "--repeats", "1", "--iters", "1"],
      ["predict_over_eval", "eager_over_onnx_b1", "eager_over_onnx_b32"]),
     ("preflight_speed", ["--images", "300", "--rounds", "1"], ["first_over_second", "listing_s"]),
+    ("serve_speed", ["--images", "8", "--seconds", "1", "--clients", "1", "4", "--repeats", "1",
+                     "--model", "mobilenet_v3_small", "--image-size", "64"], ["serve_over_predict"]),
 ])
 def test_benchmark_smoke_run(script: str, args: list[str], keys: list[str], tmp_path: Path):
     out = tmp_path / "out.json"

@@ -239,7 +239,8 @@ def describe(clf: LoadedClassifier, precision: str, device: torch.device, batche
                   "trained_precision": meta.get("precision")},
         "metrics": meta.get("metrics", {}),
         "serving": {"device": str(device), "precision": precision, "max_batch": batcher.max_batch,
-                    "max_wait_ms": batcher.max_wait * 1000, "batches": batcher.batches, "images": batcher.items},
+                    "max_wait_ms": batcher.max_wait * 1000, "batches": batcher.batches, "images": batcher.items,
+                    "model_seconds": round(batcher.busy_seconds, 3)},
     })
 
 
@@ -326,7 +327,7 @@ def create_app(clf: LoadedClassifier, *, precision: str = "no", top_k: int = 5, 
 
 def meta_line(clf: LoadedClassifier) -> str:
     """One line naming the model: its architecture, classes and test accuracy where recorded."""
-    accuracy = clf.meta.get("metrics", {}).get("test_acc")
+    accuracy = clf.meta.get("metrics", {}).get("test_accuracy")
     acc = f", test accuracy {accuracy:.3f}" if isinstance(accuracy, float) and math.isfinite(accuracy) else ""
     return f"{clf.meta.get('arch')} on {len(clf.classes)} classes{acc}"
 

@@ -12,6 +12,7 @@ No web code here: the server (``finetune.commands.serving``) awaits ``Batcher.su
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
@@ -43,8 +44,9 @@ class Batcher(Generic[In, Out]):
         self.run = run
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self.batches = 0  # batches run so far, and the items in them: what /info reports
+        self.batches = 0  # batches run so far, the items in them and the seconds they took: what /info reports
         self.items = 0
+        self.busy_seconds = 0.0
         self._queue: asyncio.Queue[_Item[In]] | None = None
         self._task: asyncio.Task | None = None
         self._worker: ThreadPoolExecutor | None = None
@@ -115,8 +117,11 @@ class Batcher(Generic[In, Out]):
 
     async def _run(self, batch: list[_Item[In]]) -> None:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             results: Any = await loop.run_in_executor(self._worker, self.run, [item.value for item in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the model gave {len(results)} results for a batch of {len(batch)}")
         except (Exception, asyncio.CancelledError) as err:  # the model failed, or stop(): every request hears it
             for item in batch:
                 if not item.future.done():
@@ -127,6 +132,7 @@ class Batcher(Generic[In, Out]):
             return
         self.batches += 1
         self.items += len(batch)
-        for item, result in zip(batch, results):
+        self.busy_seconds += time.perf_counter() - started
+        for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
