@@ -2,7 +2,7 @@
 same images in the same run.
 
     .venv/bin/python -m bench.serve_speed [--images 256] [--seconds 10] [--clients 1 8 32]
-                                          [--model mobilenet_v2] [--image-size 224] [--out bench/out/serve_speed.json]
+                                          [--repeats 3] [--model mobilenet_v2] [--image-size 224] [--out bench/out/serve_speed.json]
 
 Writes a folder of photo-sized JPEGs (about 500x375, crops of scikit-image photos) and a checkpoint
 (random weights: speed does not depend on them; no recorded precision, so both sides run in what
@@ -19,7 +19,8 @@ Writes a folder of photo-sized JPEGs (about 500x375, crops of scikit-image photo
   the server's /info. Each side's best round counts, so that a busy moment of a shared machine
   hits neither alone.
 
-Ratio: serve.py's images/s over predict.py's steady-state images/s (target at 32 clients: >= 0.8).
+Ratio: serve.py's images/s over predict.py's, the higher of its whole-run and steady-state rates
+(target at 32 clients: >= 0.8).
 Clients, server and predict.py share this machine's cores, as they would on one machine.
 """
 
@@ -84,8 +85,11 @@ def predict_speed(rounds: list[dict[str, float]], n_images: int) -> dict[str, An
     """predict.py's images/s from its best round of each list: over the whole run, and steady."""
     full_s, half_s = min(r["full"] for r in rounds), min(r["half"] for r in rounds)
     added = n_images - n_images // 2
-    return {"seconds": rounds, "whole_run_img_per_s": n_images / full_s,
-            "steady_img_per_s": added / max(full_s - half_s, 1e-9)}
+    whole, steady = n_images / full_s, added / max(full_s - half_s, 1e-9)
+    # The ratio's denominator: the higher of the two, the comparison least kind to serve.py (on a
+    # shared machine the difference of two runs can come out below the whole run's rate).
+    return {"seconds": rounds, "whole_run_img_per_s": whole, "steady_img_per_s": steady,
+            "img_per_s": max(whole, steady)}
 
 
 def multipart(path: Path) -> bytes:
@@ -196,7 +200,7 @@ def run(n_images: int, seconds: float, clients: list[int], model: str, size: int
     levels = []
     for c in clients:  # each client count's best round, as predict.py's
         level = max(runs[c], key=lambda r: r["img_per_s"])
-        levels.append({**level, "serve_over_predict": level["img_per_s"] / predict["steady_img_per_s"],
+        levels.append({**level, "serve_over_predict": level["img_per_s"] / predict["img_per_s"],
                        "rounds_img_per_s": [r["img_per_s"] for r in runs[c]]})
     top = levels[-1]
     return {"images": n_images, "model": model, "image_size": size, "precision": precision,
@@ -209,7 +213,8 @@ def print_table(res: dict[str, Any]) -> None:
     p = res["predict"]
     print(f"\n{res['images']} JPEGs (500x375), {res['model']} at {res['image_size']} px, {res['device']}, "
           f"precision {res['precision']}, {res['cores']} cores")
-    print(f"predict.py  {p['steady_img_per_s']:8.1f} img/s steady ({p['whole_run_img_per_s']:.1f} over the whole run)")
+    print(f"predict.py  {p['img_per_s']:8.1f} img/s (whole run {p['whole_run_img_per_s']:.1f}, steady state "
+          f"{p['steady_img_per_s']:.1f}: the higher counts)")
     print(f"{'clients':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'img/batch':>9} {'model busy':>10} {'vs predict':>10}")
     for level in res["levels"]:
         print(f"{level['clients']:>8} {level['img_per_s']:>8.1f} {level['p50_ms']:>8.1f} {level['p99_ms']:>8.1f} "
@@ -224,7 +229,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrent clients, in turn")
     parser.add_argument("--model", default="mobilenet_v2")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds of predict.py on all and half")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of predict.py and each client count")
     parser.add_argument("--out", type=Path, default=Path("bench/out/serve_speed.json"))
     args = parser.parse_args()
     res = run(args.images, args.seconds, args.clients, args.model, args.image_size, args.repeats)

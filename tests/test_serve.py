@@ -184,8 +184,8 @@ def test_too_large_bodies_and_too_many_images_are_refused(clf, images):
 
         streamed = small.post("/predict", content=chunks(), headers={"content-type": "application/json"})
         assert "over the limit of 20000" in one_line_error(streamed, 413)
-        assert "4 images" in one_line_error(small.post("/predict", files=multipart(images[:4])), 413)
-        assert "4 images" in one_line_error(small.post("/predict", json={"images": ["AA=="] * 4}), 413)
+        assert "Too many files" in one_line_error(small.post("/predict", files=multipart(images[:4])), 400)
+        assert "4 images" in one_line_error(small.post("/predict", json={"images": ["AA=="] * 4}), 400)
         assert small.post("/predict", files=multipart(images[:3])).status_code == 200
 
 

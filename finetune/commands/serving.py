@@ -90,9 +90,9 @@ class ErrorBody(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": why} for code, why in (
-        (400, "an upload that is not an image, or cannot be decoded"),
+        (400, "an upload that is not an image or cannot be decoded, or more images than the server takes at once"),
         (408, "the request body did not arrive in time"),
-        (413, "the body, the number of images or an image's pixels over the server's limits"),
+        (413, "the body or an image's pixels over the server's limits"),
         (415, "neither multipart/form-data nor application/json"),
         (422, "a malformed JSON body or parameter"))}
 
@@ -336,12 +336,12 @@ async def _read_images(request: Request, limits: Limits) -> tuple[list[tuple[str
     """The (name, bytes) of each image in a /predict request, and the JSON body's top_k if it gave one."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        # One more file than allowed, so that too many is told apart from Starlette's own errors.
-        form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_images + 16)
-        parts = form.getlist("files")
-        if any(not isinstance(part, UploadFile) for part in parts):
-            raise HTTPException(422, "the field 'files' must hold files, not text")
-        named = [(part.filename or f"files[{i}]", await part.read()) for i, part in enumerate(parts)]
+        # Starlette stops parsing at the first file over max_files: a 400 "Too many files".
+        async with request.form(max_files=limits.max_images, max_fields=limits.max_images + 16) as form:
+            parts = form.getlist("files")  # the form's spooled files are closed on leaving
+            if any(not isinstance(part, UploadFile) for part in parts):
+                raise HTTPException(422, "the field 'files' must hold files, not text")
+            named = [(part.filename or f"files[{i}]", await part.read()) for i, part in enumerate(parts)]
         asked = None
     elif kind == "application/json":
         try:
@@ -349,7 +349,7 @@ async def _read_images(request: Request, limits: Limits) -> tuple[list[tuple[str
         except ValidationError as err:
             raise HTTPException(422, _first_problem(err.errors())) from None
         if len(body.images) > limits.max_images:
-            raise HTTPException(413, f"{len(body.images)} images in one request, over the limit of {limits.max_images}")
+            raise HTTPException(400, f"{len(body.images)} images in one request, over the limit of {limits.max_images}")
         named = [(f"images[{i}]", _base64(text, i)) for i, text in enumerate(body.images)]
         asked = body.top_k
     else:
@@ -357,8 +357,6 @@ async def _read_images(request: Request, limits: Limits) -> tuple[list[tuple[str
                                  "{\"images\": [base64, ...]}")
     if not named:
         raise HTTPException(422, "no images: send one or more in the multipart field 'files'")
-    if len(named) > limits.max_images:
-        raise HTTPException(413, f"{len(named)} images in one request, over the limit of {limits.max_images}")
     return named, asked
 
 
