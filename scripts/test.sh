@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: Fashion-MNIST for the default-recipe test, SLURM and munge for the cluster test,
-# a font with Chinese and Japanese glyphs (7 MB) for the pictures' class names.
+# a font with Chinese and Japanese glyphs (7 MB) for the pictures' class names; Chromium and its
+# WebDriver for the test of serve.py's page in a real browser.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for pkg in dataset-fashion-mnist slurmctld slurmd slurm-client munge fonts-droid-fallback; do
+  for pkg in dataset-fashion-mnist slurmctld slurmd slurm-client munge fonts-droid-fallback chromium chromium-driver; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then

@@ -33,6 +33,10 @@ def ratio_of(result: dict, key: str, sides: str, top: str, bottom: str) -> bool:
      and r["eager_over_onnx_b1"] == r["runtimes"]["batch1"]["eager_over_onnxruntime"]),
     ("preflight_speed", ["--images", "300", "--rounds", "1"],
      lambda r: r["first_over_second"] == pytest.approx(r["first_s"] / r["second_s"])),
+    ("serve_speed", ["--images", "8", "--seconds", "1", "--clients", "1", "4", "--repeats", "1",
+                     "--model", "mobilenet_v3_small", "--image-size", "64"],
+     lambda r: r["serve_over_predict"] == pytest.approx(r["levels"][-1]["img_per_s"] / r["predict"]["img_per_s"])
+     and [level["clients"] for level in r["levels"]] == [1, 4]),
 ])
 def test_benchmark_smoke_run(script: str, args: list[str], check, tmp_path: Path):
     out = tmp_path / "out.json"

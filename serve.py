@@ -1,0 +1,13 @@
+"""Serve a checkpoint over HTTP (an API and a page to drop images on): ``python serve.py --help``.
+
+A thin entry point: the command lives in ``finetune/commands/serve.py`` (also installed as
+``finetune-serve``).
+"""
+
+import sys
+
+from finetune.commands.serve import main
+from finetune.errors import run_cli
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
