@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import ROOT, free_port, write_checkpoint, write_image_folder, write_truncated_jpeg
-from finetune.commands.serving import Limits, autocast_for, create_app
+from finetune.commands.serving import Limits, create_app
 from finetune.models.batching import Batcher
 from finetune.models.checkpoint import load_checkpoint, save_checkpoint
 from finetune.models.inference import load_classifier
@@ -58,6 +58,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def clf(served_ckpt: Path):
     # The served classifier and the one the answers are compared with are the same object, in one precision.
     return load_classifier(served_ckpt)
+
+
+@pytest.fixture(scope="session")
+def clf_fp32(served_ckpt: Path):
+    # What the server processes below run in (--mixed-precision no): their answers are compared with it.
+    return load_classifier(served_ckpt, mixed_precision="no")
 
 
 def client_for(clf, **kwargs) -> TestClient:
@@ -122,7 +128,7 @@ def test_info_and_health(client, clf, served_ckpt):
     assert info["classes"] == CLASSES and info["checkpoint"] == served_ckpt.name
     assert info["model"]["arch"] == "mobilenet_v2"
     assert info["preprocessing"]["image_size"] == 32 and info["preprocessing"]["mean"] == list(clf.preprocessing.mean)
-    assert info["serving"]["device"] == "cpu" and info["serving"]["precision"] == "no"
+    assert info["serving"]["device"] == "cpu" and info["serving"]["precision"] == clf.precision
     assert client.get("/health").json() == {"status": "ok", "in_flight": 0}
 
 
@@ -264,10 +270,10 @@ def test_a_vanished_request_is_dropped_and_a_model_error_reaches_every_request()
     assert failed == ["the model failed", "the model failed"]
 
 
-def test_precision_is_an_autocast_context():
-    with autocast_for("bf16", torch.device("cpu"))():
+def test_precision_is_the_classifiers_autocast(served_ckpt: Path):
+    with load_classifier(served_ckpt, mixed_precision="bf16").autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    with autocast_for("no", torch.device("cpu"))():
+    with load_classifier(served_ckpt, mixed_precision="no").autocast():
         assert not torch.is_autocast_enabled("cpu")
 
 
@@ -361,12 +367,12 @@ def server(served_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
         running.stop()
 
 
-def test_slow_and_vanished_clients_do_not_hold_the_others(server, images, clf):
+def test_slow_and_vanished_clients_do_not_hold_the_others(server, images, clf_fp32):
     slow, _rest = start_request(server.port, images[0])  # never sends the rest of its body
     server.wait_for(lambda: server.get("/health")["in_flight"] >= 1, "the slow request to arrive")
     started = time.monotonic()
     answer = post_file(server.url, images[1])
-    assert_same([(p["classes"], p["probabilities"]) for p in answer["predictions"]], expected(clf, images[1:2], 4))
+    assert_same([(p["classes"], p["probabilities"]) for p in answer["predictions"]], expected(clf_fp32, images[1:2], 4))
     assert time.monotonic() - started < 4  # answered while the slow client still holds its request
 
     # A client that sends a whole request and goes at once: the server carries on.
@@ -381,7 +387,7 @@ def test_slow_and_vanished_clients_do_not_hold_the_others(server, images, clf):
     server.wait_for(lambda: server.get("/health")["in_flight"] == 0, "no request in flight")
 
 
-def test_sigterm_answers_the_requests_in_flight_and_exits_0(served_ckpt, images, clf, tmp_path):
+def test_sigterm_answers_the_requests_in_flight_and_exits_0(served_ckpt, images, clf_fp32, tmp_path):
     running = Server(served_ckpt, tmp_path / "serve.log")
     try:
         running.wait_ready()
@@ -401,7 +407,7 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(served_ckpt, images,
         sock.sendall(rest)
         status, answer = read_response(sock)
         assert status == 200
-        assert_same([(p["classes"], p["probabilities"]) for p in answer["predictions"]], expected(clf, images[:1], 4))
+        assert_same([(p["classes"], p["probabilities"]) for p in answer["predictions"]], expected(clf_fp32, images[:1], 4))
         assert running.proc.wait(timeout=60) == 0, running.log.read_text()
         assert "stopped: the requests in flight were answered" in running.log.read_text()
     finally:
