@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # benchmark scripts end to end
     ("eval_speed", ["--images", "32"], ["finetune_over_plain", "agreement"]),
     ("linear_probe", ["--epochs", "2", "--image-size", "64"], ["full_over_cached"]),
     ("loader_speed", ["--images", "4", "--rounds", "1", "--workers", "1"],
-     ["train_now_over_before", "eval_now_over_before"]),
+     ["train_now_over_before", "eval_now_over_before", "train_rows_over_files", "eval_rows_over_files"]),
     ("inference_speed", ["--images", "8", "--repeats", "1", "--iters", "1"],
      ["predict_over_eval", "eager_over_onnx_b1", "eager_over_onnx_b32"]),
     ("preflight_speed", ["--images", "300", "--rounds", "1"], ["first_over_second", "listing_s"]),
