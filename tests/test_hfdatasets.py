@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import sys
 from pathlib import Path
 
 import datasets
@@ -18,7 +19,7 @@ from finetune.commands import eval as eval_cmd
 from finetune.commands import train
 from finetune.data import hfdatasets, images
 from finetune.data.evalsplit import recorded_split
-from finetune.data.hfdatasets import RowImages, eval_split, is_hf_data, read_rows
+from finetune.data.hfdatasets import eval_split, is_hf_data, read_rows
 from finetune.data.images import BadImageError, load_rgb, oriented_size
 from finetune.data.labelfiles import Columns
 from finetune.data.preflight import apply_policy, check_dataset
@@ -26,7 +27,7 @@ from finetune.data.presets import EvalPreset, TrainPreset
 from finetune.data.sources import load_splits
 from finetune.errors import UserError
 from finetune.models.checkpoint import read_metadata
-from tests.conftest import FAST, python_cmd, run_cmd, write_image_folder
+from tests.conftest import FAST, python_cmd, run_cmd
 
 CLASSES = ["cat", "dog", "hot dog"]
 
@@ -345,3 +346,10 @@ def test_eval_refuses_a_dataset_that_changed_and_a_missing_column_in_one_line(da
     proc = run_cmd(python_cmd("eval.py", "--ckpt", str(tmp_path / "b" / "model.safetensors"), *EVAL), env=env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert "the test rows of" in proc.stderr and "changed since training (15 rows then, 10 now" in proc.stderr
+
+
+def test_without_the_datasets_package_one_line_says_how_to_get_it(dataset_dict: Path, monkeypatch):
+    hfdatasets._read_rows.cache_clear()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(UserError, match=r"^Hugging Face datasets need the datasets package: pip install datasets$"):
+        load_splits(dataset_dict)
