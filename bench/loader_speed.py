@@ -11,6 +11,9 @@ scikit-image) and, for each, measures:
   also where other programs share the cores (wall-clock rates then fall with their load);
 - a bare full decode of the same files (Pillow, and libjpeg-turbo through simplejpeg): the floor
   a pipeline that decodes every pixel cannot beat;
+- the same images as rows of a Hugging Face dataset (written by ``save_to_disk``, read by
+  ``finetune.data.hfdatasets``): the train and eval presets on the rows, interleaved with the same
+  presets on the files; ``rows/files`` ratios are medians of per-round ratios;
 - N loader workers (default: this machine's cores): whole DataLoader epochs, old and new interleaved.
 Then it projects the feed of a 16-core GPU host (15 workers) against the GPU's estimated ceiling.
 """
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
 import simplejpeg
 import torch
 from PIL import Image
@@ -33,9 +37,8 @@ from torch.utils.data import DataLoader
 
 from bench import legacy_presets
 from bench.datasets import photo_folder
+from finetune.data import folders, hfdatasets, presets
 from finetune.data import loader as data
-from finetune.data import folders
-from finetune.data import presets
 
 SIZE, RESIZE = 224, 256
 # resnet18 at 224 px, bf16 + channels-last, on one H200: issue 13's estimate, not a measurement.
@@ -60,16 +63,34 @@ def write_sets(root: Path, n: int, which: list[str]) -> dict[str, Path]:
     return sets
 
 
+def as_rows(ds: Any, out: Path) -> hfdatasets.RowImages:
+    """The files of an ImageFolder as the rows of a dataset written by ``save_to_disk`` (image bytes
+    and a ClassLabel, in the folder's order), read back as training reads them."""
+    rows = datasets.Dataset.from_dict(
+        {"image": [{"bytes": Path(p).read_bytes(), "path": Path(p).name} for p, _ in ds.samples],
+         "label": [t for _, t in ds.samples]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=ds.classes)}))
+    datasets.disable_progress_bars()
+    rows.save_to_disk(str(out))
+    table = hfdatasets.read_rows(out)
+    return hfdatasets.RowImages(table, table.rows, ds.classes)
+
+
 def pipelines(folder: Path) -> dict[str, Callable[[int], Any]]:
     """What one core runs per image: name -> f(index)."""
     ds = folders.image_folder(folder / "train")
+    rows = as_rows(ds, folder / "rows")
+    assert [t for _, t in rows.samples] == ds.targets  # image i is the same image either way
     paths = [p for p, _ in ds.samples]
     train_old = legacy_presets.SeededDataset(ds, legacy_presets.TrainPreset(size=SIZE), seed=0)
     train_new = data.SeededDataset(ds, presets.TrainPreset(size=SIZE), seed=0)
     eval_old = data.IndexedDataset(ds, legacy_presets.EvalPreset(crop_size=SIZE, resize_size=RESIZE))
     eval_new = data.IndexedDataset(ds, presets.EvalPreset(crop_size=SIZE, resize_size=RESIZE))
+    train_rows = data.SeededDataset(rows, presets.TrainPreset(size=SIZE), seed=0)
+    eval_rows = data.IndexedDataset(rows, presets.EvalPreset(crop_size=SIZE, resize_size=RESIZE))
     runs = {"train before": lambda i: train_old[(0, i)], "train now": lambda i: train_new[(0, i)],
             "eval before": lambda i: eval_old[i], "eval now": lambda i: eval_new[i],
+            "train now, dataset rows": lambda i: train_rows[(0, i)], "eval now, dataset rows": lambda i: eval_rows[i],
             "bare decode, Pillow": lambda i: Image.open(paths[i]).convert("RGB")}
     if paths[0].endswith(".jpg"):
         runs["bare decode, libjpeg-turbo"] = lambda i: simplejpeg.decode_jpeg(Path(paths[i]).read_bytes())
@@ -94,6 +115,8 @@ def one_core(folder: Path, rounds: int) -> dict[str, Any]:
     for kind in ("train", "eval"):
         out[f"{kind} ratio"] = statistics.median(
             now / before for now, before in zip(rates[f"{kind} now"], rates[f"{kind} before"]))
+        out[f"{kind} rows/files ratio"] = statistics.median(
+            rows / files for rows, files in zip(rates[f"{kind} now, dataset rows"], rates[f"{kind} now"]))
     return out
 
 
@@ -154,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"before: {multi['ratio']:.2f}x")
     core = results["jpeg 500x375"]["one core"]
     results["train_now_over_before"], results["eval_now_over_before"] = core["train ratio"], core["eval ratio"]
+    results["train_rows_over_files"] = core["train rows/files ratio"]
+    results["eval_rows_over_files"] = core["eval rows/files ratio"]
     feed = (HOST_CORES - 1) * core["train now"]
     results["projection"] = {"host cores": HOST_CORES, "workers": HOST_CORES - 1, "feed img/s": feed,
                              "before img/s": (HOST_CORES - 1) * core["train before"], "gpu ceiling": GPU_CEILING}

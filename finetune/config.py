@@ -36,13 +36,15 @@ SCHEDULES = ("cosine", "constant")  # optim.lr_factor
 # The columns of a label file (finetune.data.labelfiles): flags of train.py and eval.py alike.
 LABEL_FILE_HELP = {
     "image_column": "label file: the column of image paths, relative to the file's folder (default: image, path, "
-                    "file or filename)",
-    "label_column": "label file: the column of labels (default: label, labels, class or tags)",
+                    "file or filename); Hugging Face dataset: the image column (default: the Image feature's)",
+    "label_column": "label file: the column of labels (default: label, labels, class or tags); Hugging Face "
+                    "dataset: the default is the ClassLabel column",
     "label_sep": "label file: what joins several labels in the label column (default: the first of ; | , found)",
     "label_columns": "label file: one 0/1 column per class, comma-separated, e.g. cat,dog (default: found where "
                      "every column but the image and split columns holds 0 or 1)",
-    "split_column": "label file: the column holding train, val (valid, validation) or test (default: split, where "
-                    "there is one; without it a test part is held out as for a flat folder)",
+    "split_column": "label file (or a Hugging Face dataset of one split): the column holding train, val (valid, "
+                    "validation) or test (default: split, where there is one; without it a test part is held out "
+                    "as for a flat folder)",
 }
 
 
@@ -67,7 +69,8 @@ class TrainConfig:
 
     data: str | None = option(None, "dataset folder holding train/ and test/ (or val/) ImageFolder trees, train/ "
                                   "alone, or one sub-folder per class (a test part is then held out); or a label "
-                                  "file (.csv, .tsv, .jsonl, .json) of one row per image; "
+                                  "file (.csv, .tsv, .jsonl, .json) of one row per image; or a Hugging Face dataset: "
+                                  "hf:NAME[:CONFIG], a save_to_disk folder, or parquet files; "
                                   "omitted: the built-in offline demo (LFW faces vs not faces)", path=True)
     image_column: str | None = option(None, LABEL_FILE_HELP["image_column"])
     label_column: str | None = option(None, LABEL_FILE_HELP["label_column"])

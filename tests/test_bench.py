@@ -27,7 +27,8 @@ def ratio_of(result: dict, key: str, sides: str, top: str, bottom: str) -> bool:
     ("linear_probe", ["--epochs", "2", "--image-size", "64"],
      lambda r: ratio_of(r, "full_over_cached", "seconds_per_epoch", "full_finetune", "probe_cached")),
     ("loader_speed", ["--images", "4", "--rounds", "1", "--workers", "1"],
-     lambda r: all(math.isfinite(r[k]) and r[k] > 0 for k in ("train_now_over_before", "eval_now_over_before"))),
+     lambda r: all(math.isfinite(r[k]) and r[k] > 0 for k in ("train_now_over_before", "eval_now_over_before",
+                                                               "train_rows_over_files", "eval_rows_over_files"))),
     ("inference_speed", ["--images", "8", "--repeats", "1", "--iters", "1"],
      lambda r: ratio_of(r, "predict_over_eval", "img_per_s", "predict", "eval")
      and r["eager_over_onnx_b1"] == r["runtimes"]["batch1"]["eager_over_onnxruntime"]),

@@ -28,7 +28,8 @@ class EvalConfig:
                               path=True)
     data: str | None = option(None, "ImageFolder to evaluate (one sub-folder per class); "
                                   "a dataset folder with train/ and test/ (or val/) uses its test split; a label file "
-                                  "its test rows (or the part the run held out of it); omitted: the test folder "
+                                  "its test rows (or the part the run held out of it); a Hugging Face dataset (hf:NAME, "
+                                  "a save_to_disk folder, parquet files) its test split; omitted: the test folder "
                                   "recorded in the checkpoint, if its files are unchanged", path=True)
     image_column: str | None = option(None, LABEL_FILE_HELP["image_column"])
     label_column: str | None = option(None, LABEL_FILE_HELP["label_column"])
@@ -62,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # After the flags: --help and a bad flag answer before torch (seconds to import) loads.
     from finetune.data.evalsplit import recorded_split
     from finetune.data.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part
+    from finetune.data.hfdatasets import eval_split as hf_eval_split
+    from finetune.data.hfdatasets import is_hf_data
     from finetune.data.labelfiles import Columns, eval_split, is_label_file
     from finetune.data.loader import make_eval_loader
     from finetune.models.inference import load_classifier
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if config.data is None:  # the folder the run was tested on, as long as its files are the same
         dataset = recorded_split(clf.meta, classes, clf.path)
         data_dir = Path(dataset.root)
-        where = getattr(dataset, "label_file", None)  # a label file's rows, else a folder
+        where = getattr(dataset, "label_file", None) or getattr(dataset, "source", None)  # rows, else a folder
         if where:
             report.print(f"evaluating on {where}, the test images recorded in the checkpoint")
         elif clf.meta["splits"]["test"].get("carved"):
@@ -99,10 +102,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "as recorded in the checkpoint")
         else:
             report.print(f"evaluating on {data_dir}, the test folder recorded in the checkpoint")
-    elif is_label_file(config.data):
+    elif is_label_file(config.data) or is_hf_data(config.data):
         given = Columns.from_config(config)
-        dataset, which = eval_split(config.data, classes, clf.meta.get("splits", {}).get("test"),
-                                    None if given == Columns() else given)
+        split_of = eval_split if is_label_file(config.data) else hf_eval_split
+        dataset, which = split_of(config.data, classes, clf.meta.get("splits", {}).get("test"),
+                                  None if given == Columns() else given)
         data_dir = Path(config.data)
         report.print(f"evaluating {which}")
     else:

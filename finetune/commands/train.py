@@ -57,6 +57,7 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
     """``--check-data``: decode every image, look for duplicates, print the report; fail on problems."""
     # loaded here, not at the top: --help answers before torch loads
     from finetune.data.demo import demo_dataset
+    from finetune.data.hfdatasets import is_hf_data, read_rows
     from finetune.data.labelfiles import Columns, is_label_file, read_table
     from finetune.data.preflight import check_dataset
     from finetune.data.sources import load_splits
@@ -65,9 +66,11 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
     data_dir = Path(config.data) if config.data else demo_dataset()
     columns = Columns.from_config(config)  # of a label file
     report = Reporter()
-    label_file = is_label_file(data_dir)
-    if label_file:
+    label_file = is_label_file(data_dir) or is_hf_data(data_dir)  # rows, with labels
+    if is_label_file(data_dir):
         read_table(data_dir, columns)  # its rows first: missing images are the report's to name
+    elif label_file:
+        read_rows(data_dir, columns)  # the dataset's columns and splits first: its images are the report's
     else:
         load_splits(data_dir)  # the layout first: the report covers files only
     found = check_dataset(data_dir, full=True, columns=columns)

@@ -1,7 +1,7 @@
 """The evaluation split a run was tested on, recorded in its checkpoint, so that
 ``eval.py --ckpt FILE`` without ``--data`` evaluates exactly those files again.
 
-The record names the folder (or label file) by its absolute path and the files by a fingerprint of
+The record names the folder (label file, or Hugging Face dataset) by its absolute path and the files by a fingerprint of
 their listing: eval.py refuses, with one line asking for ``--data``, a folder that is gone or whose
 files were added, removed or renamed since.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.errors import UserError
-from finetune.data import labelfiles
+from finetune.data import hfdatasets, labelfiles
 from finetune.data.folders import describe_split, image_folder, recorded_part, split_fingerprint
 
 __all__ = ["describe_split", "recorded_split", "split_fingerprint"]  # the record is folders' (held-out parts too)
@@ -31,6 +31,8 @@ def recorded_split(meta: dict[str, Any], classes: Sequence[str], ckpt: str | Pat
                         "pass --data DIR")
     if record.get("labels"):  # rows of a label file
         return labelfiles.recorded_split(record, classes, ckpt)
+    if record.get("dataset"):  # rows of a Hugging Face dataset
+        return hfdatasets.recorded_split(record, classes, ckpt)
     root = Path(record["root"])
     if not root.is_dir():
         raise UserError(f"the test folder recorded in {ckpt}, {root}, is gone; pass --data DIR")

@@ -4,6 +4,11 @@ Two ways in: ``load_rgb`` gives a PIL image (ImageFolder's loader, the reference
 ``read_header`` + ``decode_rgb`` give a numpy array from a file's bytes, read once: ordinary
 JPEGs go to libjpeg-turbo through simplejpeg (no copy into Pillow's 4-byte pixels, DCT scaling
 for reduced decodes), everything else through Pillow.
+
+An image is named by its path. A dataset whose images are rows rather than files
+(``hfdatasets``) names each row by a path of its own, ``PREFIX[ROW]``, and registers a reader for
+its prefix (``register_rows``): ``read_image_bytes``, ``load_rgb`` and ``oriented_size`` then read
+that row's bytes, so rows go through the very decoding, crops and checks that files do.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import simplejpeg
@@ -33,6 +39,45 @@ def why_unreadable(err: Exception) -> str:
     return str(err)
 
 
+# prefix -> reader of a row's bytes by row number (see the module docstring). Filled in each process
+# that holds the dataset (a loader worker inherits it, or unpickles the dataset's readers).
+_ROW_READERS: dict[str, Callable[[int], bytes]] = {}
+
+
+def register_rows(prefix: str, read: Callable[[int], bytes]) -> None:
+    """Let the paths ``{prefix}{row}]`` name rows that ``read(row)`` gives the bytes of.
+
+    Args:
+        prefix: the rows' paths up to their number, ending in ``[``.
+        read: row number -> the image's bytes; an OSError or ValueError says why there are none.
+    """
+    _ROW_READERS[prefix] = read
+
+
+def _row(path: str) -> tuple[Callable[[int], bytes], int] | None:
+    """The reader and row number of a registered row's path; None for a file."""
+    if not (_ROW_READERS and path.endswith("]")):
+        return None
+    cut = path.rfind("[")
+    read = _ROW_READERS.get(path[:cut + 1])
+    number = path[cut + 1:-1]
+    return (read, int(number)) if read is not None and number.isdigit() else None
+
+
+def read_image_bytes(path: str) -> bytes:
+    """An image's bytes: a file's, or a registered dataset row's; a BadImageError names ``path``."""
+    row = _row(path)
+    try:
+        return row[0](row[1]) if row is not None else Path(path).read_bytes()
+    except (OSError, ValueError) as err:
+        raise BadImageError(f"cannot decode image {path}: {err}") from None
+
+
+def _source(path: str) -> str | BinaryIO:
+    """What Pillow opens for ``path``: the file itself (read lazily), or a row's bytes."""
+    return path if _row(path) is None else io.BytesIO(read_image_bytes(path))
+
+
 def load_rgb(path: str, reduce_to: tuple[int, int] | None = None) -> Image.Image:
     """Open any image as 8-bit RGB, whatever its mode (L, LA, P, RGBA, CMYK, 16-bit, float).
 
@@ -45,7 +90,7 @@ def load_rgb(path: str, reduce_to: tuple[int, int] | None = None) -> Image.Image
             least: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale where that still covers it
             (Pillow's draft mode), which makes large photos several times cheaper to decode.
     """
-    return _pillow_rgb(path, path, reduce_to)
+    return _pillow_rgb(_source(path), path, reduce_to)
 
 
 def _pillow_rgb(source: str | BinaryIO, path: str, reduce_to: tuple[int, int] | None,
@@ -91,7 +136,7 @@ def _orientation(img: Image.Image) -> int:
 def oriented_size(path: str) -> tuple[int, int]:
     """(width, height) of an image as shown (EXIF rotation applied), from its header only."""
     try:
-        with Image.open(path) as img:
+        with Image.open(_source(path)) as img:
             width, height = img.size
             return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

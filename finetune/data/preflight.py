@@ -8,6 +8,8 @@ hashes every file to find images shared between train and test.
 The folder layout itself (splits, class folders, classes with no images left once bad files are
 skipped) is ``sources.load_splits``'s to check: the preflight reports on files. For a label file it
 checks the images the rows list, and reports rows that name no image and images that are missing.
+For a Hugging Face dataset (``hfdatasets``) it checks each row's image bytes, as it checks a file's,
+without a cache (the rows are read from memory-mapped Arrow files).
 
 At scale, the quick check is cached: each file's result is kept with its size and modification
 time, so a restart (a requeued job, a second run on the same data) reads only the files that
@@ -17,6 +19,7 @@ changed. Listing the files and reading their sizes is what remains of a second s
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +29,8 @@ from PIL import Image
 
 from finetune.data.demo import cache_dir
 from finetune.data.folders import class_folders, find_layout
+from finetune.data.hfdatasets import is_hf_data, read_rows
+from finetune.data.images import BadImageError, read_image_bytes
 from finetune.data.labelfiles import Columns, is_label_file, read_table
 from finetune.data.listing import DirListing, ResultCache, list_folder
 from finetune.errors import UserError
@@ -56,23 +61,46 @@ def _check_file(path: Path, full: bool) -> tuple[str | None, str | None, str | N
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)", None, None
-        with Image.open(path) as img:
-            fmt = img.format
-            width, height = img.size
-            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-                return f"{width}x{height} pixels, over Pillow's decompression-bomb limit", None, None
-            if full:
-                img.load()
-    except Image.DecompressionBombError:
-        return "over Pillow's decompression-bomb limit", None, None
-    except Image.UnidentifiedImageError:
-        return "not an image", None, None
-    except (OSError, SyntaxError, ValueError) as err:
+    except OSError as err:
         return f"cannot be decoded ({err})", None, None
+    problem, fmt = _open_image(path, full)
+    if problem:
+        return problem, None, None
     expected = EXPECTED_FORMATS.get(path.suffix.lower())
     wrong = fmt if expected and fmt and fmt != expected else None
     digest = file_digest(path) if full else None
     return None, wrong, digest
+
+
+def _open_image(source: Path | io.BytesIO, full: bool) -> tuple[str | None, str | None]:
+    """(problem, Pillow's format) of an image file or bytes: its header read, all of it decoded if ``full``."""
+    try:
+        with Image.open(source) as img:
+            fmt = img.format
+            width, height = img.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                return f"{width}x{height} pixels, over Pillow's decompression-bomb limit", None
+            if full:
+                img.load()
+    except Image.DecompressionBombError:
+        return "over Pillow's decompression-bomb limit", None
+    except Image.UnidentifiedImageError:
+        return "not an image", None
+    except (OSError, SyntaxError, ValueError) as err:
+        return f"cannot be decoded ({err})", None
+    return None, fmt
+
+
+def _check_row(path: str, full: bool) -> tuple[str | None, str | None]:
+    """(problem, content hash if ``full``) of a dataset row's image (``hfdatasets``)."""
+    try:
+        data = read_image_bytes(path)
+    except BadImageError as err:
+        return str(err).removeprefix(f"cannot decode image {path}: "), None
+    if not data:
+        return "empty image (0 bytes)", None
+    problem, _ = _open_image(io.BytesIO(data), full)
+    return problem, hashlib.sha256(data).hexdigest() if full and not problem else None
 
 
 def cache_folder(data_dir: str | Path) -> Path:
@@ -98,6 +126,8 @@ def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None 
         columns: a label file's columns (see ``labelfiles.Columns``; None: found by name).
     """
     data_dir = Path(data_dir)
+    if is_hf_data(data_dir):
+        return _finish(_check_rows(data_dir, full, workers, columns or Columns()))
     report = Report()
     if is_label_file(data_dir):
         root, files = _label_file_listings(data_dir, columns or Columns(), report)
@@ -164,17 +194,42 @@ def check_dataset(data_dir: str | Path, full: bool = False, workers: int | None 
                         hashes["train" if split == "train" else "held-out"].setdefault(digest, path)
             report.counts[split][c] = usable
     report.bad = list(dict.fromkeys(report.bad))  # an image of several labels is listed under each
+    report.duplicates = [(hashes["train"][h], p) for h, p in hashes["held-out"].items() if h in hashes["train"]]
+    return _finish(report)
+
+
+def _finish(report: Report) -> Report:
+    """``report`` with its warnings: imbalanced classes, train/test duplicates, wrong extensions."""
     train_counts = [n for n in report.counts.get("train", {}).values() if n > 0]
     if train_counts and max(train_counts) > IMBALANCE_RATIO * min(train_counts):
         report.warnings.append(f"classes are very imbalanced in train: {max(train_counts)} vs {min(train_counts)} "
                                "images (consider --class-weights auto or more data)")
-    report.duplicates = [(hashes["train"][h], p) for h, p in hashes["held-out"].items() if h in hashes["train"]]
     if report.duplicates:
         report.warnings.append(f"{len(report.duplicates)} test image(s) also appear in train: "
                                "test accuracy will be optimistic")
     if report.wrong_extension:
         report.warnings.append(f"{len(report.wrong_extension)} file(s) hold another format than their extension "
                                "says (they load fine)")
+    return report
+
+
+def _check_rows(data: Path, full: bool, workers: int | None, columns: Columns) -> Report:
+    """``check_dataset`` of a Hugging Face dataset: each row's image, counted by split and label."""
+    table = read_rows(data, columns)
+    report = Report()
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        checked = list(pool.map(lambda row: _check_row(row.path, full), table.rows))
+    hashes: dict[str, dict[str, str]] = {"train": {}, "held-out": {}}
+    for row, (problem, digest) in zip(table.rows, checked):
+        split = row.split or "train"
+        counts = report.counts.setdefault(split, {})
+        for label in row.labels or ("(no label)",):
+            counts[label] = counts.get(label, 0) + (problem is None)
+        if problem:
+            report.bad.append((row.path, problem))
+        elif digest:
+            hashes["train" if split == "train" else "held-out"].setdefault(digest, row.path)
+    report.duplicates = [(hashes["train"][h], p) for h, p in hashes["held-out"].items() if h in hashes["train"]]
     return report
 
 

@@ -10,7 +10,6 @@ each image's augmentation is reproducible.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +18,7 @@ from PIL import Image
 from torchvision import transforms as v1
 
 from finetune.data.decoding import CpuDecoder, Crop, Encoded, EncodedBatch, decode_crop, resample, resample_pillow
-from finetune.data.images import BadImageError, Header, read_header
+from finetune.data.images import Header, read_header, read_image_bytes
 
 
 # A zero-cost stand-in of an image's shape for torchvision's samplers (expanded, never allocated).
@@ -49,11 +48,9 @@ class _Preset:
         raise NotImplementedError
 
     def encode(self, path: str) -> Encoded:
-        """The file's bytes, its header and the crop drawn for it: decoding left to a later stage."""
-        try:
-            data = Path(path).read_bytes()
-        except OSError as err:
-            raise BadImageError(f"cannot decode image {path}: {err}") from None
+        """The file's bytes (or a dataset row's, ``images.register_rows``), its header and the crop drawn
+        for it: decoding left to a later stage."""
+        data = read_image_bytes(path)
         header = read_header(data, path)
         return Encoded(data, header, self.plan(header), path)
 

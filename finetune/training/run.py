@@ -137,11 +137,12 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
 
     ``skipped_before`` counts the images the preflight left out (``--bad-data skip``), for the summary.
     """
-    # A test part held out of the training folder, and any split of a label file, is evaluated by
-    # naming the dataset folder or label file: eval.py finds the same files again (the checkpoint
-    # records which); a test folder by itself.
+    # A test part held out of the training folder, and any split of a label file or Hugging Face
+    # dataset, is evaluated by naming the dataset folder, label file or dataset: eval.py finds the
+    # same files again (the checkpoint records which); a test folder by itself.
     record = splits.records["test"]
-    eval_data = data_dir if record["carved"] or record.get("labels") else Path(splits.test.root)
+    eval_data = data_dir if record["carved"] or record.get("labels") or record.get("dataset") else Path(
+        splits.test.root)
     held = [("train", splits.train), ("test", splits.test)] + ([("val", splits.val)] if splits.val else [])
     setup = run_setup(config, splits.classes, held, accelerator.num_processes)
     progress, state = Progress(setup=setup.to_dict()), latest_state(run_dir) if config.resume else None
