@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import uvicorn
     from PIL import Image
 
+    # After the flags: torch, FastAPI and the model load here.
     from finetune.commands.serving import Limits, create_app, meta_line
     from finetune.models.inference import load_classifier
     from finetune.utils.runtime import check_gpus_usable, cores_per_process, cpu_forced, set_cpu_threads
