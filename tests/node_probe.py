@@ -11,7 +11,7 @@ from pathlib import Path
 import skimage.data
 
 from finetune.models import weights
-from finetune.commands import train
+from finetune.training import run
 from finetune.config import TrainConfig
 from finetune.utils.runtime import build_accelerator
 
@@ -31,8 +31,8 @@ skimage.data.lfw_subset = recorded("demo", skimage.data.lfw_subset)
 weights._from_mirror = recorded("weights", weights._from_mirror)
 accelerator = build_accelerator("no")
 config = TrainConfig(image_size=32)
-data = train.dataset_folder(accelerator, config)
-train.build_model(accelerator, config, ["face", "not_face"])
+data = run.dataset_folder(accelerator, config)
+run.build_model(accelerator, config, ["face", "not_face"])
 accelerator.wait_for_everyone()
 (out / f"done-rank{rank}").write_text(str(data))
 accelerator.end_training()

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from finetune.data import preflight
-from finetune.commands import train
+from finetune.data.labelfiles import Columns
+from finetune.training import run
 from finetune.errors import UserError
 from finetune.utils.runtime import build_accelerator
 
@@ -19,7 +20,7 @@ real = preflight._check_file
 preflight._check_file = lambda path, full: read.append(str(path)) or real(path, full)
 accelerator = build_accelerator("no")
 try:
-    exclude, notes = train.preflight(accelerator, data, policy)
+    exclude, notes = run.preflight(accelerator, data, policy, Columns())
     result = {"exclude": sorted(exclude), "notes": notes}
 except UserError as err:
     result = {"error": str(err)}

@@ -116,9 +116,12 @@ def runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor] | Non
             return None
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
-    if fmt == "torchscript":
-        return torch.jit.load(str(path))
-    return torch.export.load(str(path)).module()
+    with warnings.catch_warnings():  # torch.jit.load's deprecation notice: the files are what users load
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            return torch.jit.load(str(path))
+        # From a buffer: torch.export.load logs a warning for a file not named *.pt2 (a temporary one)
+        return torch.export.load(io.BytesIO(path.read_bytes())).module()
 
 
 def compare(clf: LoadedClassifier, run: Callable[[torch.Tensor], torch.Tensor] | None,
