@@ -160,9 +160,10 @@ class _Named(nn.Module):
 
 
 def _exported_program(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
-    with warnings.catch_warnings():  # torch warns about the temporary file name it is given
-        warnings.simplefilter("ignore")
-        torch.export.save(_exported(model, example), str(path), extra_files={METADATA_FILE: json.dumps(meta)})
+    # Through a buffer: torch.export logs a warning for a file not named *.pt2 (a temporary one)
+    buffer = io.BytesIO()
+    torch.export.save(_exported(model, example), buffer, extra_files={METADATA_FILE: json.dumps(meta)})
+    path.write_bytes(buffer.getvalue())
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
