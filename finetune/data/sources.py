@@ -8,10 +8,11 @@ from pathlib import Path
 from finetune.data.folders import Splits
 from finetune.data.folders import load_splits as load_folder_splits
 from finetune.data.labelfiles import Columns, is_label_file, load_label_splits
+from finetune.errors import UserError
 
 
 def load_splits(data: str | Path, exclude: frozenset[str] = frozenset(), *, test_fraction: float = 0.2,
-                val_fraction: float = 0.0, split_seed: int = 0, columns: Columns | None = None) -> Splits:
+                val_fraction: float = 0.0, split_seed: int = 0, columns: Columns | None = None, task: str = "auto") -> Splits:
     """The train, optional validation and test splits of ``data``, a dataset folder or a label file.
 
     Args:
@@ -22,9 +23,17 @@ def load_splits(data: str | Path, exclude: frozenset[str] = frozenset(), *, test
             data has no validation split beside its test split.
         split_seed: which files are held out.
         columns: a label file's columns (None: found by name; ignored for a folder).
+        task: ``auto``, ``single`` or ``multilabel`` (``labelfiles.choose_task``); class folders are
+            single-label.
+
+    Raises:
+        UserError: for ``multilabel`` on class folders.
     """
     if is_label_file(data):
         return load_label_splits(data, exclude, test_fraction=test_fraction, val_fraction=val_fraction,
-                                 split_seed=split_seed, columns=columns or Columns())
+                                 split_seed=split_seed, columns=columns or Columns(), task=task)
+    if task == "multilabel":
+        raise UserError(f"--task multilabel needs a label file (--data labels.csv): the class folders of {data} "
+                        "give each image one class")
     return load_folder_splits(data, exclude, test_fraction=test_fraction, val_fraction=val_fraction,
                               split_seed=split_seed)

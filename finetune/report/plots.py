@@ -112,7 +112,8 @@ def pick_samples(targets: Sequence[int], num_classes: int, per_class: int = 6, m
     ``per_class`` images of each, drawn with ``seed``.
 
     Args:
-        targets: the class index of every image of the dataset.
+        targets: the class index of every image of the dataset (or the tuple of its class indices, for
+            multi-label data: the image may show under each).
         num_classes: how many classes there are.
         per_class, max_classes: how many to show.
         seed: the draw's seed.
@@ -122,7 +123,8 @@ def pick_samples(targets: Sequence[int], num_classes: int, per_class: int = 6, m
     """
     members: dict[int, list[int]] = {}
     for i, t in enumerate(targets):
-        members.setdefault(int(t), []).append(i)
+        for c in (t if isinstance(t, tuple) else (t,)):
+            members.setdefault(int(c), []).append(i)
     present = [c for c in range(num_classes) if c in members]
     if len(present) > max_classes:
         present = [present[round(i * (len(present) - 1) / max(1, max_classes - 1))] for i in range(max_classes)]
@@ -216,14 +218,15 @@ def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[s
 class Curves:
     """``curves.png`` of a training run, redrawn after each epoch: loss and accuracy per epoch from
     the run's history rows (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``, and
-    ``test_loss`` where present).
+    ``test_loss`` and a multi-label run's ``test_map`` where present).
 
     The figure is built once and its lines updated: a fresh figure each epoch cost twice the time
     (its axes, ticks and legend made again), most of the pictures' share of an epoch.
     """
 
     KEYS = (("loss", "train_loss", "train loss"), ("loss", "test_loss", "test loss"),
-            ("accuracy", "train_acc", "train accuracy"), ("accuracy", "test_acc", "test accuracy"))
+            ("accuracy", "train_acc", "train accuracy"), ("accuracy", "test_acc", "test accuracy"),
+            ("accuracy", "test_map", "test mAP"))
 
     def __init__(self) -> None:
         self._fig: Any = None
@@ -236,7 +239,7 @@ class Curves:
 
     def _update(self, history: Sequence[dict[str, Any]]) -> Any:
         if self._fig is None:
-            self._build(with_test_loss=all("test_loss" in row for row in history))
+            self._build({key for _, key, _ in self.KEYS if all(key in row for row in history)})
         epochs = [row["epoch"] for row in history]
         for key, line in self._lines.items():
             line.set_data(epochs, [row[key] for row in history])
@@ -247,13 +250,13 @@ class Curves:
         self._axes["accuracy"].set_ylim(-0.02, 1.02)
         return self._fig
 
-    def _build(self, with_test_loss: bool) -> None:
+    def _build(self, keys: set[str]) -> None:
         fig = _figure(7.5, 3.0, layout=None)
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.91, wspace=0.2)
         loss_ax, acc_ax = fig.subplots(1, 2)
         self._axes = {"loss": loss_ax, "accuracy": acc_ax}
         for panel, key, label in self.KEYS:
-            if key != "test_loss" or with_test_loss:
+            if key in keys:
                 self._lines[key] = self._axes[panel].plot([], [], label=label)[0]
         for title, ax in self._axes.items():
             ax.set_xlabel("epoch")

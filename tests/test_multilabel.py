@@ -1,0 +1,219 @@
+"""Multi-label classification: label files with several labels per image (or one-hot columns) train a
+sigmoid head with binary cross-entropy; mAP, F1 and per-class thresholds measure and decide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import write_image_folder
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+from torch import nn
+
+from bench.datasets import SHAPE_KINDS, shapes
+from finetune.commands import train
+from finetune.data.labelfiles import choose_task, read_table, usable_rows
+from finetune.data.loader import make_eval_loader, make_train_loader, target_tensor
+from finetune.data.presets import ModelInput, Preprocessing
+from finetune.data.sources import load_splits
+from finetune.errors import UserError
+from finetune.models.checkpoint import read_metadata
+from finetune.report.metrics import (
+    average_precision,
+    best_f1_threshold,
+    choose_thresholds,
+    mean_average_precision,
+    multilabel_scores,
+    summarise_multilabel,
+)
+from finetune.training.engine import evaluate_multilabel, multilabel_hits
+from finetune.training.session import SmoothedBCEWithLogits, positive_weights
+
+SMALL = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "16",
+         "--num-workers", "0", "--log-with", "none", "--no-plots"]
+
+
+def random_scores(n: int = 60, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets (some classes rare) and probabilities that follow them loosely, with ties."""
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((n, classes)) < np.linspace(0.15, 0.6, classes)).astype(np.float32)
+    probs = np.clip(targets * 0.3 + rng.random((n, classes)) * 0.7, 0, 1)
+    probs = np.round(probs, 1)  # ties: several images share a score
+    return torch.tensor(targets), torch.tensor(probs, dtype=torch.float32)
+
+
+# Metrics and thresholds against scikit-learn
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_precision_and_map_agree_with_scikit_learn(seed: int):
+    targets, probs = random_scores(seed=seed)
+    for c in range(targets.shape[1]):
+        assert average_precision(probs[:, c], targets[:, c] > 0) == pytest.approx(
+            average_precision_score(targets[:, c].numpy(), probs[:, c].numpy()), abs=1e-9)
+    assert mean_average_precision(targets, probs) == pytest.approx(
+        average_precision_score(targets.numpy(), probs.numpy(), average="macro"), abs=1e-9)
+
+
+def test_a_class_without_positives_has_no_ap_and_is_left_out_of_map():
+    targets, probs = random_scores()
+    targets[:, 0] = 0
+    assert average_precision(probs[:, 0], targets[:, 0] > 0) is None
+    expected = np.mean([average_precision_score(targets[:, c].numpy(), probs[:, c].numpy()) for c in (1, 2, 3)])
+    assert mean_average_precision(targets, probs) == pytest.approx(expected, abs=1e-9)
+    summary = summarise_multilabel(["a", "b", "c", "d"], targets, probs)
+    assert summary["per_class"]["a"]["ap"] is None and summary["per_class"]["a"]["support"] == 0
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_f1_and_exact_match_agree_with_scikit_learn(seed: int):
+    targets, probs = random_scores(seed=seed)
+    thresholds = [0.5, 0.35, 0.65, 0.45]
+    predicted = (probs >= torch.tensor(thresholds)).numpy()
+    scores = multilabel_scores(targets, probs, thresholds)
+    assert scores["micro_f1"] == pytest.approx(f1_score(targets.numpy(), predicted, average="micro", zero_division=0))
+    assert scores["macro_f1"] == pytest.approx(f1_score(targets.numpy(), predicted, average="macro", zero_division=0))
+    assert scores["exact_match"] == pytest.approx(accuracy_score(targets.numpy(), predicted))
+    per_class = summarise_multilabel(list("abcd"), targets, probs, thresholds)["per_class"]
+    for c, name in enumerate("abcd"):
+        assert per_class[name]["f1"] == pytest.approx(f1_score(targets[:, c].numpy(), predicted[:, c], zero_division=0))
+        assert per_class[name]["threshold"] == thresholds[c]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 4])
+def test_each_threshold_maximises_its_class_f1_on_the_split_it_was_chosen_on(seed: int):
+    targets, probs = random_scores(seed=seed)
+    thresholds = choose_thresholds(targets, probs)
+    for c, t in enumerate(thresholds):
+        y, s = targets[:, c].numpy(), probs[:, c].numpy()
+        best = max(f1_score(y, s >= cut, zero_division=0) for cut in np.unique(s))
+        assert f1_score(y, s >= t, zero_division=0) == pytest.approx(best)
+        assert s[s < t].size == 0 or t > s[s < t].max()  # halfway between two scores: a margin each way
+
+
+def test_a_class_without_positives_keeps_the_default_threshold():
+    assert best_f1_threshold(torch.tensor([0.9, 0.1]), torch.tensor([False, False])) == 0.5
+
+
+# Data: task choice, multi-hot targets, splits
+
+
+def write_shapes(root: Path, n: int = 40, **kwargs) -> Path:
+    return shapes(root, n=n, size=32, **kwargs)
+
+
+def test_auto_task_says_which_and_why(tmp_path: Path):
+    several = write_shapes(tmp_path / "a")
+    table = read_table(several)
+    task, why = choose_task(table, usable_rows(table))
+    assert task == "multilabel" and "line 2 has several labels" in why
+    onehot = read_table(write_shapes(tmp_path / "b", onehot=True))
+    assert choose_task(onehot, onehot.rows) == ("multilabel", "labels.csv has one 0/1 column per class")
+    write_image_folder(tmp_path / "c" / "images", {"cat": 3, "dog": 3})
+    single = tmp_path / "c" / "l.csv"
+    single.write_text("image,label\n" + "".join(f"images/{c}/{i:03d}.png,{c}\n" for c in ("cat", "dog")
+                                                 for i in range(3)))
+    table = read_table(single)
+    assert choose_task(table, table.rows) == ("single", "every row of l.csv has one label")
+    assert load_splits(single).task == "single"
+    assert load_splits(single, task="multilabel").task == "multilabel"  # asked for: sigmoid outputs anyway
+
+
+def test_multilabel_targets_are_tuples_carried_as_multi_hot_vectors(tmp_path: Path):
+    file = write_shapes(tmp_path, n=30)
+    lines = file.read_text().splitlines()
+    lines[1] = lines[1].split(",")[0] + ","  # the first image has no label: a negative of every class
+    file.write_text("\n".join(lines) + "\n")
+    splits = load_splits(file, test_fraction=0.2)
+    assert splits.task == "multilabel" and splits.classes == sorted(SHAPE_KINDS)
+    assert len(splits.test) == 6 and len(splits.train) == 24  # a fifth of all images, not of each label set
+    everything = {p: t for part in (splits.train, splits.test) for p, t in part.samples}
+    assert everything[str(tmp_path / "images" / "0000.png")] == ()
+    assert all(isinstance(t, tuple) for t in everything.values())
+    assert target_tensor((0, 3), 5).tolist() == [1.0, 0.0, 0.0, 1.0, 0.0] and target_tensor(2, 5) == 2
+    pre = Preprocessing(32, 32, (0.5,) * 3, (0.5,) * 3)
+    images, targets, _ = next(iter(make_eval_loader(splits.test, pre, batch_size=4, num_workers=0)))
+    assert targets.dtype == torch.float32 and targets.shape == (4, 5)
+    assert [tuple(int(i) for i in row.nonzero()) for row in targets] == [t for _, t in splits.test.samples[:4]]
+    loader = make_train_loader(splits.train, pre, batch_size=8, seed=0, num_workers=0, augment="none")
+    assert next(iter(loader))[1].shape == (8, 5)
+
+
+def test_single_label_data_cannot_be_forced_wrong(tmp_path: Path):
+    write_image_folder(tmp_path / "data", {"cat": 3, "dog": 3})
+    with pytest.raises(UserError, match="--task multilabel needs a label file"):
+        load_splits(tmp_path / "data", task="multilabel")
+    with pytest.raises(UserError, match="has several labels .* which --task single refuses"):
+        load_splits(write_shapes(tmp_path / "s"), task="single")
+
+
+def test_a_one_hot_file_keeps_every_column_as_a_class(tmp_path: Path):
+    file = write_shapes(tmp_path, onehot=True, n=20)
+    lines = file.read_text().splitlines()
+    lines[0] += ",star"
+    lines[1:] = [line + ",0" for line in lines[1:]]
+    file.write_text("\n".join(lines) + "\n")
+    splits = load_splits(file)
+    assert splits.classes == sorted([*SHAPE_KINDS, "star"])
+    assert any("class 'star' has no image in the train rows" in w for w in splits.warnings)
+
+
+# Loss, training accuracy and evaluation
+
+
+def test_loss_is_binary_cross_entropy_with_smoothing_and_positive_weights():
+    logits, targets = torch.randn(6, 3), torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 0]] * 2, dtype=torch.float32)
+    assert SmoothedBCEWithLogits()(logits, targets) == pytest.approx(
+        nn.functional.binary_cross_entropy_with_logits(logits, targets).item())
+    smoothed = targets * 0.8 + 0.1
+    assert SmoothedBCEWithLogits(0.2)(logits, targets) == pytest.approx(
+        nn.functional.binary_cross_entropy_with_logits(logits, smoothed).item())
+    weights = positive_weights([(0,), (0, 1), ()], 3)
+    assert weights.tolist() == pytest.approx([0.5, 2.0, 1.0])  # negatives / positives; 1 without positives
+    assert int(multilabel_hits(torch.tensor([[2.0, -1.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))) == 1
+
+
+def test_evaluate_multilabel_gives_every_image_once_with_probabilities(tmp_path: Path):
+    splits = load_splits(write_shapes(tmp_path, n=20), test_fraction=0.5)
+    pre = Preprocessing(32, 32, (0.5,) * 3, (0.5,) * 3)
+    loader = make_eval_loader(splits.test, pre, batch_size=3, num_workers=0)
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5))
+    preds = evaluate_multilabel(Accelerator(cpu=True), model, loader, 5, to_input=ModelInput(pre.mean, pre.std))
+    assert preds.indices.tolist() == list(range(len(splits.test)))
+    assert preds.targets.shape == preds.probabilities.shape == (len(splits.test), 5)
+    assert ((preds.probabilities > 0) & (preds.probabilities < 1)).all()
+    assert preds.score == preds.map == mean_average_precision(preds.targets, preds.probabilities)
+    assert 0 <= preds.accuracy <= 1 and preds.mean_loss > 0
+
+
+# End to end
+
+
+@pytest.mark.slow
+def test_a_multilabel_label_file_trains_and_records_task_and_thresholds(tmp_path: Path):
+    file = write_shapes(tmp_path / "data", n=48, split=True)
+    result = train.main(["--data", str(file), "--output-dir", str(tmp_path / "run"), *SMALL, "--epochs", "2"])
+    row = result.final
+    assert {"train_loss", "train_acc", "val_map", "test_map", "test_f1", "test_acc", "test_loss"} <= set(row)
+    assert 0 < row["test_map"] <= 1 and 0 <= row["test_f1"] <= 1
+    for name in ("model", "best"):
+        meta = read_metadata(tmp_path / "run" / f"{name}.safetensors")
+        assert meta["task"] == "multilabel" and meta["classes"] == sorted(SHAPE_KINDS)
+        assert len(meta["thresholds"]) == 5 and all(0 <= t <= 1 for t in meta["thresholds"])
+        assert meta["metrics"]["test_map"] == pytest.approx(row["test_map"]) if name == "model" else True
+    best = max(result.history, key=lambda r: r["val_map"])
+    assert read_metadata(tmp_path / "run" / "best.safetensors")["metrics"]["epoch"] == best["epoch"]
+
+
+@pytest.mark.slow
+def test_one_hot_layout_trains_without_a_validation_split_at_threshold_one_half(tmp_path: Path):
+    file = write_shapes(tmp_path / "data", n=40, onehot=True)
+    result = train.main(["--data", str(file), "--output-dir", str(tmp_path / "run"), *SMALL, "--epochs", "1",
+                         "--label-smoothing", "0.1", "--class-weights", "auto"])
+    assert "test_map" in result.final and "val_map" not in result.final
+    meta = read_metadata(tmp_path / "run" / "model.safetensors")
+    assert meta["task"] == "multilabel" and meta["thresholds"] == [0.5] * 5
+    assert meta["config"]["task"] == "multilabel"
