@@ -3,6 +3,8 @@ sigmoid head with binary cross-entropy; mAP, F1 and per-class thresholds measure
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 from torch import nn
 
 from bench.datasets import SHAPE_KINDS, shapes
+from finetune.commands import eval as eval_cmd
+from finetune.commands import predict as predict_cmd
 from finetune.commands import train
 from finetune.data.labelfiles import choose_task, read_table, usable_rows
 from finetune.data.loader import make_eval_loader, make_train_loader, target_tensor
@@ -21,6 +25,7 @@ from finetune.data.presets import ModelInput, Preprocessing
 from finetune.data.sources import load_splits
 from finetune.errors import UserError
 from finetune.models.checkpoint import read_metadata
+from finetune.models.inference import load_classifier
 from finetune.report.metrics import (
     average_precision,
     best_f1_threshold,
@@ -34,6 +39,7 @@ from finetune.training.session import SmoothedBCEWithLogits, positive_weights
 
 SMALL = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "16",
          "--num-workers", "0", "--log-with", "none", "--no-plots"]
+EVAL = ["--num-workers", "0", "--log-with", "none"]
 
 
 def random_scores(n: int = 60, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,20 +198,73 @@ def test_evaluate_multilabel_gives_every_image_once_with_probabilities(tmp_path:
 # End to end
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, train.TrainResult]:
+    """A multi-label run of two epochs on shapes with a split column (train, val, test): its label file, run folder and result."""
+    root = tmp_path_factory.mktemp("multilabel")
+    file = write_shapes(root / "data", n=48, split=True)
+    result = train.main(["--data", str(file), "--output-dir", str(root / "run"), *SMALL, "--epochs", "2"])
+    return file, root / "run", result
+
+
 @pytest.mark.slow
-def test_a_multilabel_label_file_trains_and_records_task_and_thresholds(tmp_path: Path):
-    file = write_shapes(tmp_path / "data", n=48, split=True)
-    result = train.main(["--data", str(file), "--output-dir", str(tmp_path / "run"), *SMALL, "--epochs", "2"])
+def test_a_multilabel_label_file_trains_and_records_task_and_thresholds(trained):
+    _, run, result = trained
     row = result.final
     assert {"train_loss", "train_acc", "val_map", "test_map", "test_f1", "test_acc", "test_loss"} <= set(row)
     assert 0 < row["test_map"] <= 1 and 0 <= row["test_f1"] <= 1
     for name in ("model", "best"):
-        meta = read_metadata(tmp_path / "run" / f"{name}.safetensors")
+        meta = read_metadata(run / f"{name}.safetensors")
         assert meta["task"] == "multilabel" and meta["classes"] == sorted(SHAPE_KINDS)
         assert len(meta["thresholds"]) == 5 and all(0 <= t <= 1 for t in meta["thresholds"])
-        assert meta["metrics"]["test_map"] == pytest.approx(row["test_map"]) if name == "model" else True
-    best = max(result.history, key=lambda r: r["val_map"])
-    assert read_metadata(tmp_path / "run" / "best.safetensors")["metrics"]["epoch"] == best["epoch"]
+    assert read_metadata(run / "model.safetensors")["metrics"]["test_map"] == pytest.approx(row["test_map"])
+    best = max(result.history, key=lambda r: r["val_map"])  # the first of equals: only a better one replaces it
+    assert read_metadata(run / "best.safetensors")["metrics"]["epoch"] == best["epoch"]
+
+
+@pytest.mark.slow
+def test_eval_reports_map_f1_and_pictures_at_the_checkpoint_thresholds(trained, tmp_path: Path):
+    file, run, result = trained
+    metrics = eval_cmd.main(["--ckpt", str(run / "model.safetensors"), "--output-dir", str(tmp_path), *EVAL])
+    assert metrics["num_samples"] == 9 and metrics["task"] == "multilabel"  # the test rows, recorded
+    assert metrics["map"] == pytest.approx(result.final["test_map"], abs=1e-6)
+    assert metrics["micro_f1"] == pytest.approx(result.final["test_f1"], abs=1e-6)
+    assert metrics["thresholds"] == read_metadata(run / "model.safetensors")["thresholds"]
+    assert set(metrics["per_class"]) == set(SHAPE_KINDS)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["map"] == metrics["map"]
+    for name in ("average_precision", "false_positives", "false_negatives"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(rows) == 9 and {"path", "true", "predicted", "correct", "p(circle)"} <= set(rows[0])
+    exact = sum(int(r["correct"]) for r in rows) / len(rows)
+    assert exact == pytest.approx(metrics["exact_match"])
+    given = eval_cmd.main(["--ckpt", str(run / "model.safetensors"), "--data", str(file),
+                           "--output-dir", str(tmp_path / "given"), *EVAL])
+    assert given["map"] == metrics["map"]
+
+
+@pytest.mark.slow
+def test_predict_and_the_api_give_the_labels_over_their_thresholds(trained, tmp_path: Path):
+    file, run, _ = trained
+    clf = load_classifier(run / "model.safetensors")
+    assert clf.multilabel and len(clf.thresholds) == 5
+    paths = sorted((file.parent / "images").glob("*.png"))[:6]
+    expected = []
+    for path in paths:
+        probs = clf.probabilities(clf.logits(clf.uint8_image(path)[None]))[0].tolist()
+        over = [c for c, p, t in zip(clf.classes, probs, clf.thresholds) if p >= t]
+        expected.append(sorted(over, key=lambda c: -probs[clf.classes.index(c)]))
+    found = clf.predict(paths, top_k=1)  # top_k does not cut a multi-label answer
+    assert [p.classes for p in found] == expected
+    assert all(p.probabilities == sorted(p.probabilities, reverse=True) for p in found)
+    predict_cmd.main(["--ckpt", str(run / "model.safetensors"), *map(str, paths), "--output", str(tmp_path / "p.csv")])
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert [r["labels"].split(";") if r["labels"] else [] for r in rows] == expected
+    predict_cmd.main(["--ckpt", str(run / "model.safetensors"), *map(str, paths), "--output", str(tmp_path / "p.jsonl")])
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [line["classes"] for line in lines] == expected
+    assert [line["probabilities"] for line in lines] == [[round(p, 6) for p in f.probabilities] for f in found]
 
 
 @pytest.mark.slow

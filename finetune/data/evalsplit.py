@@ -30,7 +30,7 @@ def recorded_split(meta: dict[str, Any], classes: Sequence[str], ckpt: str | Pat
         raise UserError(f"{ckpt} does not record the folder it was tested on (written by an older train.py); "
                         "pass --data DIR")
     if record.get("labels"):  # rows of a label file
-        return labelfiles.recorded_split(record, classes, ckpt)
+        return labelfiles.recorded_split(record, classes, ckpt, meta.get("task", "single"))
     root = Path(record["root"])
     if not root.is_dir():
         raise UserError(f"the test folder recorded in {ckpt}, {root}, is gone; pass --data DIR")

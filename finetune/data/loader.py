@@ -39,6 +39,11 @@ def target_tensor(target: int | tuple[int, ...], num_classes: int) -> int | torc
     return hot
 
 
+def _target(dataset: Any, target: Any) -> Any:
+    # Only a multi-label dataset's tuples need its class count (predict.py's listing has no classes).
+    return target_tensor(target, len(dataset.classes)) if isinstance(target, tuple) else target
+
+
 class SkippedImages:
     """Images that failed to decode while a run used them, under ``--bad-data skip``.
 
@@ -107,7 +112,7 @@ class SeededDataset(Dataset):
             # The CPU generator only, which the presets draw from: torch.manual_seed also queues
             # seeds for every CUDA device, at 0.25 ms per image (bench/loader_speed.py).
             torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
-            return self.transform(path), target_tensor(target, len(self.dataset.classes))
+            return self.transform(path), _target(self.dataset, target)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
@@ -140,7 +145,7 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         path, target = self.dataset.samples[index]
-        target = target_tensor(target, len(self.dataset.classes))
+        target = _target(self.dataset, target)
         try:
             return self.transform(path), target, index
         except BadImageError as err:

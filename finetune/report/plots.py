@@ -447,3 +447,69 @@ def png_channels(png: bytes) -> int:
     if colour_type == 3:
         return 4 if b"tRNS" in png[:png.find(b"IDAT")] else 3
     return {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+
+
+def average_precision_png(classes: Sequence[str], aps: Sequence[float | None], map_value: float) -> bytes:
+    """A multi-label evaluation's per-class average precision, one bar a class (best at the top);
+    a class without a positive image has none and is marked so.
+
+    Args:
+        classes: class names.
+        aps: each class's AP (None: undefined, no positive image).
+        map_value: their mean over the defined ones (the title's mAP).
+    """
+    order = sorted(range(len(classes)), key=lambda i: (aps[i] is not None, aps[i] or 0.0))
+
+    def draw():
+        fig = _figure(6.0, 0.8 + 0.28 * len(classes))
+        ax = fig.add_subplot()
+        y = np.arange(len(order))
+        values = [aps[i] if aps[i] is not None else 0.0 for i in order]
+        ax.barh(y, values, color="tab:blue")
+        ax.set_yticks(y, [_label(classes[i], 30).replace("\n", " ") for i in order])
+        for row, i in zip(y, order):
+            text = f"{aps[i]:.3f}" if aps[i] is not None else "no positive image"
+            ax.text(min(values[row], 0.98) + 0.01, row, text, va="center", fontsize=7)
+        ax.set_xlim(0, 1.15)
+        ax.set_xlabel("average precision")
+        ax.set_title(f"average precision per class (mAP {map_value:.3f})")
+        ax.grid(axis="x", alpha=0.3)
+        return fig
+    return _render(draw)
+
+
+def false_decisions_png(images: Sequence[np.ndarray], true: Sequence[str], label: Sequence[str],
+                        probability: Sequence[float], kind: str, total: int, total_images: int) -> bytes:
+    """A multi-label evaluation's most confident false positives (a label given that the image lacks:
+    the highest probabilities) or false negatives (a label missed: the lowest), each titled with the
+    image's labels, the label in question and its probability.
+
+    Args:
+        images: RGB uint8 arrays (H, W, 3), most confident first.
+        true: each image's labels, joined.
+        label: the label falsely given (or missed).
+        probability: its probability.
+        kind: ``false positives`` or ``false negatives``.
+        total: how many there are in all.
+        total_images: how many images were evaluated.
+    """
+    verb = "given" if kind == "false positives" else "missed"
+
+    def draw():
+        if not images:
+            fig = _figure(4.0, 1.2)
+            fig.text(0.5, 0.5, f"no {kind} among {total_images} images", ha="center", va="center")
+            return fig
+        columns = min(4, len(images))
+        rows = -(-len(images) // columns)
+        fig = _figure(2.1 * columns, 2.45 * rows + 0.4)
+        axes = fig.subplots(rows, columns, squeeze=False).ravel()
+        for ax, image, t, name, prob in zip(axes, images, true, label, probability):
+            _show(ax, image)
+            ax.set_title(f"labels: {_label(t or 'none', 22)}\n{verb}: {_label(name, 22)}\nprobability {prob:.2f}",
+                         fontsize=8)
+        for ax in axes[len(images):]:
+            ax.set_axis_off()
+        fig.suptitle(f"the most confident {kind}: {len(images)} shown of {total} among {total_images} images")
+        return fig
+    return _render(draw)
