@@ -183,6 +183,7 @@ def write_multilabel_pictures(accelerator: Any, out_dir: Path, dataset: Any, cla
                               metrics: dict[str, Any], preds: Any, pre: Any) -> None:
     """``average_precision.png``, ``false_positives.png`` and ``false_negatives.png`` (the labels given
     with the highest probability that the image lacks, and those missed with the lowest)."""
+    # loaded by main already: here only to keep the module's top torch-free
     from finetune.report.plots import average_precision_png, false_decisions_png, save_png
     from finetune.report.tracking import log_png
 
