@@ -3,20 +3,25 @@ sigmoid head with binary cross-entropy; mAP, F1 and per-class thresholds measure
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import write_image_folder
+from conftest import ROOT, free_port, run_cmd, train_until_stopped, write_image_folder
+from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 from torch import nn
 
 from bench.datasets import SHAPE_KINDS, shapes
 from finetune.commands import eval as eval_cmd
+from finetune.commands import export as export_cmd
 from finetune.commands import predict as predict_cmd
 from finetune.commands import train
 from finetune.data.labelfiles import choose_task, read_table, usable_rows
@@ -40,6 +45,10 @@ from finetune.training.session import SmoothedBCEWithLogits, positive_weights
 SMALL = ["--model", "mobilenet_v3_small", "--weights", "none", "--image-size", "32", "--batch-size", "16",
          "--num-workers", "0", "--log-with", "none", "--no-plots"]
 EVAL = ["--num-workers", "0", "--log-with", "none"]
+TIMINGS = ("images_per_s", "seconds", "rss_mib")
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"]
+CPU_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
 def random_scores(n: int = 60, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,3 +285,77 @@ def test_one_hot_layout_trains_without_a_validation_split_at_threshold_one_half(
     meta = read_metadata(tmp_path / "run" / "model.safetensors")
     assert meta["task"] == "multilabel" and meta["thresholds"] == [0.5] * 5
     assert meta["config"]["task"] == "multilabel"
+
+
+@pytest.mark.slow
+def test_export_records_task_and_thresholds_and_checks_the_labels(trained, tmp_path: Path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    _, run, _ = trained
+    found = export_cmd.main(["--ckpt", str(run / "model.safetensors"), "--format", "onnx",
+                             "--output", str(tmp_path / "m.onnx")])
+    assert found["agreement"].ok and found["agreement"].same_top1 == found["agreement"].images
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert props["task"] == "multilabel"
+    assert json.loads(props["thresholds"]) == pytest.approx(read_metadata(run / "model.safetensors")["thresholds"])
+
+
+@pytest.mark.slow
+def test_a_stopped_multilabel_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, monkeypatch):
+    file = write_shapes(tmp_path / "data", n=40, split=True)
+    args = ["--data", str(file), *SMALL, "--epochs", "2", "--batch-size", "8"]  # 24 train images: 3 steps an epoch
+    train_until_stopped([*args, "--output-dir", str(tmp_path / "run")], monkeypatch, optimizer_step=4)
+    with contextlib.redirect_stdout(io.StringIO()):
+        resumed = train.main([*args, "--output-dir", str(tmp_path / "run"), "--resume"])
+        reference = train.main([*args, "--output-dir", str(tmp_path / "ref")])
+    a, b = (load_file(str(r.run_dir / "model.safetensors")) for r in (reference, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.history == [{**row, **{k: resumed.history[i][k] for k in TIMINGS}}
+                               for i, row in enumerate(reference.history)]
+    assert read_metadata(tmp_path / "run" / "model.safetensors")["thresholds"] == \
+        read_metadata(tmp_path / "ref" / "model.safetensors")["thresholds"]
+
+
+@pytest.mark.slow
+def test_two_processes_count_each_image_once(tmp_path: Path):
+    file = write_shapes(tmp_path / "data", n=33, split=True)  # 6 test images, 7 val: odd for 2 processes
+    run = tmp_path / "run"
+    proc = run_cmd([*ACCELERATE, str(free_port()), str(ROOT / "train.py"), "--data", str(file),
+                    "--output-dir", str(run), *SMALL, "--batch-size", "4", "--epochs", "1"], env=CPU_ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) on cpu" in proc.stdout and "task: multi-label" in proc.stdout
+    assert read_metadata(run / "model.safetensors")["metrics"]["num_test_samples"] == 6
+    out2, out1 = tmp_path / "eval2", tmp_path / "eval1"
+    eval_args = [str(ROOT / "eval.py"), "--ckpt", str(run / "model.safetensors"), "--batch-size", "4",
+                 "--num-workers", "0", "--log-with", "none", "--no-plots"]
+    proc = run_cmd([*ACCELERATE, str(free_port()), *eval_args, "--output-dir", str(out2)], env=CPU_ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cmd([sys.executable, *eval_args, "--output-dir", str(out1)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m2, m1 = (json.loads((o / "metrics.json").read_text()) for o in (out2, out1))
+    assert m2["num_samples"] == m1["num_samples"] == 6
+    assert m2["map"] == pytest.approx(m1["map"]) and m2["per_class"] == pytest.approx(m1["per_class"])
+    paths = [line.split(",")[0] for line in (out2 / "predictions.csv").read_text().splitlines()[1:]]
+    assert len(paths) == len(set(paths)) == 6
+
+
+def test_check_data_reads_a_multilabel_file(tmp_path: Path):
+    file = write_shapes(tmp_path, n=20)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train.main(["--data", str(file), "--check-data"])
+    assert "no problems that stop a run" in out.getvalue()
+    (tmp_path / "images" / "0003.png").unlink()
+    with pytest.raises(UserError, match="cannot be used"), contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--data", str(file), "--check-data"])
+
+
+@pytest.mark.slow
+def test_bad_data_skip_leaves_out_a_missing_image_of_a_multilabel_file(tmp_path: Path):
+    file = write_shapes(tmp_path, n=30)
+    (tmp_path / "images" / "0003.png").unlink()
+    with pytest.raises(UserError, match=r"0003.png \(not found, listed at labels.csv line 5\)"):
+        train.main(["--data", str(file), "--output-dir", str(tmp_path / "a"), *SMALL])
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = train.main(["--data", str(file), "--output-dir", str(tmp_path / "b"), *SMALL, "--bad-data", "skip"])
+    assert "left out 1 image(s)" in out.getvalue() and "test_map" in result.final
