@@ -335,7 +335,9 @@ def test_two_processes_count_each_image_once(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     m2, m1 = (json.loads((o / "metrics.json").read_text()) for o in (out2, out1))
     assert m2["num_samples"] == m1["num_samples"] == 6
-    assert m2["map"] == pytest.approx(m1["map"]) and m2["per_class"] == pytest.approx(m1["per_class"])
+    assert m2["map"] == pytest.approx(m1["map"]) and m2["micro_f1"] == pytest.approx(m1["micro_f1"])
+    assert {c: row["support"] for c, row in m2["per_class"].items()} == \
+        {c: row["support"] for c, row in m1["per_class"].items()}
     paths = [line.split(",")[0] for line in (out2 / "predictions.csv").read_text().splitlines()[1:]]
     assert len(paths) == len(set(paths)) == 6
 
