@@ -23,6 +23,7 @@ from bench.datasets import SHAPE_KINDS, shapes
 from finetune.commands import eval as eval_cmd
 from finetune.commands import export as export_cmd
 from finetune.commands import predict as predict_cmd
+from finetune.commands import study as study_cmd
 from finetune.commands import train
 from finetune.data.labelfiles import choose_task, read_table, usable_rows
 from finetune.data.loader import make_eval_loader, make_train_loader, target_tensor
@@ -361,3 +362,16 @@ def test_bad_data_skip_leaves_out_a_missing_image_of_a_multilabel_file(tmp_path:
     with contextlib.redirect_stdout(io.StringIO()) as out:
         result = train.main(["--data", str(file), "--output-dir", str(tmp_path / "b"), *SMALL, "--bad-data", "skip"])
     assert "left out 1 image(s)" in out.getvalue() and "test_map" in result.final
+
+
+@pytest.mark.slow
+def test_a_study_of_a_multilabel_file_ranks_by_map(tmp_path: Path):
+    file = write_shapes(tmp_path / "data", n=32)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        results = study_cmd.main(["--data", str(file), "--model", "mobilenet_v3_small", "--weights", "none",
+                                  "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--num-workers", "0",
+                                  "--strategies", "scratch,linear-probe", "--output-dir", str(tmp_path / "study")])
+    records = json.loads((tmp_path / "study" / "study.json").read_text())["strategies"]
+    assert [r["metric"] for r in records] == ["mAP", "mAP"]
+    assert all(r["test_accuracy"] == r["history"][-1]["test_map"] for r in records)
+    assert "scratch: test mAP" in out.getvalue() and results
