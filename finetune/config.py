@@ -33,6 +33,7 @@ BAD_DATA_POLICIES = ("fail", "skip")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "none")  # Accelerate's names (finetune.report.tracking)
 AUGMENTS = ("auto", "classic", "mild", "crop", "flip", "none")  # presets.train_preset builds each
 SCHEDULES = ("cosine", "constant")  # optim.lr_factor
+TASKS = ("auto", "single", "multilabel")  # labelfiles.choose_task
 # The columns of a label file (finetune.data.labelfiles): flags of train.py and eval.py alike.
 LABEL_FILE_HELP = {
     "image_column": "label file: the column of image paths, relative to the file's folder (default: image, path, "
@@ -77,6 +78,9 @@ class TrainConfig:
     label_sep: str | None = option(None, LABEL_FILE_HELP["label_sep"])
     label_columns: str | None = option(None, LABEL_FILE_HELP["label_columns"])
     split_column: str | None = option(None, LABEL_FILE_HELP["split_column"])
+    task: str = option("auto", "single (one class per image, softmax), multilabel (any number of labels per image, "
+                               "sigmoid outputs and binary cross-entropy), or auto: multilabel where a label file "
+                               "gives an image several labels or has one 0/1 column per class", choices=TASKS)
     val_fraction: float = option(0.0, "share of each training class held out for validation, which then chooses "
                                       "best.safetensors (0: none; a val/ folder beside test/ is used without it)",
                                  minimum=0)

@@ -143,12 +143,12 @@ def test_one_hot_columns_found_or_named(tmp_path: Path, rows):
 def test_several_labels_are_kept_for_multilabel_and_refused_by_single_label_training(tmp_path: Path, rows):
     file = write_csv(tmp_path / "l.csv", "image,label", [f"{rows[0][0]},cat;dog", *(f"{p},{c}" for p, c in rows[1:])])
     assert read_table(file).rows[0].labels == ("cat", "dog")
-    with pytest.raises(UserError, match=r"^l.csv line 2 has several labels \(cat;dog\): multi-label training is "
-                                        "not supported yet"):
-        load_splits(file)
+    with pytest.raises(UserError, match=r"^l.csv line 2 has several labels \(cat;dog\), which --task single "
+                                        "refuses: pass --task multilabel"):
+        load_splits(file, task="single")
     onehot = write_csv(tmp_path / "o.csv", "image,cat,dog", [f"{rows[0][0]},0,0", f"{rows[1][0]},1,0"])
     with pytest.raises(UserError, match="o.csv line 2 has no label"):
-        load_splits(onehot)
+        load_splits(onehot, task="single")
 
 
 # Splits

@@ -104,9 +104,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             report.print(f"evaluating on {data_dir}, the test folder recorded in the checkpoint")
     elif is_label_file(config.data) or is_hf_data(config.data):
         given = Columns.from_config(config)
-        split_of = eval_split if is_label_file(config.data) else hf_eval_split
-        dataset, which = split_of(config.data, classes, clf.meta.get("splits", {}).get("test"),
-                                  None if given == Columns() else given)
+        record, columns = clf.meta.get("splits", {}).get("test"), None if given == Columns() else given
+        if is_label_file(config.data):
+            dataset, which = eval_split(config.data, classes, record, columns, task=clf.task)
+        else:
+            dataset, which = hf_eval_split(config.data, classes, record, columns)
         data_dir = Path(config.data)
         report.print(f"evaluating {which}")
     else:
@@ -120,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "as recorded in the checkpoint")
         else:
             dataset = image_folder(data_dir, classes)
+        if clf.multilabel:  # class folders: each image has its folder's class, and no other
+            dataset.samples = [(path, (target,)) for path, target in dataset.samples]
+            dataset.targets = [target for _, target in dataset.samples]
     for name in missing_classes(classes, dataset):
         report.print(f"warning: class '{name}' has no images in {data_dir}")
     workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
@@ -128,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = clf.prepare(accelerator)
     loader = accelerator.prepare_data_loader(loader)
     report.print(f"{len(dataset.samples)} images on {accelerator.device.type}, precision {clf.precision_name}")
+    if clf.multilabel:
+        return evaluate_multilabel_run(accelerator, model, loader, clf, dataset, data_dir, out_dir, report, config)
     preds = evaluate(accelerator, model, loader, len(classes), to_input=clf.to_input)
     metrics = {"checkpoint": str(clf.path), "data": str(data_dir),
                **summarise(classes, preds.targets, preds.topk)}
@@ -143,6 +150,77 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     accelerator.log({"eval/accuracy": metrics["accuracy"]}, step=0)
     accelerator.end_training()
     return metrics
+
+
+def evaluate_multilabel_run(accelerator: Any, model: Any, loader: Any, clf: Any, dataset: Any, data_dir: Path,
+                            out_dir: Path, report: Any, config: EvalConfig) -> dict[str, Any]:
+    """eval.py for a multi-label checkpoint: mAP, F1 and exact match at the checkpoint's thresholds,
+    per-class figures, predictions.csv, and the pictures (per-class AP, the most confident false
+    positives and false negatives)."""
+    # loaded by main already: here only to keep the module's top torch-free
+    from finetune.report.console import multilabel_table
+    from finetune.report.metrics import summarise_multilabel
+    from finetune.training.engine import evaluate_multilabel
+    from finetune.utils.files import atomic_write_text
+
+    classes = clf.classes
+    preds = evaluate_multilabel(accelerator, model, loader, len(classes), to_input=clf.to_input)
+    preds.thresholds = clf.thresholds
+    metrics = {"checkpoint": str(clf.path), "data": str(data_dir),
+               **summarise_multilabel(classes, preds.targets, preds.probabilities, clf.thresholds)}
+    if accelerator.is_main_process:
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_text(out_dir / "predictions.csv", multilabel_predictions_csv(dataset, classes, preds))
+        report.print(f"mAP {metrics['map']:.4f}, micro-F1 {metrics['micro_f1']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+                     f"exact match {metrics['exact_match']:.4f} on {metrics['num_samples']} images "
+                     "(at the checkpoint's per-class thresholds)")
+        report.print(multilabel_table(classes, metrics["per_class"]))
+        report.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
+        if config.plots:
+            write_multilabel_pictures(accelerator, out_dir, dataset, classes, metrics, preds, clf.preprocessing)
+            report.print(f"wrote {out_dir / 'average_precision.png'}, {out_dir / 'false_positives.png'} and "
+                         f"{out_dir / 'false_negatives.png'}")
+    accelerator.log({"eval/map": metrics["map"], "eval/micro_f1": metrics["micro_f1"]}, step=0)
+    accelerator.end_training()
+    return metrics
+
+
+def write_multilabel_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[str],
+                              metrics: dict[str, Any], preds: Any, pre: Any) -> None:
+    """``average_precision.png``, ``false_positives.png`` and ``false_negatives.png`` (the labels given
+    with the highest probability that the image lacks, and those missed with the lowest)."""
+    # loaded by main already: here only to keep the module's top torch-free
+    from finetune.report.plots import average_precision_png, false_decisions_png, save_png
+    from finetune.report.tracking import log_png
+
+    truth, predicted, probs = preds.targets > 0.5, preds.predicted, preds.probabilities
+    preset = pre.eval_preset()
+    pictures = {"average_precision": average_precision_png(classes, [metrics["per_class"][c]["ap"] for c in classes],
+                                                           metrics["map"])}
+    for name, kind, wrong, confidence in (("false_positives", "false positives", ~truth & predicted, probs),
+                                          ("false_negatives", "false negatives", truth & ~predicted, 1 - probs)):
+        where = wrong.nonzero()  # (image, class) pairs
+        worst = where[confidence[wrong].argsort(descending=True, stable=True)][:MISTAKES_SHOWN].tolist()
+        images = [preset(dataset.samples[int(preds.indices[i])][0]).permute(1, 2, 0).numpy() for i, _ in worst]
+        pictures[name] = false_decisions_png(
+            images, [";".join(classes[j] for j in truth[i].nonzero().flatten().tolist()) for i, _ in worst],
+            [classes[c] for _, c in worst], [float(probs[i, c]) for i, c in worst], kind, len(where), len(truth))
+    for name, png in pictures.items():
+        save_png(out_dir / f"{name}.png", png)
+        log_png(accelerator, f"eval/{name}", png, step=0)
+
+
+def multilabel_predictions_csv(dataset: Any, classes: list[str], preds: Any) -> str:
+    """Per image: its labels, the predicted ones, whether they are exactly right, and every class's probability."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "true", "predicted", "correct", *(f"p({c})" for c in classes)])
+    truth, predicted = preds.targets > 0.5, preds.predicted
+    for row, index in enumerate(preds.indices.tolist()):
+        names = [";".join(classes[j] for j in part[row].nonzero().flatten().tolist()) for part in (truth, predicted)]
+        writer.writerow([dataset.samples[index][0], *names, int(bool((truth[row] == predicted[row]).all())),
+                         *(f"{p:.6f}" for p in preds.probabilities[row].tolist())])
+    return buffer.getvalue()
 
 
 def show(report: Any, classes: list[str], metrics: dict[str, Any], plots: bool = False) -> None:

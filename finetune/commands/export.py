@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if agreement is not None:
         print(f"checked on {agreement.images} images ({source}): the file agrees with PyTorch in fp32, largest "
               f"logit difference {agreement.max_difference:.2e} (allowed {TOLERANCE * agreement.scale:.2e}), "
-              f"same top class on all")
+              f"{'same labels over their thresholds' if clf.multilabel else 'same top class'} on all")
     elif images is None:
         print(f"not checked: {source}; pass --check-images with a few of your images")
     else:

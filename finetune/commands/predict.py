@@ -29,7 +29,8 @@ class PredictConfig:
     ckpt: str | None = option(None, "checkpoint written by train.py (model.safetensors)")
     inputs: tuple[str, ...] = option((), "image files, folders (searched recursively) and .txt files listing image "
                                          "paths", positional=True)
-    top_k: int = option(1, "classes per image, best first", minimum=1)
+    top_k: int = option(1, "classes per image, best first (a multi-label checkpoint lists every class over its "
+                           "threshold instead)", minimum=1)
     output: str | None = option(None, "write the predictions to this .csv or .jsonl file instead of printing a table")
     batch_size: int = option(64, "images per process per batch", minimum=1)
     bad_data: str = option("skip", "images that cannot be decoded: skip (and list them) or fail", choices=BAD_DATA_POLICIES)
@@ -101,15 +102,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = clf.prepare(accelerator)
     loader = accelerator.prepare_data_loader(loader)
     report.print(f"{len(paths)} image(s) on {accelerator.device.type}, precision {clf.precision_name}")
-    k = min(config.top_k, len(clf.classes))
+    k = len(clf.classes) if clf.multilabel else min(config.top_k, len(clf.classes))
 
-    rows = _predict(accelerator, model, loader, clf.to_input, k)
+    rows = _predict(accelerator, model, loader, clf.to_input, k, clf.probabilities)
     counts = {"predicted": 0, "skipped": 0}
     skipped: list[str] = []
     if accelerator.is_main_process:
-        with _Sink(out_path, k, report) as sink:
+        with _Sink(out_path, k, report, multilabel=clf.multilabel) as sink:
             for index, readable, classes, probs in rows:
-                if readable:
+                if readable and clf.multilabel:  # every class's probability: those over their thresholds
+                    sink.write(str(paths[index]), *clf.labels_over_threshold(probs))
+                    counts["predicted"] += 1
+                elif readable:
                     sink.write(str(paths[index]), [clf.classes[c] for c in classes], probs)
                     counts["predicted"] += 1
                 else:
@@ -128,14 +132,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {**counts, "skipped_paths": skipped, "output": out_path}
 
 
-def _predict(accelerator: Any, model: Any, loader: Any, to_input: Any,
-             k: int) -> Iterator[tuple[int, bool, list[int], list[float]]]:
-    """(dataset index, readable, top-k classes, their probabilities) of every image once, a batch at a time."""
+def _predict(accelerator: Any, model: Any, loader: Any, to_input: Any, k: int,
+             probabilities: Any) -> Iterator[tuple[int, bool, list[int], list[float]]]:
+    """(dataset index, readable, top-k classes, their probabilities) of every image once, a batch at
+    a time (``probabilities``: the classifier's, from logits); ``k`` as many as there are classes:
+    every class, in class order."""
+    import torch  # loaded by main already
+
     from finetune.models.inference import forward_batches  # loaded by main already
 
     for logits, (positions, indices) in forward_batches(model, loader, to_input):
         readable = (indices >= 0).int()  # an int: gloo gathers no bools
-        top_p, top_i = logits.softmax(dim=1).topk(k, dim=1)
+        probs = probabilities(logits)
+        if k == probs.shape[1]:
+            top_p, top_i = probs, torch.arange(k, device=probs.device).expand_as(probs)
+        else:
+            top_p, top_i = probs.topk(k, dim=1)
         gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p))
         order = gathered[0].argsort()  # gathered batches interleave the processes' shares
         yield from zip(*(part[order].tolist() for part in gathered))
@@ -147,8 +159,8 @@ class _Sink:
 
     TABLE_ROWS = 64
 
-    def __init__(self, path: Path | None, k: int, report: Any):
-        self.path, self.k, self.report = path, k, report
+    def __init__(self, path: Path | None, k: int, report: Any, multilabel: bool = False):
+        self.path, self.k, self.report, self.multilabel = path, k, report, multilabel
         self._stack = ExitStack()
         self._file: TextIO | None = None
         self._table: Any = None
@@ -168,13 +180,18 @@ class _Sink:
             raise UserError(f"cannot write {self.path}: {err.strerror or err}") from None
         if self.path.suffix.lower() == ".csv":
             self._csv = csv.writer(self._file)
-            self._csv.writerow(["path"] + [f"{what}_{i}" for i in range(1, self.k + 1)
-                                           for what in ("class", "probability")])
+            if self.multilabel:  # labels over their thresholds, joined by ';', and their probabilities likewise
+                self._csv.writerow(["path", "labels", "probabilities"])
+            else:
+                self._csv.writerow(["path"] + [f"{what}_{i}" for i in range(1, self.k + 1)
+                                               for what in ("class", "probability")])
         return self
 
     def write(self, path: str, classes: list[str], probs: list[float]) -> None:
         if self._file is None:
             self._add_row(path, classes, probs)
+        elif self.path.suffix.lower() == ".csv" and self.multilabel:
+            self._csv.writerow([path, ";".join(classes), ";".join(f"{p:.6f}" for p in probs)])
         elif self.path.suffix.lower() == ".csv":
             self._csv.writerow([path] + [v for c, p in zip(classes, probs) for v in (c, f"{p:.6f}")])
         else:
@@ -187,10 +204,16 @@ class _Sink:
         if self._table is None:
             self._table = Table(show_header=self._shown == 0)
             self._table.add_column("path", overflow="fold")
-            for i in range(1, self.k + 1):
-                self._table.add_column(f"class {i}" if self.k > 1 else "class")
-                self._table.add_column(f"p{i}" if self.k > 1 else "probability", justify="right")
-        self._table.add_row(path, *[v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")])
+            if self.multilabel:
+                self._table.add_column("labels (probability)", overflow="fold")
+            else:
+                for i in range(1, self.k + 1):
+                    self._table.add_column(f"class {i}" if self.k > 1 else "class")
+                    self._table.add_column(f"p{i}" if self.k > 1 else "probability", justify="right")
+        if self.multilabel:
+            self._table.add_row(path, ", ".join(f"{c} ({p:.4f})" for c, p in zip(classes, probs)) or "none")
+        else:
+            self._table.add_row(path, *[v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")])
         self._shown += 1
         if self._shown % self.TABLE_ROWS == 0:
             self._flush_table()

@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command = shlex.join(["python", "study.py", *(sys.argv[1:] if argv is None else argv)])
 
     def announce(result: Any) -> None:
-        report.print(f"{result.strategy}: test accuracy {result.test_accuracy:.4f} in {result.seconds:.1f} s")
+        report.print(f"{result.strategy}: test {result.metric} {result.test_accuracy:.4f} in {result.seconds:.1f} s")
 
     # One process group for all the runs: each run would otherwise end it for the next.
     results = study.run_study(functools.partial(train, keep_process_group=True), strategies, common, out_dir,

@@ -38,12 +38,16 @@ def main(argv: Sequence[str] | None = None, *, keep_process_group: bool = False)
 def summary(result: TrainResult, eval_command: str) -> str:
     """The run's last lines: where the model is, its test accuracy, and how to evaluate it."""
     checkpoint = result.run_dir / "model.safetensors"
-    accuracy = f"{result.final.get('test_acc', float('nan')):.4f}"
+    final = result.final
+    if "test_map" in final:  # multi-label: mAP is the headline
+        accuracy = f"test mAP {final['test_map']:.4f}, micro-F1 {final['test_f1']:.4f}"
+    else:
+        accuracy = f"test accuracy {final.get('test_acc', float('nan')):.4f}"
     evaluate = f"  {eval_command} --ckpt {checkpoint} --data {result.eval_data}"
     if result.finished:
-        return (f"the run in {result.run_dir} is finished ({len(result.history)} epochs, test accuracy {accuracy}); "
+        return (f"the run in {result.run_dir} is finished ({len(result.history)} epochs, {accuracy}); "
                 f"nothing to resume. Evaluate it with:\n{evaluate}")
-    return f"saved {checkpoint} (test accuracy {accuracy}); evaluate it with:\n{evaluate}"
+    return f"saved {checkpoint} ({accuracy}); evaluate it with:\n{evaluate}"
 
 
 def _command(name: str) -> str:
@@ -86,7 +90,7 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
     if found.bad:
         raise UserError(f"{data_dir}: {len(found.bad)} image(s) cannot be used")
     if label_file:
-        load_splits(data_dir, columns=columns)  # its splits: labels of val or test rows that train lacks, ...
+        load_splits(data_dir, columns=columns, task=config.task)  # its splits: labels of val or test rows that train lacks, ...
     report.print(f"{data_dir}: no problems that stop a run")
     return {"report": found}
 

@@ -30,7 +30,7 @@ def recorded_split(meta: dict[str, Any], classes: Sequence[str], ckpt: str | Pat
         raise UserError(f"{ckpt} does not record the folder it was tested on (written by an older train.py); "
                         "pass --data DIR")
     if record.get("labels"):  # rows of a label file
-        return labelfiles.recorded_split(record, classes, ckpt)
+        return labelfiles.recorded_split(record, classes, ckpt, meta.get("task", "single"))
     if record.get("dataset"):  # rows of a Hugging Face dataset
         return hfdatasets.recorded_split(record, classes, ckpt)
     root = Path(record["root"])

@@ -189,8 +189,9 @@ def left_out_note(ds: datasets.ImageFolder) -> str | None:
 
 
 def missing_classes(classes: Sequence[str], ds: datasets.ImageFolder) -> list[str]:
-    """Classes of the training list that have no image in ``ds``."""
-    present = set(ds.targets)
+    """Classes of the training list that have no image in ``ds`` (whose targets may be tuples of
+    class indices: a multi-label set's)."""
+    present = {c for t in ds.targets for c in (t if isinstance(t, tuple) else (t,))}
     return [c for i, c in enumerate(classes) if i not in present]
 
 
@@ -208,7 +209,8 @@ def _rank(seed: int, root: str, path: str) -> bytes:
     return hashlib.sha256(f"{seed}:{rel}".encode()).digest()
 
 
-def carve(ds: datasets.ImageFolder, fraction: float, seed: int) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+def carve(ds: datasets.ImageFolder, fraction: float, seed: int,
+          stratify: bool = True) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
     """Split ``ds`` into (kept, held out): ``fraction`` of each class held out, chosen by ``seed``.
 
     Each class holds out ``round(n * fraction)`` files, at least one where it has two or more and
@@ -218,10 +220,11 @@ def carve(ds: datasets.ImageFolder, fraction: float, seed: int) -> tuple[dataset
         ds: the ImageFolder to split.
         fraction: the share of each class to hold out, in (0, 1).
         seed: the split seed; the same seed holds out the same files.
+        stratify: False: the files are one group (``fraction`` of all of them held out).
     """
-    by_class: dict[int, list[str]] = defaultdict(list)
+    by_class: dict[Any, list[str]] = defaultdict(list)
     for path, target in ds.samples:
-        by_class[target].append(path)
+        by_class[target if stratify else 0].append(path)
     held: set[str] = set()
     for paths in by_class.values():
         n = len(paths)
@@ -301,6 +304,8 @@ class Splits:
     val: datasets.ImageFolder | None = None
     notes: list[str] = field(default_factory=list)  # what was carved out of what
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task: str = "single"  # or "multilabel": the targets are tuples of class indices
+    task_why: str = "class folders give each image one class"
 
     @property
     def selected_on(self) -> str:

@@ -371,25 +371,33 @@ class LabelledImages(Dataset):
     """Images and their class indices from a label file: what an ImageFolder offers the rest of the
     package (``samples`` of (path, target), ``targets``, ``classes``, ``class_to_idx``, ``root``).
 
+    A single-label target is the class index; a multi-label target is the tuple of the image's class
+    indices, ascending (empty for an image without a label: a negative of every class), which the
+    loader hands over as a multi-hot vector (``loader.target_tensor``).
+
     Attributes:
         root: the label file's folder (paths are recorded relative to it).
         label_file: the label file.
+        multilabel: whether targets are tuples of class indices.
         where: path -> the row that lists it, for messages.
-        label_lists: path -> every label of its row (for multi-label training).
+        label_lists: path -> every label of its row.
     """
 
-    def __init__(self, table: LabelTable, rows: Iterable[Row], classes: Sequence[str]):
+    def __init__(self, table: LabelTable, rows: Iterable[Row], classes: Sequence[str], multilabel: bool = False):
         self.root = table.folder
         self.label_file = str(os.path.abspath(table.file))
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.multilabel = multilabel
         rows = list(rows)
         self.where = {r.path: r.where for r in rows}
         self.label_lists = {r.path: r.labels for r in rows}
         self.loader = load_rgb
-        # Ordered as an ImageFolder orders its files: by class, then path.
-        samples = sorted((r.path, self.class_to_idx[r.labels[0]]) for r in rows)
-        self.samples = sorted(samples, key=lambda s: s[1])
+        if multilabel:  # by path: there is no one class to order by
+            self.samples = sorted((r.path, tuple(sorted(self.class_to_idx[c] for c in r.labels))) for r in rows)
+        else:  # ordered as an ImageFolder orders its files: by class, then path
+            samples = sorted((r.path, self.class_to_idx[r.labels[0]]) for r in rows)
+            self.samples = sorted(samples, key=lambda s: s[1])
         self.imgs = self.samples
         self.targets = [t for _, t in self.samples]
 
@@ -401,6 +409,27 @@ class LabelledImages(Dataset):
         return self.loader(path), target
 
 
+def choose_task(table: LabelTable, rows: Sequence[Row], task: str = "auto") -> tuple[str, str]:
+    """Whether a label file trains a single-label or a multi-label classifier, and why.
+
+    ``auto`` is multi-label where the layout is one-hot or any row has several labels; else
+    single-label (a row without a label is then refused by ``single_label``, which says so).
+
+    Args:
+        table: the label file as read.
+        rows: its usable rows.
+        task: ``auto``, ``single`` or ``multilabel`` (``--task``).
+    """
+    if task != "auto":
+        return task, f"--task {task}"
+    if table.layout == "onehot":
+        return "multilabel", f"{table.file.name} has one 0/1 column per class"
+    several = next((row for row in rows if len(row.labels) > 1), None)
+    if several is not None:
+        return "multilabel", f"{several.where} has several labels ({_joined(several.labels)})"
+    return "single", f"every row of {table.file.name} has one label"
+
+
 def single_label(table: LabelTable, rows: Iterable[Row]) -> list[Row]:
     """``rows``, each of which must hold exactly one label.
 
@@ -410,11 +439,22 @@ def single_label(table: LabelTable, rows: Iterable[Row]) -> list[Row]:
     rows = list(rows)
     for row in rows:
         if len(row.labels) > 1:
-            raise UserError(f"{row.where} has several labels ({_joined(row.labels)}): multi-label training is not "
-                            "supported yet (it is coming); give each image one label")
+            raise UserError(f"{row.where} has several labels ({_joined(row.labels)}), which --task single "
+                            "refuses: pass --task multilabel (or auto) to train a multi-label classifier")
         if not row.labels:
-            raise UserError(f"{row.where} has no label: single-label training needs one per image")
+            raise UserError(f"{row.where} has no label: single-label training needs one per image "
+                            "(with --task multilabel an image without a label is a negative of every class)")
     return rows
+
+
+def _rows_for(task: str, table: LabelTable, rows: Iterable[Row]) -> list[Row]:
+    return list(rows) if task == "multilabel" else single_label(table, rows)
+
+
+def _carve(ds: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
+    """``folders.carve``; a multi-label set is ranked as one group (its label sets are too many and
+    too small to stratify by)."""
+    return carve(ds, fraction, seed, stratify=not ds.multilabel)
 
 
 def usable_rows(table: LabelTable, exclude: frozenset[str] = frozenset()) -> list[Row]:
@@ -442,8 +482,12 @@ def usable_rows(table: LabelTable, exclude: frozenset[str] = frozenset()) -> lis
 def labelled_fingerprint(ds: LabelledImages) -> str:
     """A digest naming a split of a label file: its files, relative to the label file's folder, with
     their labels (here the label is no part of the path, as a class folder is)."""
-    lines = sorted(f"{Path(os.path.relpath(p, ds.root)).as_posix()}\t{ds.classes[t]}" for p, t in ds.samples)
+    lines = sorted(f"{Path(os.path.relpath(p, ds.root)).as_posix()}\t{_names_of(ds, t)}" for p, t in ds.samples)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _names_of(ds: LabelledImages, target: int | tuple[int, ...]) -> str:
+    return ";".join(ds.classes[t] for t in target) if isinstance(target, tuple) else ds.classes[target]
 
 
 def describe_labelled(ds: LabelledImages, name: str, table: LabelTable, split: str | None,
@@ -472,9 +516,10 @@ def _check_known(rows: Iterable[Row], classes: Sequence[str], what: str) -> None
 
 
 def load_label_splits(file: str | Path, exclude: frozenset[str] = frozenset(), *, test_fraction: float = 0.2,
-                      val_fraction: float = 0.0, split_seed: int = 0, columns: Columns = Columns()) -> Splits:
+                      val_fraction: float = 0.0, split_seed: int = 0, columns: Columns = Columns(),
+                      task: str = "auto") -> Splits:
     """The splits of a label file, as ``folders.load_splits`` makes them of a folder; the classes are
-    the training rows' labels, sorted.
+    the training rows' labels, sorted (a one-hot file's columns, sorted).
 
     Args:
         file: the label file.
@@ -484,54 +529,65 @@ def load_label_splits(file: str | Path, exclude: frozenset[str] = frozenset(), *
             row is val.
         split_seed: which files are held out.
         columns: which columns hold what (None fields: found by name).
+        task: ``auto``, ``single`` or ``multilabel`` (see ``choose_task``; the Splits record which, and why).
     """
     table = read_table(file, columns)
-    parts = _by_split(single_label(table, usable_rows(table, exclude)))
+    usable = usable_rows(table, exclude)
+    task, why = choose_task(table, usable, task)
+    multilabel = task == "multilabel"
+    parts = _by_split(_rows_for(task, table, usable))
     name = table.file.name
     if not parts.get("train"):
         raise UserError(f"{name} has no train row" + (" left" if exclude else "") +
                         (" (its split column holds only " + ", ".join(sorted(parts)) + ")" if parts else ""))
-    classes = sorted({row.labels[0] for row in parts["train"]})
+    if multilabel and table.layout == "onehot":
+        classes = sorted(table.columns.onehot or ())
+    else:
+        classes = sorted({label for row in parts["train"] for label in row.labels})
     for split in ("val", "test"):
         _check_known(parts.get(split, ()), classes, split)
-    train = LabelledImages(table, parts["train"], classes)
+    train = LabelledImages(table, parts["train"], classes, multilabel)
     notes = list(table.notes)
     carved: dict[str, dict[str, Any]] = {}
     sources: dict[str, str | None] = {}
+    share = "of the images" if multilabel else "of each class"
     val = None
     if parts.get("test"):
-        test, sources["test"] = LabelledImages(table, parts["test"], classes), "test"
+        test, sources["test"] = LabelledImages(table, parts["test"], classes, multilabel), "test"
         if parts.get("val"):
-            val, sources["val"] = LabelledImages(table, parts["val"], classes), "val"
+            val, sources["val"] = LabelledImages(table, parts["val"], classes, multilabel), "val"
     elif parts.get("val"):  # val rows alone are the test split, as a val/ folder alone is
-        test, sources["test"] = LabelledImages(table, parts["val"], classes), "val"
+        test, sources["test"] = LabelledImages(table, parts["val"], classes, multilabel), "val"
     else:
-        train, test = carve(train, test_fraction, split_seed)
+        train, test = _carve(train, test_fraction, split_seed)
         carved["test"], sources["test"] = {"fraction": test_fraction, "seed": split_seed}, None
         notes.append(f"{name} has no test rows: holding out {len(test.samples)} of its images "
-                     f"({test_fraction:.0%} of each class, split seed {split_seed}) as the test part")
+                     f"({test_fraction:.0%} {share}, split seed {split_seed}) as the test part")
     if val_fraction > 0:
         if val is not None:
             raise UserError(f"{name} has val rows beside its test rows: --val-fraction carves a validation part "
                             "from train only where there is none")
-        train, val = carve(train, val_fraction, split_seed + 1)  # another seed: independent of the test part
+        train, val = _carve(train, val_fraction, split_seed + 1)  # another seed: independent of the test part
         carved["val"], sources["val"] = {"fraction": val_fraction, "seed": split_seed + 1}, None
-        notes.append(f"holding out {len(val.samples)} training images ({val_fraction:.0%} of each class) "
+        notes.append(f"holding out {len(val.samples)} training images ({val_fraction:.0%} {share}) "
                      "for validation")
     held = {"test": test, **({"val": val} if val is not None else {})}
     for split, part in held.items():
         if not part.samples:
             raise UserError(f"no images left for the {split} split of {name} (too few images per class to hold "
                             "some out)")
-    warnings = [f"class '{c}' has no images in the {split} rows of {name}" + (" (the held-out part)"
+    # A one-hot column of no training image: multi-label learns the class as never present.
+    warnings = [f"class '{c}' has no image in the train rows of {name}" for c in missing_classes(classes, train)]
+    warnings += [f"class '{c}' has no images in the {split} rows of {name}" + (" (the held-out part)"
                 if split in carved else "") for split, part in held.items() for c in missing_classes(classes, part)]
     records = {split: describe_labelled(part, sources[split] or split, table, sources[split], carved.get(split))
                for split, part in held.items()}
-    return Splits(train, test, list(classes), warnings, val=val, notes=notes, records=records)
+    return Splits(train, test, list(classes), warnings, val=val, notes=notes, records=records,
+                  task=task, task_why=why)
 
 
 def eval_split(file: str | Path, classes: Sequence[str], record: dict[str, Any] | None,
-               columns: Columns | None = None) -> tuple[LabelledImages, str]:
+               columns: Columns | None = None, task: str = "single") -> tuple[LabelledImages, str]:
     """What eval.py evaluates of a label file, and a line saying which rows those are: the part a
     run held out of it (as its checkpoint ``record`` says), else its test rows, else its val rows,
     else every row.
@@ -542,6 +598,7 @@ def eval_split(file: str | Path, classes: Sequence[str], record: dict[str, Any] 
         record: the checkpoint's record of its test split (``describe_labelled``), or None.
         columns: the columns to read; None: those the record names where it is of this file, else
             found by name.
+        task: the checkpoint's task, ``single`` or ``multilabel``.
 
     Raises:
         UserError: for a label the checkpoint lacks, or a held-out part whose files changed since.
@@ -552,21 +609,22 @@ def eval_split(file: str | Path, classes: Sequence[str], record: dict[str, Any] 
         columns = Columns.from_dict(labels["columns"]) if same_file else Columns()
     table = read_table(file, columns)
     if same_file and record.get("carved"):
-        return _carved_again(table, classes, record), (f"the {record['num_files']} images held out of {file} for "
-                                                        "testing, as recorded in the checkpoint")
-    rows = single_label(table, usable_rows(table))
+        return _carved_again(table, classes, record, task), (f"the {record['num_files']} images held out of {file} "
+                                                              "for testing, as recorded in the checkpoint")
+    rows = _rows_for(task, table, usable_rows(table))
     parts = _by_split(rows) if table.has_split else {"all": rows}
     split = next(s for s in ("test", "val", "train", "all") if parts.get(s))
     _check_known(parts[split], classes, "evaluation")
     what = "every row" if split == "all" else f"the {split} rows"
-    ds = LabelledImages(table, parts[split], classes)
+    ds = LabelledImages(table, parts[split], classes, task == "multilabel")
     return ds, f"{what} of {file} ({len(ds.samples)} images)"
 
 
-def _carved_again(table: LabelTable, classes: Sequence[str], record: dict[str, Any]) -> LabelledImages:
-    rows = [r for r in single_label(table, usable_rows(table)) if (r.split or "train") == "train"]
+def _carved_again(table: LabelTable, classes: Sequence[str], record: dict[str, Any], task: str) -> LabelledImages:
+    rows = [r for r in _rows_for(task, table, usable_rows(table)) if (r.split or "train") == "train"]
     _check_known(rows, classes, "training")
-    _, part = carve(LabelledImages(table, rows, classes), record["carved"]["fraction"], record["carved"]["seed"])
+    train = LabelledImages(table, rows, classes, task == "multilabel")
+    _, part = _carve(train, record["carved"]["fraction"], record["carved"]["seed"])
     if labelled_fingerprint(part) != record["fingerprint"]:
         raise UserError(f"the {record['name']} part held out of {table.file} is not the one the checkpoint was "
                         f"evaluated on ({len(part.samples)} images now, {record['num_files']} then): rows were added, "
@@ -574,8 +632,10 @@ def _carved_again(table: LabelTable, classes: Sequence[str], record: dict[str, A
     return part
 
 
-def recorded_split(record: dict[str, Any], classes: Sequence[str], ckpt: str | Path) -> LabelledImages:
-    """The test split of a label file that a checkpoint records (``evalsplit.recorded_split``).
+def recorded_split(record: dict[str, Any], classes: Sequence[str], ckpt: str | Path,
+                   task: str = "single") -> LabelledImages:
+    """The test split of a label file that a checkpoint records (``evalsplit.recorded_split``;
+    ``task``: the checkpoint's).
 
     Raises:
         UserError: asking for ``--data`` where the label file is gone or its rows changed since.
@@ -583,7 +643,7 @@ def recorded_split(record: dict[str, Any], classes: Sequence[str], ckpt: str | P
     file = record["labels"]["file"]
     if not os.path.isfile(file):
         raise UserError(f"the label file recorded in {ckpt}, {file}, is gone; pass --data FILE")
-    ds, _ = eval_split(file, classes, record)
+    ds, _ = eval_split(file, classes, record, task=task)
     if not record.get("carved") and labelled_fingerprint(ds) != record["fingerprint"]:
         raise UserError(f"the {record['name']} rows of {file} changed since training ({record['num_files']} images "
                         f"then, {len(ds.samples)} now: added, removed or relabelled); pass --data {file} to evaluate "

@@ -31,6 +31,21 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 * 1_000_033 + index * 2_654_435_761) % (2**63)
 
 
+def target_tensor(target: int | tuple[int, ...], num_classes: int) -> int | torch.Tensor:
+    """A sample's target as the loss takes it: a class index as it is; a multi-label sample's tuple
+    of class indices as a multi-hot float vector (an empty tuple: all zeros, a negative of every class)."""
+    if not isinstance(target, tuple):
+        return target
+    hot = torch.zeros(num_classes)
+    hot[list(target)] = 1.0
+    return hot
+
+
+def _target(dataset: Any, target: Any) -> Any:
+    # Only a multi-label dataset's tuples need its class count (predict.py's listing has no classes).
+    return target_tensor(target, len(dataset.classes)) if isinstance(target, tuple) else target
+
+
 class SkippedImages:
     """Images that failed to decode while a run used them, under ``--bad-data skip``.
 
@@ -95,7 +110,7 @@ class SeededDataset(Dataset):
             # The CPU generator only, which the presets draw from: torch.manual_seed also queues
             # seeds for every CUDA device, at 0.25 ms per image (bench/loader_speed.py).
             torch.default_generator.manual_seed(_sample_seed(self.seed, epoch, index))
-            return self.transform(path), target
+            return self.transform(path), _target(self.dataset, target)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key
@@ -128,6 +143,7 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         path, target = self.dataset.samples[index]
+        target = _target(self.dataset, target)
         try:
             return self.transform(path), target, index
         except BadImageError as err:

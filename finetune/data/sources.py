@@ -9,10 +9,12 @@ from finetune.data.folders import Splits
 from finetune.data.folders import load_splits as load_folder_splits
 from finetune.data.hfdatasets import is_hf_data, load_hf_splits
 from finetune.data.labelfiles import Columns, is_label_file, load_label_splits
+from finetune.errors import UserError
 
 
 def load_splits(data: str | Path, exclude: frozenset[str] = frozenset(), *, test_fraction: float = 0.2,
-                val_fraction: float = 0.0, split_seed: int = 0, columns: Columns | None = None) -> Splits:
+                val_fraction: float = 0.0, split_seed: int = 0, columns: Columns | None = None,
+                task: str = "auto") -> Splits:
     """The train, optional validation and test splits of ``data``, a dataset folder, a label file or a
     Hugging Face dataset.
 
@@ -26,10 +28,18 @@ def load_splits(data: str | Path, exclude: frozenset[str] = frozenset(), *, test
         split_seed: which files are held out.
         columns: a label file's or Hugging Face dataset's columns (None: found by name; ignored for
             a folder).
+        task: ``auto``, ``single`` or ``multilabel`` (``labelfiles.choose_task``); class folders and
+            Hugging Face datasets are single-label for now.
+
+    Raises:
+        UserError: for ``multilabel`` on class folders or a Hugging Face dataset.
     """
     if is_label_file(data):
         return load_label_splits(data, exclude, test_fraction=test_fraction, val_fraction=val_fraction,
-                                 split_seed=split_seed, columns=columns or Columns())
+                                 split_seed=split_seed, columns=columns or Columns(), task=task)
+    if task == "multilabel":
+        raise UserError(f"--task multilabel needs a label file (--data labels.csv): {data} gives each image "
+                        "one class")
     if is_hf_data(data):
         return load_hf_splits(data, exclude, test_fraction=test_fraction, val_fraction=val_fraction,
                               split_seed=split_seed, columns=columns or Columns())

@@ -42,7 +42,7 @@ class Agreement:
     images: int
     max_difference: float  # the largest absolute logit difference
     scale: float  # the largest absolute PyTorch logit (at least 1)
-    same_top1: int  # images whose top class is the same
+    same_top1: int  # images whose top class is the same (multi-label: whose labels over threshold are)
 
     @property
     def ok(self) -> bool:
@@ -58,6 +58,9 @@ def export_metadata(clf: LoadedClassifier) -> dict[str, Any]:
         "std": list(pre.std), "input": "images: float32 N x 3 x crop x crop, RGB, (pixel / 255 - mean) / std",
         "output": "logits: float32 N x classes", "precision": "fp32", "arch": meta["arch"],
         "finetune_version": meta.get("versions", {}).get("finetune", ""), "checkpoint": str(clf.path),
+        **({"task": "multilabel", "thresholds": clf.thresholds,
+            "output": "logits: float32 N x classes; sigmoid(logit) is the class's probability, and the image has "
+                      "the class where that is at least the class's threshold"} if clf.multilabel else {}),
     }
 
 
@@ -133,8 +136,13 @@ def compare(clf: LoadedClassifier, run: Callable[[torch.Tensor], torch.Tensor] |
     with torch.no_grad():
         x = ModelInput(clf.preprocessing.mean, clf.preprocessing.std)(images)
         reference, ours = model(x), run(x).float()
+    if clf.multilabel:  # the same labels over their thresholds
+        limit = torch.tensor(clf.thresholds)
+        same = ((ours.sigmoid() >= limit) == (reference.sigmoid() >= limit)).all(dim=1)
+    else:
+        same = ours.argmax(1) == reference.argmax(1)
     return Agreement(len(images), float((ours - reference).abs().max()), max(1.0, float(reference.abs().max())),
-                     int((ours.argmax(1) == reference.argmax(1)).sum()))
+                     int(same.sum()))
 
 
 def _batch_dim() -> Any:

@@ -58,7 +58,8 @@ def forward_batches(model: nn.Module, batches: Iterable[Any],
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top classes of one image, best first."""
+    """The top classes of one image, best first; for a multi-label classifier, every class whose
+    probability is at or over its threshold (none, one or several), most probable first."""
 
     source: str  # the image's path, or "<image N>" for an in-memory image (N: its position in the input)
     classes: list[str]
@@ -92,6 +93,30 @@ class LoadedClassifier:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def task(self) -> str:
+        """``single`` (softmax over the classes) or ``multilabel`` (a sigmoid per class)."""
+        return self.meta.get("task", "single")
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    @property
+    def thresholds(self) -> list[float]:
+        """A multi-label classifier's decision threshold per class (chosen on the validation split)."""
+        return [float(t) for t in self.meta.get("thresholds") or [0.5] * len(self.classes)]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's outputs as probabilities: softmax over the classes, or a sigmoid per class."""
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+
+    def labels_over_threshold(self, probabilities: list[float]) -> tuple[list[str], list[float]]:
+        """A multi-label image's classes at or over their thresholds and their probabilities, most probable first."""
+        chosen = sorted((i for i, (p, t) in enumerate(zip(probabilities, self.thresholds)) if p >= t),
+                        key=lambda i: -probabilities[i])
+        return [self.classes[i] for i in chosen], [probabilities[i] for i in chosen]
 
     @property
     def precision_name(self) -> str:
@@ -137,7 +162,8 @@ class LoadedClassifier:
         Args:
             images: an image file, a folder (searched recursively for images), a PIL image, or a
                 list of these.
-            top_k: how many classes to return per image, best first.
+            top_k: how many classes to return per image, best first (a multi-label classifier returns
+                every class over its threshold instead).
             batch_size: images per forward pass.
             bad_data: ``skip`` an image that cannot be decoded, with a warning (as predict.py
                 does), or ``fail`` on it with ``BadImageError``.
@@ -171,7 +197,11 @@ class LoadedClassifier:
             yield from self._classify(batch, k)
 
     def _classify(self, batch: list[tuple[str, torch.Tensor]], k: int) -> Iterator[Prediction]:
-        probs = self.logits(torch.stack([image for _, image in batch])).softmax(dim=1)
+        probs = self.probabilities(self.logits(torch.stack([image for _, image in batch])))
+        if self.multilabel:
+            for (source, _), p in zip(batch, probs.tolist()):
+                yield Prediction(source, *self.labels_over_threshold(p))
+            return
         top_p, top_i = probs.topk(k, dim=1)
         for (source, _), p, i in zip(batch, top_p.tolist(), top_i.tolist()):
             yield Prediction(source, [self.classes[j] for j in i], p)

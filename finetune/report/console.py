@@ -160,6 +160,19 @@ def per_class_table(classes: Sequence[str], precision: Sequence[float], recall: 
     return table
 
 
+def multilabel_table(classes: Sequence[str], per_class: dict[str, dict[str, Any]]) -> Table:
+    """A multi-label evaluation per class: AP, precision, recall and F1 at the class's threshold, images."""
+    table = Table(title="per class")
+    for name in ("class", "AP", "precision", "recall", "F1", "threshold", "images"):
+        table.add_column(name, justify="left" if name == "class" else "right")
+    for c in classes:
+        row = per_class[c]
+        ap = "-" if row["ap"] is None else f"{row['ap']:.3f}"
+        table.add_row(Text(c), ap, *(f"{row[k]:.3f}" for k in ("precision", "recall", "f1", "threshold")),
+                      str(row["support"]))
+    return table
+
+
 def preflight_table(counts: dict[str, dict[str, int]]) -> Table:
     """Images per class and split."""
     splits = list(counts)

@@ -111,7 +111,8 @@ def pick_samples(targets: Sequence[int], num_classes: int, per_class: int = 6, m
     ``per_class`` images of each, drawn with ``seed``.
 
     Args:
-        targets: the class index of every image of the dataset.
+        targets: the class index of every image of the dataset (or the tuple of its class indices, for
+            multi-label data: the image may show under each).
         num_classes: how many classes there are.
         per_class, max_classes: how many to show.
         seed: the draw's seed.
@@ -121,7 +122,8 @@ def pick_samples(targets: Sequence[int], num_classes: int, per_class: int = 6, m
     """
     members: dict[int, list[int]] = {}
     for i, t in enumerate(targets):
-        members.setdefault(int(t), []).append(i)
+        for c in (t if isinstance(t, tuple) else (t,)):
+            members.setdefault(int(c), []).append(i)
     present = [c for c in range(num_classes) if c in members]
     if len(present) > max_classes:
         present = [present[round(i * (len(present) - 1) / max(1, max_classes - 1))] for i in range(max_classes)]
@@ -213,14 +215,15 @@ def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[s
 class Curves:
     """``curves.png`` of a training run, redrawn after each epoch: loss and accuracy per epoch from
     the run's history rows (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``, and
-    ``test_loss`` where present).
+    ``test_loss`` and a multi-label run's ``test_map`` where present).
 
     The figure is built once and its lines updated: a fresh figure each epoch cost twice the time
     (its axes, ticks and legend made again), most of the pictures' share of an epoch.
     """
 
     KEYS = (("loss", "train_loss", "train loss"), ("loss", "test_loss", "test loss"),
-            ("accuracy", "train_acc", "train accuracy"), ("accuracy", "test_acc", "test accuracy"))
+            ("accuracy", "train_acc", "train accuracy"), ("accuracy", "test_acc", "test accuracy"),
+            ("accuracy", "test_map", "test mAP"))
 
     def __init__(self) -> None:
         self._fig: Any = None
@@ -233,7 +236,7 @@ class Curves:
 
     def _update(self, history: Sequence[dict[str, Any]]) -> Any:
         if self._fig is None:
-            self._build(with_test_loss=all("test_loss" in row for row in history))
+            self._build({key for _, key, _ in self.KEYS if all(key in row for row in history)})
         epochs = [row["epoch"] for row in history]
         for key, line in self._lines.items():
             line.set_data(epochs, [row[key] for row in history])
@@ -244,13 +247,13 @@ class Curves:
         self._axes["accuracy"].set_ylim(-0.02, 1.02)
         return self._fig
 
-    def _build(self, with_test_loss: bool) -> None:
+    def _build(self, keys: set[str]) -> None:
         fig = _figure(7.5, 3.0, layout=None)
         fig.subplots_adjust(left=0.07, right=0.98, bottom=0.15, top=0.91, wspace=0.2)
         loss_ax, acc_ax = fig.subplots(1, 2)
         self._axes = {"loss": loss_ax, "accuracy": acc_ax}
         for panel, key, label in self.KEYS:
-            if key != "test_loss" or with_test_loss:
+            if key in keys:
                 self._lines[key] = self._axes[panel].plot([], [], label=label)[0]
         for title, ax in self._axes.items():
             ax.set_xlabel("epoch")
@@ -441,3 +444,69 @@ def png_channels(png: bytes) -> int:
     if colour_type == 3:
         return 4 if b"tRNS" in png[:png.find(b"IDAT")] else 3
     return {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+
+
+def average_precision_png(classes: Sequence[str], aps: Sequence[float | None], map_value: float) -> bytes:
+    """A multi-label evaluation's per-class average precision, one bar a class (best at the top);
+    a class without a positive image has none and is marked so.
+
+    Args:
+        classes: class names.
+        aps: each class's AP (None: undefined, no positive image).
+        map_value: their mean over the defined ones (the title's mAP).
+    """
+    order = sorted(range(len(classes)), key=lambda i: (aps[i] is not None, aps[i] or 0.0))
+
+    def draw():
+        fig = _figure(6.0, 0.8 + 0.28 * len(classes))
+        ax = fig.add_subplot()
+        y = np.arange(len(order))
+        values = [aps[i] if aps[i] is not None else 0.0 for i in order]
+        ax.barh(y, values, color="tab:blue")
+        ax.set_yticks(y, [_label(classes[i], 30).replace("\n", " ") for i in order])
+        for row, i in zip(y, order):
+            text = f"{aps[i]:.3f}" if aps[i] is not None else "no positive image"
+            ax.text(min(values[row], 0.98) + 0.01, row, text, va="center", fontsize=7)
+        ax.set_xlim(0, 1.15)
+        ax.set_xlabel("average precision")
+        ax.set_title(f"average precision per class (mAP {map_value:.3f})")
+        ax.grid(axis="x", alpha=0.3)
+        return fig
+    return _render(draw)
+
+
+def false_decisions_png(images: Sequence[np.ndarray], true: Sequence[str], label: Sequence[str],
+                        probability: Sequence[float], kind: str, total: int, total_images: int) -> bytes:
+    """A multi-label evaluation's most confident false positives (a label given that the image lacks:
+    the highest probabilities) or false negatives (a label missed: the lowest), each titled with the
+    image's labels, the label in question and its probability.
+
+    Args:
+        images: RGB uint8 arrays (H, W, 3), most confident first.
+        true: each image's labels, joined.
+        label: the label falsely given (or missed).
+        probability: its probability.
+        kind: ``false positives`` or ``false negatives``.
+        total: how many there are in all.
+        total_images: how many images were evaluated.
+    """
+    verb = "given" if kind == "false positives" else "missed"
+
+    def draw():
+        if not images:
+            fig = _figure(4.0, 1.2)
+            fig.text(0.5, 0.5, f"no {kind} among {total_images} images", ha="center", va="center")
+            return fig
+        columns = min(4, len(images))
+        rows = -(-len(images) // columns)
+        fig = _figure(2.1 * columns, 2.45 * rows + 0.4)
+        axes = fig.subplots(rows, columns, squeeze=False).ravel()
+        for ax, image, t, name, prob in zip(axes, images, true, label, probability):
+            _show(ax, image)
+            ax.set_title(f"labels: {_label(t or 'none', 22)}\n{verb}: {_label(name, 22)}\nprobability {prob:.2f}",
+                         fontsize=8)
+        for ax in axes[len(images):]:
+            ax.set_axis_off()
+        fig.suptitle(f"the most confident {kind}: {len(images)} shown of {total} among {total_images} images")
+        return fig
+    return _render(draw)

@@ -229,7 +229,7 @@ class StepLog:
 
 
 EPOCH_TAGS = {"train_loss": "epoch/train_loss", "train_acc": "epoch/train_accuracy", "test_acc": "epoch/test_accuracy",
-              "test_loss": "epoch/test_loss"}  # history row key: tag
+              "test_loss": "epoch/test_loss", "test_map": "epoch/test_map", "test_f1": "epoch/test_f1"}  # row key: tag
 
 
 def model_view(loader_dataset: Any, train: Any, pre: Any) -> Callable[[int], torch.Tensor]:

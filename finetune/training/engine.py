@@ -13,6 +13,7 @@ from torch import nn
 
 from finetune.models.inference import forward_batches
 from finetune.models.surgery import set_frozen_eval
+from finetune.report.metrics import decisions, mean_average_precision, multilabel_scores
 
 SYNC_EVERY_STEPS = 10  # read loss back from the device this often: every step would stall the pipeline
 MAX_SKIPPED_STEPS = 50  # fp16 steps the loss scaler may skip in a row before the run stops
@@ -44,6 +45,16 @@ def step_seed(seed: int, epoch: int, step: int, process_index: int) -> int:
     return ((seed * 1_000_003 + epoch * 100_003 + step) * 1_009 + process_index) % 2**63
 
 
+def single_label_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Images of a batch whose top class is their class."""
+    return (logits.argmax(dim=1) == targets).sum()
+
+
+def multilabel_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Images of a batch whose predicted label set (a logit over 0, i.e. a probability over 0.5) is exactly theirs."""
+    return ((logits > 0) == (targets > 0.5)).all(dim=1).sum()
+
+
 def earliest_bad_step(first_bad: torch.Tensor) -> int | None:
     """The earliest step at which any process met a non-finite loss, from each process's first
     (-1: none), or None. The earliest: after one process's NaN, DDP spreads NaN weights to all."""
@@ -63,13 +74,16 @@ class Trainer:
         loss_fn: maps ``(logits, targets)`` to the loss.
         seed: with the epoch, step and process, seeds the model's randomness (``step_seed``).
         to_input: turns a loader batch into the model's input (``data.ModelInput``).
+        hits: counts a batch's correct images from ``(logits, targets)`` (the training accuracy):
+            ``single_label_hits``, or ``multilabel_hits`` (exact matches).
     """
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, *, seed: int = 0,
-                 to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x):
+                 to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                 hits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = single_label_hits):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.loss_fn, self.seed, self.to_input = loss_fn, seed, to_input
+        self.loss_fn, self.seed, self.to_input, self.hits = loss_fn, seed, to_input, hits
         self.start_epoch(0)
 
     def start_epoch(self, epoch: int, start_step: int = 0, sums: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
@@ -129,7 +143,7 @@ class Trainer:
         loss = loss.detach().float()
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
         self.loss_sum += loss * n
-        self.correct += (logits.detach().argmax(dim=1) == targets).sum()
+        self.correct += self.hits(logits.detach(), targets)
         self.seen += n
         return acc.sync_gradients
 
@@ -185,6 +199,11 @@ class Predictions:
         return (self.topk[:, 0] == self.targets).float().mean().item() if len(self.targets) else 0.0
 
     @property
+    def score(self) -> float:
+        """What chooses best.safetensors: the accuracy."""
+        return self.accuracy
+
+    @property
     def mean_loss(self) -> float:
         return self.loss.mean().item() if len(self.targets) else 0.0
 
@@ -209,6 +228,69 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_c
     result = {key: value[kept] for key, value in result.items()}
     order = result["indices"].argsort()
     return Predictions(**{key: value[order] for key, value in result.items()})
+
+
+@dataclass
+class MultiLabelPredictions:
+    """Every evaluated image of a multi-label split exactly once, in dataset order.
+
+    ``accuracy`` is the exact-match ratio and ``score`` (what chooses best.safetensors) the mAP;
+    decisions use ``thresholds`` (None: 0.5 for every class).
+    """
+
+    indices: torch.Tensor  # dataset index of each image
+    targets: torch.Tensor  # (N, C) multi-hot
+    probabilities: torch.Tensor  # (N, C) sigmoid outputs
+    loss: torch.Tensor  # binary cross-entropy per image, averaged over the classes
+    thresholds: list[float] | None = None
+
+    @property
+    def map(self) -> float:
+        return mean_average_precision(self.targets, self.probabilities) if len(self.targets) else 0.0
+
+    @property
+    def score(self) -> float:
+        return self.map
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """mAP, micro and macro F1 and the exact-match ratio (``metrics.multilabel_scores``)."""
+        return multilabel_scores(self.targets, self.probabilities, self.thresholds)
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        """(N, C) booleans: the classes each image is predicted to have."""
+        return decisions(self.probabilities, self.thresholds)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.predicted == (self.targets > 0.5)).all(dim=1).double().mean()) if len(self.targets) else 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss.mean().item() if len(self.targets) else 0.0
+
+
+@torch.inference_mode()
+def evaluate_multilabel(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_classes: int, *,
+                        to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> MultiLabelPredictions:
+    """``evaluate`` for a multi-label model (sigmoid outputs, multi-hot targets): every image of
+    ``loader`` once, gathered from all processes."""
+    parts: dict[str, list[torch.Tensor]] = {"indices": [], "targets": [], "probabilities": [], "loss": []}
+    for logits, (targets, indices) in forward_batches(model, loader, to_input):
+        targets = targets.float()
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
+        gathered = accelerator.gather_for_metrics((indices, targets, logits.sigmoid(), loss))
+        for key, value in zip(parts, gathered):
+            parts[key].append(value)
+    if not parts["indices"]:
+        return MultiLabelPredictions(torch.zeros(0, dtype=torch.long), torch.zeros(0, num_classes),
+                                     torch.zeros(0, num_classes), torch.zeros(0))
+    result = {key: torch.cat(values).cpu() for key, values in parts.items()}
+    kept = result["indices"] >= 0  # -1: an image that failed to decode under --bad-data skip
+    result = {key: value[kept] for key, value in result.items()}
+    order = result["indices"].argsort()
+    return MultiLabelPredictions(**{key: value[order] for key, value in result.items()})
 
 
 @torch.inference_mode()

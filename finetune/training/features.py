@@ -62,7 +62,7 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, key):
         index = key if self.with_index else key[1]
-        item = (self.features[index], int(self.targets[index]))
+        item = (self.features[index], self.targets[index])  # a class index, or a multi-hot vector
         return (*item, index) if self.with_index else item
 
 

@@ -17,8 +17,9 @@ from torch import nn
 from finetune.errors import Stopped, UserError
 from finetune.models.build import describe_checkpoint
 from finetune.models.checkpoint import save_checkpoint
-from finetune.training.engine import (SYNC_EVERY_STEPS, EpochStats, NonFiniteLossError, Predictions, evaluate,
-                                      recalibrate_batchnorm)
+from finetune.report.metrics import DEFAULT_THRESHOLD, choose_thresholds
+from finetune.training.engine import (SYNC_EVERY_STEPS, EpochStats, MultiLabelPredictions, NonFiniteLossError,
+                                      Predictions, evaluate, evaluate_multilabel, recalibrate_batchnorm)
 from finetune.training.session import Session
 from finetune.training.state import Progress, latest_state, save_training_state
 from finetune.utils.runtime import rss_mib
@@ -50,10 +51,7 @@ def fit(session: Session) -> Progress:
                 after_step(session, epoch, step)
             stats = trainer.end_epoch()
             recalibrate(session)
-            preds = evaluate(session.accelerator, session.model, session.test_loader, len(session.classes),
-                             to_input=session.to_input)
-            val = None if session.val_loader is None else evaluate(
-                session.accelerator, session.model, session.val_loader, len(session.classes), to_input=session.to_input)
+            preds, val = evaluate_splits(session)
             name_skipped(session)
             after_epoch(session, epoch, stats, preds, val)
             check_weights(session, f"in epoch {epoch + 1}")
@@ -64,6 +62,20 @@ def fit(session: Session) -> Progress:
     except NonFiniteLossError as err:
         raise non_finite_error(session, err) from None
     return progress
+
+
+def evaluate_splits(session: Session) -> tuple[Any, Any]:
+    """The test split's predictions and the validation split's (None without one).
+
+    Multi-label: each class's decision threshold is chosen on the validation split (to maximise
+    its F1) and used for both; 0.5 without one."""
+    run = evaluate_multilabel if session.multilabel else evaluate
+    preds, val = (None if loader is None else run(session.accelerator, session.model, loader, len(session.classes),
+                                                   to_input=session.to_input)
+                  for loader in (session.test_loader, session.val_loader))
+    if session.multilabel and val is not None:
+        preds.thresholds = val.thresholds = choose_thresholds(val.targets, val.probabilities)
+    return preds, val
 
 
 def recalibrate(session: Session) -> None:
@@ -120,10 +132,18 @@ def after_step(session: Session, epoch: int, step: int) -> None:
         raise stopped(session, epoch, step + 1)
 
 
-def after_epoch(session: Session, epoch: int, stats: EpochStats, preds: Predictions, val: Predictions | None) -> None:
-    """After ``epoch`` was trained and evaluated: its row of figures, shown and kept in the history."""
-    row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy,
-           **({"val_acc": val.accuracy} if val is not None else {}),
+def after_epoch(session: Session, epoch: int, stats: EpochStats, preds: Predictions | MultiLabelPredictions,
+                val: Predictions | MultiLabelPredictions | None) -> None:
+    """After ``epoch`` was trained and evaluated: its row of figures, shown and kept in the history.
+
+    Multi-label: ``train_acc`` and ``test_acc`` are exact-match ratios; ``val_map`` and ``test_map``
+    the mAP, ``test_f1`` the micro F1 (at the validation split's thresholds)."""
+    if isinstance(preds, MultiLabelPredictions):
+        figures = {**({"val_map": val.map} if val is not None else {}), "test_map": preds.map,
+                   "test_f1": preds.scores["micro_f1"]}
+    else:
+        figures = {"val_acc": val.accuracy} if val is not None else {}
+    row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_acc": stats.accuracy, **figures,
            "test_acc": preds.accuracy, "test_loss": preds.mean_loss,
            session.lr_column: session.scheduler.get_last_lr()[0],
            "images_per_s": stats.images_per_s,
@@ -199,10 +219,11 @@ def save_state(session: Session, epoch: int, step: int, epoch_sums: list[float] 
     save_training_state(session.accelerator, session.run_dir, session.progress)
 
 
-def save_checkpoints(session: Session, epoch: int, stats: EpochStats, preds: Predictions,
-                     val: Predictions | None) -> None:
-    """``model.safetensors`` after ``epoch``, and ``best.safetensors`` when its accuracy is the best so far:
-    on the validation split where there is one, else on the test split."""
+def save_checkpoints(session: Session, epoch: int, stats: EpochStats, preds: Predictions | MultiLabelPredictions,
+                     val: Predictions | MultiLabelPredictions | None) -> None:
+    """``model.safetensors`` after ``epoch``, and ``best.safetensors`` when its accuracy (mAP for a
+    multi-label run) is the best so far: on the validation split where there is one, else on the
+    test split. A multi-label checkpoint also records ``task`` and its classes' ``thresholds``."""
     progress = session.progress
     chooser = val if val is not None else preds
     records = session.splits
@@ -211,14 +232,21 @@ def save_checkpoints(session: Session, epoch: int, stats: EpochStats, preds: Pre
                    "num_test_samples": len(preds.targets)}
         if val is not None:
             metrics.update(val_accuracy=val.accuracy, num_val_samples=len(val.targets))
+        if isinstance(preds, MultiLabelPredictions):
+            metrics.update({f"test_{k}": v for k, v in preds.scores.items()})
+            if val is not None:
+                metrics["val_map"] = val.map
         meta = describe_checkpoint(session.config, session.clf, session.classes, metrics,
                                    precision=session.accelerator.mixed_precision)
         meta["splits"] = records  # eval.py without --data evaluates these files again
         meta["selected_on"] = session.selected_on
+        if isinstance(preds, MultiLabelPredictions):
+            meta["task"] = "multilabel"
+            meta["thresholds"] = preds.thresholds or [DEFAULT_THRESHOLD] * len(session.classes)
         state_dict = session.clf.net.state_dict()  # the whole model, also when only its head trained
         save_checkpoint(session.run_dir / "model.safetensors", state_dict, meta)
-        if chooser.accuracy > progress.best_accuracy:
+        if chooser.score > progress.best_accuracy:
             save_checkpoint(session.run_dir / "best.safetensors", state_dict, meta)
-    if chooser.accuracy > progress.best_accuracy:
+    if chooser.score > progress.best_accuracy:
         progress.best_epoch = epoch + 1
-    progress.best_accuracy = max(progress.best_accuracy, chooser.accuracy)
+    progress.best_accuracy = max(progress.best_accuracy, chooser.score)

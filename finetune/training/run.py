@@ -8,6 +8,7 @@ the session, then the epoch loop (``loop.fit``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,11 @@ def _train(config: TrainConfig, stop: StopSignal, keep_process_group: bool) -> T
     exclude, notes = preflight(accelerator, data_dir, config.bad_data, columns)
     splits = load_splits(data_dir, frozenset(exclude), test_fraction=config.test_fraction,
                          val_fraction=config.val_fraction, split_seed=config.split_seed,
-                         columns=columns)  # also checks the layout
+                         columns=columns, task=config.task)  # also checks the layout
     check_classes(splits.classes, getattr(splits.train, "label_file", splits.train.root))
+    if config.task == "auto" and hasattr(splits.train, "label_file"):  # folders are single-label, no news
+        report.print(f"task: {'multi-label' if splits.task == 'multilabel' else 'single-label'} ({splits.task_why})")
+    config = dataclasses.replace(config, task=splits.task)
     for note in splits.notes:
         report.print(note)
     for note in notes + splits.warnings:
@@ -173,6 +177,9 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
     if "val_acc" in best:
         report.print(f"best.safetensors: epoch {best['epoch']}, chosen on validation accuracy "
                      f"{best['val_acc']:.4f}; its test accuracy {best['test_acc']:.4f}")
+    elif "val_map" in best:
+        report.print(f"best.safetensors: epoch {best['epoch']}, chosen on validation mAP "
+                     f"{best['val_map']:.4f}; its test mAP {best['test_map']:.4f}")
     if keep_process_group:
         for tracker in accelerator.trackers:
             tracker.finish()

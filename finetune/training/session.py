@@ -20,7 +20,7 @@ from finetune.data.presets import ModelInput
 from finetune.models.build import Classifier
 from finetune.report.console import Reporter
 from finetune.report.tracking import RunLog
-from finetune.training.engine import SYNC_EVERY_STEPS, Trainer
+from finetune.training.engine import SYNC_EVERY_STEPS, Trainer, multilabel_hits, single_label_hits
 from finetune.training.features import cached_loaders, probe_module
 from finetune.training.optim import build_optimizer, build_scheduler, param_groups
 from finetune.training.sanity import trains_batch_norm
@@ -54,6 +54,7 @@ class Session:
     report: Reporter
     log: RunLog  # the tracker's points and figures, the pictures
     stop: StopSignal
+    multilabel: bool = False  # sigmoid outputs and binary cross-entropy; evaluated by engine.evaluate_multilabel
 
     @property
     def model(self) -> nn.Module:
@@ -96,6 +97,48 @@ def inverse_frequency_weights(targets: list[int], num_classes: int) -> torch.Ten
     in the loss as in a balanced training set (scikit-learn's "balanced")."""
     counts = torch.bincount(torch.tensor(targets, dtype=torch.long), minlength=num_classes).double()
     return (len(targets) / (num_classes * counts.clamp(min=1))).float()
+
+
+def positive_weights(targets: list[tuple[int, ...]], num_classes: int) -> torch.Tensor:
+    """Per-class weights of a multi-label set's positives, ``negatives / positives`` (BCE's ``pos_weight``):
+    a rare class's few positives weigh as much in the loss as its many negatives (1 for a class
+    without positives)."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for target in targets:
+        counts[list(target)] += 1
+    return torch.where(counts > 0, (len(targets) - counts) / counts.clamp(min=1), torch.ones_like(counts)).float()
+
+
+class SmoothedBCEWithLogits(nn.Module):
+    """Binary cross-entropy on logits, with label smoothing as for two classes each: targets of 1
+    become ``1 - s/2`` and of 0 ``s/2``.
+
+    Args:
+        smoothing: ``--label-smoothing``.
+        pos_weight: see ``positive_weights`` (None: every positive weighs 1).
+    """
+
+    def __init__(self, smoothing: float = 0.0, pos_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.smoothing = smoothing
+        self.bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.float()
+        if self.smoothing:
+            targets = targets * (1 - self.smoothing) + self.smoothing / 2
+        return self.bce(logits, targets)
+
+
+def build_loss(config: TrainConfig, splits: Splits, device: torch.device) -> nn.Module:
+    """The training loss: cross-entropy over the classes, or, for a multi-label run, binary
+    cross-entropy per class; ``--class-weights auto`` and ``--label-smoothing`` for either."""
+    if splits.task == "multilabel":
+        weights = positive_weights(splits.train.targets, len(splits.classes)) if config.class_weights == "auto" else None
+        return SmoothedBCEWithLogits(config.label_smoothing, None if weights is None else weights.to(device))
+    weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)).to(device) \
+        if config.class_weights == "auto" else None
+    return nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
 
 
 def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Classifier, splits: Splits,
@@ -156,10 +199,9 @@ def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Class
         optimizer, round(config.warmup_epochs * optimizer_steps), config.epochs * optimizer_steps,
         probe_steps=round(config.probe_epochs * optimizer_steps), schedule=config.schedule))
     features = train_loader.dataset.features.shape[1] if probe is not None else None
-    weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)).to(accelerator.device) \
-        if config.class_weights == "auto" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-    trainer = Trainer(accelerator, model, optimizer, scheduler, loss_fn, seed=config.seed, to_input=to_input)
+    multilabel = splits.task == "multilabel"
+    trainer = Trainer(accelerator, model, optimizer, scheduler, build_loss(config, splits, accelerator.device),
+                      seed=config.seed, to_input=to_input, hits=multilabel_hits if multilabel else single_label_hits)
     log = RunLog(accelerator, config, run_dir, len(train_loader),
                  (progress.epoch, progress.step) if progress.epoch or progress.step else None)
     return Session(config=config, accelerator=accelerator, clf=clf, classes=splits.classes, run_dir=run_dir,
@@ -167,4 +209,4 @@ def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Class
                    calibration_loader=calibration_loader, epoch_sampler=epoch_sampler, to_input=to_input,
                    cached_features=features, skipped=skipped, splits=splits.records,
                    selected_on=splits.selected_on, progress=progress,
-                   report=report, log=log, stop=stop)
+                   report=report, log=log, stop=stop, multilabel=multilabel)

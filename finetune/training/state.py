@@ -37,7 +37,7 @@ class Progress:
     samples: int = 0  # images of epoch ``epoch`` trained, over all processes: the position a resume maps
     setup: dict[str, Any] | None = None  # the run's setup (``resume.RunSetup``), checked on resume
     history: list[dict[str, Any]] = field(default_factory=list)  # one row of figures per finished epoch
-    best_accuracy: float = -1.0  # the best accuracy so far on the split that chooses (-1: none yet)
+    best_accuracy: float = -1.0  # the best accuracy (multi-label: mAP) so far on the split that chooses (-1: none yet)
     best_epoch: int = 0  # the epoch (from 1) of best.safetensors (0: none yet)
     # The epoch's loss sum, correct predictions and images before ``step``, over all processes:
     # a resumed epoch still reports all of its batches.

@@ -81,19 +81,21 @@ class Result:
     checkpoint: str
     flags: list[str]
     history: list[dict[str, Any]]
+    metric: str = "accuracy"  # what test_accuracy and best_accuracy hold: "mAP" for a multi-label run
 
 
 def summarise(strategy: str, flags: list[str], out: TrainResult, seconds: float) -> Result:
     """A ``Result`` from what the run returned."""
     history = out.history
-    best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
+    key = "test_map" if history and "test_map" in history[0] else "test_acc"  # multi-label: mAP is the headline
+    best = max(range(len(history)), key=lambda i: history[i][key])
     # A run that had already finished (a study resumed just after it) is not rebuilt: no model.
     trainable = sum(p.numel() for p in out.model.parameters() if p.requires_grad) if out.model is not None else None
-    return Result(strategy=strategy, test_accuracy=history[-1]["test_acc"], best_accuracy=history[best]["test_acc"],
+    return Result(strategy=strategy, test_accuracy=history[-1][key], best_accuracy=history[best][key],
                   best_epoch=history[best]["epoch"], seconds=round(seconds, 2),
                   images_per_s=round(sum(r["images_per_s"] for r in history) / len(history), 2),
                   trainable_params=trainable, checkpoint=str(out.run_dir / "model.safetensors"),
-                  flags=flags, history=history)
+                  flags=flags, history=history, metric="mAP" if key == "test_map" else "accuracy")
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:
