@@ -11,8 +11,9 @@ import numpy as np
 from finetune.utils.files import file_digest
 
 # Cosine similarity of centred, L2-normalised embeddings at or above which two images count as
-# near-duplicates. Measured by bench.audit_quality with the default backbone (docs/trust.md):
-# planted copies score 0.93 and above; distinct images of the same class rarely pass 0.90.
+# near-duplicates. Measured by bench.audit_quality with the default backbone (docs/trust.md): on
+# 256-pixel photos every planted copy scores 0.90 or more (0.93 loses a sixth of them); distinct
+# images of 25-96 pixels pass it too, and copies of them may not (see the docs' limits).
 NEAR_THRESHOLD = 0.90
 
 
