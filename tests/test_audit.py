@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, python_cmd, run_cmd, write_checkpoint
 from PIL import Image
+from test_distributed import ACCELERATE, CPU_ENV
 
-from conftest import python_cmd, run_cmd, write_image_folder
 from finetune.audit.duplicates import exact_copies, near_duplicates
 from finetune.audit.findings import DUPLICATE_COLUMNS, OUTLIER_COLUMNS, SUSPECT_COLUMNS
 from finetune.audit.labels import confident_learning, find_label_issues
@@ -161,3 +162,35 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.slow  # two processes launched through accelerate
+def test_two_processes_write_the_same_files_as_one(planted: Path, tmp_path: Path):
+    args = ["--data", str(planted), "--no-plots", *FAST, "--batch-size", "4"]
+    two = run_cmd([*ACCELERATE, str(free_port()), *python_cmd("audit.py")[1:], *args, "--output-dir",
+                   str(tmp_path / "two")], env=CPU_ENV, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es) on cpu" in two.stdout
+    one = run_cmd(python_cmd("audit.py", *args, "--output-dir", str(tmp_path / "one")))
+    assert one.returncode == 0, one.stderr[-3000:]
+    keys = {"suspects.csv": ("path", "given", "suggested"), "duplicates.csv": ("kind", "path_a", "path_b"),
+            "outliers.csv": ("path",)}
+    for name, columns in keys.items():
+        (_, ours), (_, theirs) = read_csv(tmp_path / "two" / name), read_csv(tmp_path / "one" / name)
+        assert ours, name
+        assert [[r[c] for c in columns] for r in ours] == [[r[c] for c in columns] for r in theirs], name
+
+
+def test_a_checkpoint_embeds_with_its_own_network_and_preprocessing(planted: Path, tmp_path: Path, capsys):
+    ckpt = write_checkpoint(tmp_path / "model.safetensors", list(PHOTOS), image_size=48)
+    findings = audit.main(["--data", str(planted), "--ckpt", str(ckpt), "--output-dir", str(tmp_path / "out"),
+                           "--no-plots", *FAST])
+    assert f"with {ckpt}" in capsys.readouterr().out
+    assert findings.embeddings.features.shape == (len(findings.embeddings), 1024)  # its classifier layer's input
+    assert (tmp_path / "out" / "suspects.csv").exists()
+
+
+def test_the_threshold_flag_defaults_to_the_measured_threshold():
+    from finetune.audit.duplicates import NEAR_THRESHOLD
+
+    assert audit.AuditConfig().threshold == NEAR_THRESHOLD

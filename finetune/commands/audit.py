@@ -50,6 +50,7 @@ class AuditConfig:
     folds: int = option(5, "folds of the label probes (each image is judged by probes that never saw it)",
                         minimum=2)
     seed: int = option(0, "which images share a fold", minimum=0)
+    # duplicates.NEAR_THRESHOLD (a test keeps them equal): this module stays free of numpy and torch.
     threshold: float = option(0.90, "cosine similarity of two embeddings from which they are near-duplicates "
                                     "(see docs/trust.md for how it was chosen)", above=0, maximum=1)
     output_dir: str | None = option(None, "where the CSV files and pictures go (default runs/audit-DATANAME)",
