@@ -13,7 +13,7 @@ from conftest import free_port, python_cmd, run_cmd, write_checkpoint
 from PIL import Image
 from test_distributed import ACCELERATE, CPU_ENV
 
-from finetune.audit.duplicates import exact_copies, near_duplicates
+from finetune.audit.duplicates import NEAR_THRESHOLD, exact_copies, near_duplicates
 from finetune.audit.findings import DUPLICATE_COLUMNS, OUTLIER_COLUMNS, SUSPECT_COLUMNS
 from finetune.audit.labels import confident_learning, find_label_issues
 from finetune.audit.outliers import class_typicality
@@ -191,6 +191,4 @@ def test_a_checkpoint_embeds_with_its_own_network_and_preprocessing(planted: Pat
 
 
 def test_the_threshold_flag_defaults_to_the_measured_threshold():
-    from finetune.audit.duplicates import NEAR_THRESHOLD
-
     assert audit.AuditConfig().threshold == NEAR_THRESHOLD

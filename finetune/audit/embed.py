@@ -78,9 +78,8 @@ def embed(accelerator: Accelerator, splits: Splits, backbone: Backbone, *, batch
     (``training.features.extract_features``), so every process ends with the same arrays.
     """
     pre = backbone.preprocessing
-    channels_last = accelerator.device.type != "mps"
-    net = backbone.net.to(memory_format=torch.channels_last) if channels_last else backbone.net
-    to_input = ModelInput(pre.mean, pre.std, channels_last)
+    net = backbone.net.to(memory_format=torch.channels_last)  # the loader's batches come channels-last
+    to_input = ModelInput(pre.mean, pre.std, channels_last=True)
     parts = [("train", splits.train), ("val", splits.val), ("test", splits.test)]
     features, labels, paths, names = [], [], [], []
     for name, dataset in parts:
