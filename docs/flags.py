@@ -29,6 +29,7 @@ COMMANDS = (
     ("predict.py", "finetune.commands.predict", "finetune.commands.predict", "PredictConfig"),
     ("export.py", "finetune.commands.export", "finetune.commands.export", "ExportConfig"),
     ("study.py", "finetune.commands.study", "finetune.commands.study", "StudyConfig"),
+    ("audit.py", "finetune.commands.audit", "finetune.commands.audit", "AuditConfig"),
     ("python -m finetune.data.downloads", "finetune.data.downloads", "finetune.data.downloads", "DownloadConfig"),
 )
 

@@ -12,8 +12,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
 
 # Lowest first. A module may import modules of lower layers and of its own subpackage; models and
 # report stand side by side and do not import each other.
+# audit (the dataset audit) builds on training's cached features and sits below the commands.
 LAYERS = {"errors": 0, "utils": 1, "config": 2, "data": 3, "models": 4, "report": 4, "training": 5,
-          "commands": 6, "api": 7}
+          "audit": 6, "commands": 7, "api": 8}
 
 
 def module_name(path: Path) -> str:

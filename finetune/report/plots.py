@@ -421,6 +421,60 @@ def mistakes_png(images: Sequence[np.ndarray], true: Sequence[str], predicted: S
     return _render(draw)
 
 
+def suspects_png(images: Sequence[np.ndarray], given: Sequence[str], suggested: Sequence[str],
+                 score: Sequence[float], total: int, images_audited: int) -> bytes:
+    """The most likely mislabeled images (audit.py), each titled with its given label, the
+    suggested one and the probability that the given label is wrong.
+
+    Args:
+        images: RGB uint8 arrays (H, W, 3), most suspicious first.
+        given, suggested: class names per image.
+        score: 1 - the probability of the given label, per image.
+        total: how many images were flagged; images_audited: how many were audited (for the title).
+    """
+    def draw():
+        if not images:
+            fig = _figure(4.0, 1.2)
+            fig.text(0.5, 0.5, f"no likely mislabeled images among {images_audited}", ha="center", va="center")
+            return fig
+        columns = min(4, len(images))
+        rows = -(-len(images) // columns)
+        fig = _figure(2.1 * columns, 2.45 * rows + 0.4)
+        fig.get_layout_engine().set(h_pad=6 / 72)
+        axes = fig.subplots(rows, columns, squeeze=False).ravel()
+        for ax, image, g, s, p in zip(axes, images, given, suggested, score):
+            _show(ax, image)
+            ax.set_title(f"given: {_label(g, 22)}\nsuggested: {_label(s, 22)}\nscore {p:.2f}", fontsize=8)
+        for ax in axes[len(images):]:
+            ax.set_axis_off()
+        fig.suptitle(f"likely mislabeled: {len(images)} shown of {total} among {images_audited} images")
+        return fig
+    return _render(draw)
+
+
+def duplicates_png(pairs: Sequence[tuple[np.ndarray, np.ndarray]], captions: Sequence[tuple[str, str]],
+                   similarity: Sequence[float | None], total: int) -> bytes:
+    """Duplicate pairs side by side (audit.py), one pair a row, each image captioned (its split and
+    label) and the pair titled with its cosine similarity, or as an exact copy (similarity None)."""
+    def draw():
+        if not pairs:
+            fig = _figure(4.0, 1.2)
+            fig.text(0.5, 0.5, "no duplicates found", ha="center", va="center")
+            return fig
+        fig = _figure(4.4, 2.3 * len(pairs) + 0.4)
+        fig.get_layout_engine().set(h_pad=6 / 72)
+        axes = fig.subplots(len(pairs), 2, squeeze=False)
+        for (left, right), (first, second), (a, b), sim in zip(axes, pairs, captions, similarity):
+            kind = "exact copy" if sim is None else f"similarity {sim:.3f}"
+            _show(left, first)
+            _show(right, second)
+            left.set_title(f"{_label(a, 26)}\n{kind}", fontsize=8)
+            right.set_title(f"{_label(b, 26)}\n{kind}", fontsize=8)
+        fig.suptitle(f"duplicates: {len(pairs)} shown of {total} pairs")
+        return fig
+    return _render(draw)
+
+
 def save_png(path: str | Path, png: bytes) -> None:
     """Write PNG bytes to ``path`` atomically."""
     atomic_write_bytes(path, png)

@@ -1,0 +1,13 @@
+"""Audit a dataset for mislabeled images, duplicates and outliers: ``python audit.py --help``.
+
+A thin entry point: the command lives in ``finetune/commands/audit.py`` (also installed as
+``finetune-audit``).
+"""
+
+import sys
+
+from finetune.commands.audit import main
+from finetune.errors import run_cli
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,194 @@
+"""audit.py: likely mislabeled images, duplicates and outliers, their files and pictures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import free_port, python_cmd, run_cmd, write_checkpoint
+from PIL import Image
+from test_distributed import ACCELERATE, CPU_ENV
+
+from finetune.audit.duplicates import NEAR_THRESHOLD, exact_copies, near_duplicates
+from finetune.audit.findings import DUPLICATE_COLUMNS, OUTLIER_COLUMNS, SUSPECT_COLUMNS
+from finetune.audit.labels import confident_learning, find_label_issues
+from finetune.audit.outliers import class_typicality
+from finetune.commands import audit
+from finetune.report.plots import duplicates_png, png_size, suspects_png
+
+FAST = ["--image-size", "64", "--num-workers", "0", "--mixed-precision", "no", "--folds", "3"]
+
+
+def clusters(per_class: int = 40, classes: int = 3, dims: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Well separated Gaussian clusters, one per class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 4, (classes, dims))
+    labels = np.repeat(np.arange(classes), per_class)
+    return centres[labels] + rng.normal(0, 1, (len(labels), dims)), labels
+
+
+def test_moved_labels_are_the_top_suspects_with_their_true_class_suggested():
+    features, truth = clusters()
+    moved = np.array([3, 17, 45, 61, 90, 111])
+    labels = truth.copy()
+    labels[moved] = (labels[moved] + 1) % 3
+    issues = find_label_issues(features, labels, 3, folds=5)
+    assert set(issues.order[:len(moved)].tolist()) == set(moved.tolist())
+    assert issues.flagged[moved].all() and issues.flagged.sum() <= len(moved) + 2
+    assert (issues.suggested[moved] == truth[moved]).all()
+
+
+def test_confident_learning_prunes_nothing_from_clean_confident_labels():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.where(np.eye(2)[labels] == 1, 0.9, 0.1)
+    issues = confident_learning(probs, labels)
+    assert not issues.flagged.any()
+    assert np.allclose(issues.joint, np.diag([3, 3]))
+
+
+def test_near_duplicates_are_found_and_distinct_images_are_not():
+    features = np.abs(np.random.default_rng(0).normal(0, 1, (90, 64)))  # like ReLU features: alike before centring
+    copy = features[5] + np.random.default_rng(1).normal(0, 0.05, features.shape[1])
+    pairs = near_duplicates(np.vstack([features, copy]), threshold=0.9)
+    assert [(p.first, p.second) for p in pairs] == [(5, len(features))]
+    assert pairs[0].similarity > 0.99 and not pairs[0].exact
+
+
+def test_exact_copies_are_files_with_the_same_bytes(tmp_path: Path):
+    for name, content in (("a", b"one"), ("b", b"two"), ("c", b"one"), ("d", b"one")):
+        (tmp_path / name).write_bytes(content)
+    pairs = exact_copies([str(tmp_path / n) for n in "abcd"])
+    assert [(p.first, p.second, p.exact) for p in pairs] == [(0, 2, True), (0, 3, True)]
+
+
+def test_an_image_far_from_its_class_is_an_outlier():
+    features, labels = clusters()
+    features[7] = features[7] + 30 * np.random.default_rng(2).normal(0, 1, features.shape[1])
+    typical = class_typicality(features, labels)
+    assert typical.outlier[7] and typical.z[7] == typical.z.min()
+    assert typical.outlier.sum() <= 2
+
+
+def write_photo_crops(root: Path, counts: dict[str, int], seed: int) -> None:
+    """``count`` random 64-pixel crops (a third to a half of the short side) per class, each class
+    cut from its own scikit-image photo."""
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        photo = getattr(skdata, PHOTOS[name])()[..., :3]
+        h, w = photo.shape[:2]
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            side = int(min(h, w) * rng.uniform(0.33, 0.5))
+            y, x = rng.integers(0, h - side), rng.integers(0, w - side)
+            Image.fromarray(photo[y:y + side, x:x + side]).resize((64, 64)).save(root / name / f"{i:03d}.png")
+
+
+PHOTOS = {"astronaut": "astronaut", "cat": "chelsea", "coffee": "coffee"}
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> Path:
+    """Three classes of photo crops; a cat filed under coffee; a train image copied into test byte
+    for byte, and another resized into test."""
+    data = tmp_path / "data"
+    write_photo_crops(data / "train", {name: 14 for name in PHOTOS}, seed=0)
+    write_photo_crops(data / "test", {name: 5 for name in PHOTOS}, seed=1)
+    shutil.move(data / "train" / "cat" / "000.png", data / "train" / "coffee" / "moved.png")
+    shutil.copy(data / "train" / "astronaut" / "003.png", data / "test" / "astronaut" / "exact.png")
+    Image.open(data / "train" / "coffee" / "004.png").resize((90, 90)).save(data / "test" / "coffee" / "near.png")
+    return data
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_audit_writes_its_files_and_finds_what_was_planted(planted: Path, tmp_path: Path):
+    out = tmp_path / "audit"
+    findings = audit.main(["--data", str(planted), "--output-dir", str(out), *FAST])
+    assert findings is not None
+    columns, suspects = read_csv(out / "suspects.csv")
+    assert tuple(columns) == SUSPECT_COLUMNS
+    assert suspects[0]["path"].endswith("moved.png")
+    assert (suspects[0]["given"], suspects[0]["suggested"], suspects[0]["split"]) == ("coffee", "cat", "train")
+    assert 0.5 < float(suspects[0]["score"]) <= 1
+    columns, pairs = read_csv(out / "duplicates.csv")
+    assert tuple(columns) == DUPLICATE_COLUMNS
+    found = {(Path(r["path_a"]).name, Path(r["path_b"]).name, r["kind"], r["split_a"], r["split_b"]) for r in pairs}
+    assert ("003.png", "exact.png", "exact", "train", "test") in found
+    assert ("004.png", "near.png", "near", "train", "test") in found
+    assert len(found) <= 4  # crops of one photo are alike, but not near-duplicates
+    columns, _ = read_csv(out / "outliers.csv")
+    assert tuple(columns) == OUTLIER_COLUMNS
+    for name in ("suspects.png", "duplicates.png"):
+        png = (out / name).read_bytes()
+        with Image.open(io.BytesIO(png)) as image:
+            image.load()  # decodes whole
+            assert image.size == png_size(png) and min(image.size) >= 200
+
+
+def test_a_label_file_is_audited_like_its_folder(planted: Path, tmp_path: Path):
+    rows = ["image,label,split"] + [f"{p.relative_to(planted)},{p.parent.name},{p.parent.parent.name}"
+                                     for p in sorted(planted.rglob("*.png"))]
+    (planted / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "audit"
+    audit.main(["--data", str(planted / "labels.csv"), "--output-dir", str(out), "--no-plots", *FAST])
+    _, suspects = read_csv(out / "suspects.csv")
+    assert suspects[0]["path"].endswith("moved.png") and suspects[0]["suggested"] == "cat"
+    assert not (out / "suspects.png").exists()
+
+
+def test_pictures_of_nothing_found_still_draw():
+    for png in (suspects_png([], [], [], [], total=0, images_audited=10), duplicates_png([], [], [], total=0)):
+        assert png_size(png)[0] > 100
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "MISSING"], "data folder not found"),
+    (["--threshold", "1.5"], "--threshold"),
+    (["--model", "nonet"], "unknown model 'nonet'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path):
+    args = [a.replace("MISSING", str(tmp_path / "missing")) for a in args]
+    proc = run_cmd(python_cmd("audit.py", *args, "--output-dir", str(tmp_path / "out")), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.slow  # two processes launched through accelerate
+def test_two_processes_write_the_same_files_as_one(planted: Path, tmp_path: Path):
+    args = ["--data", str(planted), "--no-plots", *FAST, "--batch-size", "4"]
+    two = run_cmd([*ACCELERATE, str(free_port()), *python_cmd("audit.py")[1:], *args, "--output-dir",
+                   str(tmp_path / "two")], env=CPU_ENV, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es) on cpu" in two.stdout
+    one = run_cmd(python_cmd("audit.py", *args, "--output-dir", str(tmp_path / "one")))
+    assert one.returncode == 0, one.stderr[-3000:]
+    keys = {"suspects.csv": ("path", "given", "suggested"), "duplicates.csv": ("kind", "path_a", "path_b"),
+            "outliers.csv": ("path",)}
+    for name, columns in keys.items():
+        (_, ours), (_, theirs) = read_csv(tmp_path / "two" / name), read_csv(tmp_path / "one" / name)
+        assert ours, name
+        assert [[r[c] for c in columns] for r in ours] == [[r[c] for c in columns] for r in theirs], name
+
+
+def test_a_checkpoint_embeds_with_its_own_network_and_preprocessing(planted: Path, tmp_path: Path, capsys):
+    ckpt = write_checkpoint(tmp_path / "model.safetensors", list(PHOTOS), image_size=48)
+    findings = audit.main(["--data", str(planted), "--ckpt", str(ckpt), "--output-dir", str(tmp_path / "out"),
+                           "--no-plots", *FAST])
+    assert f"with {ckpt}" in capsys.readouterr().out
+    assert findings.embeddings.features.shape == (len(findings.embeddings), 1024)  # its classifier layer's input
+    assert (tmp_path / "out" / "suspects.csv").exists()
+
+
+def test_the_threshold_flag_defaults_to_the_measured_threshold():
+    assert audit.AuditConfig().threshold == NEAR_THRESHOLD
