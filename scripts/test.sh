@@ -20,4 +20,6 @@ fi
 
 bash scripts/install.sh
 .venv/bin/pip install -q -r requirements-test.txt
+# Lint first (pyflakes, pycodestyle's errors, import order; pyproject.toml's [tool.ruff]): seconds.
+.venv/bin/ruff check finetune tests bench docs ./*.py
 exec .venv/bin/python -m pytest -q tests "$@"
