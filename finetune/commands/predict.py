@@ -41,6 +41,12 @@ class PredictConfig:
     fold_batchnorm: bool = option(False, "fold BatchNorm into the convolutions: faster on CPUs, but an image at the "
                                          "decision boundary may then flip against eval.py")
     cpu: bool = option(False, "run on the CPU even where a GPU is visible")
+    calibration: bool = option(True, "divide the logits by the temperature the checkpoint records (fitted on the "
+                                     "run's validation split) before the softmax; --no-calibration: the raw softmax")
+    abstain: bool = option(False, "mark an image 'unknown' when its top probability is below --min-confidence or "
+                                  "its out-of-distribution score is above the checkpoint's threshold")
+    min_confidence: float = option(0.5, "with --abstain: the top probability below which an image is 'unknown'",
+                                   minimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -86,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--output must end in .csv or .jsonl, got {out_path}")
     # The precision rule (models.inference): eval.py's, so that both give the same answers.
     clf = load_classifier(config.ckpt, mixed_precision=config.mixed_precision, channels_last=config.channels_last,
-                          fold_batchnorm=config.fold_batchnorm)
+                          fold_batchnorm=config.fold_batchnorm, calibrated=config.calibration)
     paths = list(image_paths(config.inputs))
     if not paths:
         raise UserError(f"no images found in {', '.join(config.inputs)}")
@@ -101,17 +107,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = clf.prepare(accelerator)
     loader = accelerator.prepare_data_loader(loader)
     report.print(f"{len(paths)} image(s) on {accelerator.device.type}, precision {clf.precision_name}")
+    for note in trust_notes(clf, config):
+        report.print(note)
     k = min(config.top_k, len(clf.classes))
 
-    rows = _predict(accelerator, model, loader, clf.to_input, k)
-    counts = {"predicted": 0, "skipped": 0}
+    rows = _predict(accelerator, model, loader, clf, k, config.min_confidence)
+    counts = {"predicted": 0, "skipped": 0, "unknown": 0}
     skipped: list[str] = []
     if accelerator.is_main_process:
-        with _Sink(out_path, k, report) as sink:
-            for index, readable, classes, probs in rows:
+        with _Sink(out_path, k, report, abstain=config.abstain) as sink:
+            for index, readable, classes, probs, score, unknown in rows:
                 if readable:
-                    sink.write(str(paths[index]), [clf.classes[c] for c in classes], probs)
+                    unknown = bool(unknown) and config.abstain
+                    sink.write(str(paths[index]), [clf.classes[c] for c in classes], probs, score, unknown)
                     counts["predicted"] += 1
+                    counts["unknown"] += unknown
                 else:
                     skipped.append(str(paths[index]))
         for path in skipped:
@@ -120,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not counts["predicted"]:
             raise UserError(f"none of the {len(skipped)} image(s) could be read (see above): nothing predicted")
         where = f"; wrote {out_path}" if out_path else ""
-        report.print(f"predicted {counts['predicted']} image(s), skipped {counts['skipped']}{where}")
+        unknown = f", {counts['unknown']} of them unknown" if config.abstain else ""
+        report.print(f"predicted {counts['predicted']} image(s){unknown}, skipped {counts['skipped']}{where}")
     else:
         for _ in rows:  # the other processes take part in every gather
             pass
@@ -128,15 +139,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {**counts, "skipped_paths": skipped, "output": out_path}
 
 
-def _predict(accelerator: Any, model: Any, loader: Any, to_input: Any,
-             k: int) -> Iterator[tuple[int, bool, list[int], list[float]]]:
-    """(dataset index, readable, top-k classes, their probabilities) of every image once, a batch at a time."""
-    from finetune.models.inference import forward_batches  # loaded by main already
+def trust_notes(clf: Any, config: PredictConfig) -> list[str]:
+    """What the probabilities are, and what --abstain can go by."""
+    cal = clf.calibration
+    if not config.calibration:
+        notes = ["probabilities: raw softmax (--no-calibration)"]
+    elif cal.calibrated:
+        notes = [f"probabilities: calibrated, temperature {clf.temperature:.3f} (fitted on {cal.fitted_on})"]
+    else:
+        notes = ["probabilities: uncalibrated softmax (the checkpoint records no temperature: train with "
+                 "--val-fraction 0.1 or a val/ folder)"]
+    if config.abstain and cal.ood_threshold is None:
+        notes.append("warning: the checkpoint records no out-of-distribution threshold (it predates them): "
+                     "--abstain goes by --min-confidence alone")
+    return notes
 
-    for logits, (positions, indices) in forward_batches(model, loader, to_input):
+
+def _predict(accelerator: Any, model: Any, loader: Any, clf: Any, k: int,
+             min_confidence: float) -> Iterator[tuple[int, bool, list[int], list[float], float, bool]]:
+    """(dataset index, readable, top-k classes, their probabilities, OOD score, unknown) of every image
+    once, a batch at a time."""
+    # loaded by main already
+    from finetune.models.calibration import energy_score
+    from finetune.models.inference import forward_batches
+
+    for logits, (positions, indices) in forward_batches(model, loader, clf.to_input):
         readable = (indices >= 0).int()  # an int: gloo gathers no bools
-        top_p, top_i = logits.softmax(dim=1).topk(k, dim=1)
-        gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p))
+        top_p, top_i = clf.probabilities(logits).topk(k, dim=1)
+        scores = energy_score(logits)
+        unknown = clf.unknown(top_p[:, 0], scores, min_confidence).int()
+        gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p, scores, unknown))
         order = gathered[0].argsort()  # gathered batches interleave the processes' shares
         yield from zip(*(part[order].tolist() for part in gathered))
 
@@ -147,8 +179,8 @@ class _Sink:
 
     TABLE_ROWS = 64
 
-    def __init__(self, path: Path | None, k: int, report: Any):
-        self.path, self.k, self.report = path, k, report
+    def __init__(self, path: Path | None, k: int, report: Any, abstain: bool = False):
+        self.path, self.k, self.report, self.abstain = path, k, report, abstain
         self._stack = ExitStack()
         self._file: TextIO | None = None
         self._table: Any = None
@@ -169,19 +201,23 @@ class _Sink:
         if self.path.suffix.lower() == ".csv":
             self._csv = csv.writer(self._file)
             self._csv.writerow(["path"] + [f"{what}_{i}" for i in range(1, self.k + 1)
-                                           for what in ("class", "probability")])
+                                           for what in ("class", "probability")]
+                               + ["ood_score"] + (["unknown"] if self.abstain else []))
         return self
 
-    def write(self, path: str, classes: list[str], probs: list[float]) -> None:
+    def write(self, path: str, classes: list[str], probs: list[float], score: float, unknown: bool) -> None:
+        """One image's row; ``unknown`` is shown only under ``--abstain``."""
         if self._file is None:
-            self._add_row(path, classes, probs)
+            self._add_row(path, classes, probs, score, unknown)
         elif self.path.suffix.lower() == ".csv":
-            self._csv.writerow([path] + [v for c, p in zip(classes, probs) for v in (c, f"{p:.6f}")])
+            self._csv.writerow([path] + [v for c, p in zip(classes, probs) for v in (c, f"{p:.6f}")]
+                               + [f"{score:.4f}"] + ([int(unknown)] if self.abstain else []))
         else:
-            self._file.write(json.dumps({"path": path, "classes": classes,
-                                         "probabilities": [round(p, 6) for p in probs]}) + "\n")
+            row = {"path": path, "classes": classes, "probabilities": [round(p, 6) for p in probs],
+                   "ood_score": round(score, 4), **({"unknown": unknown} if self.abstain else {})}
+            self._file.write(json.dumps(row) + "\n")
 
-    def _add_row(self, path: str, classes: list[str], probs: list[float]) -> None:
+    def _add_row(self, path: str, classes: list[str], probs: list[float], score: float, unknown: bool) -> None:
         from rich.table import Table
 
         if self._table is None:
@@ -190,7 +226,11 @@ class _Sink:
             for i in range(1, self.k + 1):
                 self._table.add_column(f"class {i}" if self.k > 1 else "class")
                 self._table.add_column(f"p{i}" if self.k > 1 else "probability", justify="right")
-        self._table.add_row(path, *[v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")])
+            self._table.add_column("ood score", justify="right")
+            if self.abstain:
+                self._table.add_column("answer")
+        self._table.add_row(path, *[v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")], f"{score:.2f}",
+                            *((("unknown" if unknown else classes[0]),) if self.abstain else ()))
         self._shown += 1
         if self._shown % self.TABLE_ROWS == 0:
             self._flush_table()

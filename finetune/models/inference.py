@@ -33,12 +33,14 @@ from finetune.data.images import BadImageError, to_rgb
 from finetune.data.inputs import image_paths
 from finetune.data.presets import ModelInput, Preprocessing
 from finetune.models.build import build_for_checkpoint, fuse_for_inference
+from finetune.models.calibration import Calibration, energy_score
 from finetune.models.checkpoint import checkpoint_file, load_checkpoint
 from finetune.models.weights import load_exactly
 from finetune.utils.runtime import eval_precision, precision_name, resolve_precision
 
 ImageInput = str | Path | Image.Image
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_CONFIDENCE = 0.5  # below it, a prediction is "unknown" (on calibrated probabilities: worse than even odds)
 
 
 @torch.inference_mode()
@@ -62,7 +64,9 @@ class Prediction:
 
     source: str  # the image's path, or "<image N>" for an in-memory image (N: its position in the input)
     classes: list[str]
-    probabilities: list[float]
+    probabilities: list[float]  # calibrated where the checkpoint records a temperature (and calibrated=True)
+    ood_score: float | None = None  # the energy -logsumexp(logits): higher is less like the training data
+    unknown: bool = False  # top probability below min_confidence, or ood_score above the checkpoint's threshold
 
 
 class LoadedClassifier:
@@ -76,10 +80,13 @@ class LoadedClassifier:
         path: the checkpoint file.
         precision: what it computes in: ``no`` (fp32), ``bf16`` or ``fp16`` (see the module's rule).
         to_input: uint8 images to the model's normalised input (in its memory format).
+        calibration: the temperature and OOD threshold the checkpoint records (``models.calibration``).
+        temperature: what ``probabilities`` divides the logits by: the recorded one, or 1 where
+            loaded with ``calibrated=False`` (or the checkpoint records none).
     """
 
     def __init__(self, model: nn.Module, classes: list[str], preprocessing: Preprocessing, meta: dict[str, Any],
-                 path: Path, *, precision: str = "no", channels_last: bool = False):
+                 path: Path, *, precision: str = "no", channels_last: bool = False, calibrated: bool = True):
         self.model = model.eval()
         self.classes = classes
         self.preprocessing = preprocessing
@@ -88,6 +95,20 @@ class LoadedClassifier:
         self.precision = precision
         self._preset = preprocessing.eval_preset()
         self.to_input = ModelInput(preprocessing.mean, preprocessing.std, channels_last)
+        self.calibration = Calibration.of(meta)
+        self.temperature = self.calibration.temperature if calibrated else 1.0
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of raw logits: the one place the temperature is applied."""
+        return (logits.float() / self.temperature).softmax(dim=1)
+
+    def unknown(self, confidence: torch.Tensor, ood_score: torch.Tensor,
+                min_confidence: float = MIN_CONFIDENCE) -> torch.Tensor:
+        """Which images to answer "I don't know" for: top probability below ``min_confidence``, or
+        an OOD score above the checkpoint's threshold (where it records one)."""
+        unsure = confidence < min_confidence
+        threshold = self.calibration.ood_threshold
+        return unsure if threshold is None else unsure | (ood_score > threshold)
 
     @property
     def device(self) -> torch.device:
@@ -131,7 +152,7 @@ class LoadedClassifier:
         return accelerator.prepare_model(self.model, evaluation_mode=True)
 
     def predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1, batch_size: int = 32,
-                bad_data: str = "skip") -> list[Prediction]:
+                bad_data: str = "skip", min_confidence: float = MIN_CONFIDENCE) -> list[Prediction]:
         """Classify images.
 
         Args:
@@ -141,14 +162,17 @@ class LoadedClassifier:
             batch_size: images per forward pass.
             bad_data: ``skip`` an image that cannot be decoded, with a warning (as predict.py
                 does), or ``fail`` on it with ``BadImageError``.
+            min_confidence: a top probability below it makes the prediction ``unknown``.
 
         Returns:
-            One ``Prediction`` per readable image, in input order (a folder's images sorted by path).
+            One ``Prediction`` per readable image, in input order (a folder's images sorted by path),
+            with its OOD score and whether it is ``unknown``.
         """
-        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size, bad_data=bad_data))
+        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size, bad_data=bad_data,
+                                      min_confidence=min_confidence))
 
     def iter_predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1, batch_size: int = 32,
-                     bad_data: str = "skip") -> Iterator[Prediction]:
+                     bad_data: str = "skip", min_confidence: float = MIN_CONFIDENCE) -> Iterator[Prediction]:
         """``predict``, one result at a time: memory stays flat however many images there are."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -165,16 +189,19 @@ class LoadedClassifier:
                 warnings.warn(f"skipped unreadable image: {err}", stacklevel=2)
                 continue
             if len(batch) == batch_size:
-                yield from self._classify(batch, k)
+                yield from self._classify(batch, k, min_confidence)
                 batch = []
         if batch:
-            yield from self._classify(batch, k)
+            yield from self._classify(batch, k, min_confidence)
 
-    def _classify(self, batch: list[tuple[str, torch.Tensor]], k: int) -> Iterator[Prediction]:
-        probs = self.logits(torch.stack([image for _, image in batch])).softmax(dim=1)
-        top_p, top_i = probs.topk(k, dim=1)
-        for (source, _), p, i in zip(batch, top_p.tolist(), top_i.tolist()):
-            yield Prediction(source, [self.classes[j] for j in i], p)
+    def _classify(self, batch: list[tuple[str, torch.Tensor]], k: int, min_confidence: float) -> Iterator[Prediction]:
+        logits = self.logits(torch.stack([image for _, image in batch]))
+        top_p, top_i = self.probabilities(logits).topk(k, dim=1)
+        scores = energy_score(logits)
+        unknown = self.unknown(top_p[:, 0], scores, min_confidence)
+        for (source, _), p, i, score, unsure in zip(batch, top_p.tolist(), top_i.tolist(), scores.tolist(),
+                                                    unknown.tolist()):
+            yield Prediction(source, [self.classes[j] for j in i], p, score, unsure)
 
 
 def _sources(images: ImageInput | Iterable[ImageInput]) -> Iterator[tuple[str, ImageInput]]:
@@ -189,7 +216,8 @@ def _sources(images: ImageInput | Iterable[ImageInput]) -> Iterator[tuple[str, I
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mixed_precision: str = "auto",
-                    channels_last: bool = True, fold_batchnorm: bool = False) -> LoadedClassifier:
+                    channels_last: bool = True, fold_batchnorm: bool = False,
+                    calibrated: bool = True) -> LoadedClassifier:
     """Rebuild a classifier from a checkpoint written by train.py, set up for inference.
 
     Args:
@@ -201,6 +229,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
         channels_last: the channels-last memory format (faster convolutions).
         fold_batchnorm: fold BatchNorm into the convolutions (faster on CPUs; an image at the
             decision boundary may flip).
+        calibrated: divide the logits by the temperature the checkpoint records (fitted on the
+            run's validation split) before the softmax; ``False``: the raw softmax.
 
     Raises:
         UserError: the file is missing, not a checkpoint, or does not fit its own description.
@@ -215,7 +245,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
     net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)
     precision = resolve_precision(eval_precision(mixed_precision, meta), on_cpu=device.type == "cpu")
     return LoadedClassifier(net, classes, preprocessing_of(meta), meta, path, precision=precision,
-                            channels_last=channels_last)
+                            channels_last=channels_last, calibrated=calibrated)
 
 
 def preprocessing_of(meta: dict[str, Any]) -> Preprocessing:
