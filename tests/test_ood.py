@@ -1,0 +1,109 @@
+"""'I don't know': every prediction's out-of-distribution score, and --abstain marking images
+'unknown' by confidence or by the checkpoint's OOD threshold."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import python_cmd, run_cmd, write_checkpoint, write_image_folder
+from finetune.commands import predict
+from finetune.models.calibration import auroc, energy_score, ood_threshold
+from finetune.models.inference import load_classifier
+
+CLASSES = ["cat", "dog", "hot dog"]
+QUIET = ["--num-workers", "0", "--mixed-precision", "no"]
+
+
+def test_energy_by_hand():
+    assert energy_score(torch.tensor([[0.0, 0.0], [3.0, -50.0]])).tolist() == pytest.approx(
+        [-torch.log(torch.tensor(2.0)).item(), -3.0], abs=1e-6)
+
+
+def test_threshold_is_a_percentile_of_in_distribution_scores():
+    scores = torch.arange(101, dtype=torch.float)  # 0..100
+    assert ood_threshold(scores) == pytest.approx(95.0)
+    with pytest.raises(ValueError, match="no in-distribution scores"):
+        ood_threshold(torch.zeros(0))
+
+
+def test_auroc_by_hand():
+    assert auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 1.0
+    assert auroc(torch.tensor([2.0, 3.0]), torch.tensor([0.0, 1.0])) == 0.0
+    assert auroc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])) == 0.5  # ties count half
+    assert auroc(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0])) == 0.75  # 3 of 4 pairs ordered
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images", {"x": 4}, size=32)
+
+
+def ckpt_with(tmp_path: Path, threshold: float | None) -> Path:
+    ood = {} if threshold is None else {"ood": {"score": "energy", "threshold": threshold, "fitted_on": "val"}}
+    return write_checkpoint(tmp_path / f"model-{threshold}.safetensors", CLASSES, **ood)
+
+
+def test_the_api_scores_every_image_and_marks_unknown(tmp_path: Path, images: Path):
+    everything_ood = load_classifier(ckpt_with(tmp_path, -1e9), mixed_precision="no")
+    preds = everything_ood.predict(images, min_confidence=0.0)
+    assert len(preds) == 4 and all(p.unknown and p.ood_score is not None for p in preds)
+    nothing_ood = load_classifier(ckpt_with(tmp_path, 1e9), mixed_precision="no")
+    assert not any(p.unknown for p in nothing_ood.predict(images, min_confidence=0.0))
+    assert all(p.unknown for p in nothing_ood.predict(images, min_confidence=1.0))  # never that sure
+    # The score is the energy of the raw logits, whatever the temperature.
+    batch = torch.stack([nothing_ood.uint8_image(p) for p in sorted(images.rglob("*.png"))])
+    assert [p.ood_score for p in nothing_ood.predict(images)] == pytest.approx(
+        energy_score(nothing_ood.logits(batch)).tolist(), abs=1e-4)
+
+
+def test_an_old_checkpoint_abstains_on_confidence_alone(tmp_path: Path, images: Path):
+    clf = load_classifier(ckpt_with(tmp_path, None), mixed_precision="no")
+    assert not any(p.unknown for p in clf.predict(images, min_confidence=0.0))
+    with redirect_stdout(io.StringIO()) as printed:
+        predict.main(["--ckpt", str(clf.path), str(images), "--abstain", *QUIET])
+    assert "no out-of-distribution threshold" in printed.getvalue()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_predict_abstain_marks_unknown(tmp_path: Path, images: Path, suffix: str):
+    ckpt = ckpt_with(tmp_path, -1e9)
+    out = tmp_path / f"preds{suffix}"
+    with redirect_stdout(io.StringIO()) as printed:
+        result = predict.main(["--ckpt", str(ckpt), str(images), "--abstain", "--min-confidence", "0",
+                               "--output", str(out), *QUIET])
+    assert result["unknown"] == 4 and "4 of them unknown" in printed.getvalue()
+    if suffix == ".csv":
+        rows = list(csv.DictReader(out.open()))
+        assert [r["unknown"] for r in rows] == ["1"] * 4 and all(float(r["ood_score"]) < 0 for r in rows)
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["unknown"] for r in rows] == [True] * 4 and all("ood_score" in r for r in rows)
+
+
+def test_predict_without_abstain_scores_but_marks_nothing(tmp_path: Path, images: Path):
+    out = tmp_path / "preds.csv"
+    with redirect_stdout(io.StringIO()):
+        result = predict.main(["--ckpt", str(ckpt_with(tmp_path, -1e9)), str(images), "--output", str(out), *QUIET])
+    rows = list(csv.DictReader(out.open()))
+    assert result["unknown"] == 0 and "unknown" not in rows[0] and all(r["ood_score"] for r in rows)
+
+
+def test_predict_table_shows_the_answer(tmp_path: Path, images: Path):
+    with redirect_stdout(io.StringIO()) as printed:
+        predict.main(["--ckpt", str(ckpt_with(tmp_path, -1e9)), str(images), "--abstain", *QUIET])
+    assert "ood score" in printed.getvalue() and "unknown" in printed.getvalue()
+
+
+@pytest.mark.slow
+def test_bad_min_confidence_is_one_line_and_exit_2(tmp_path: Path, images: Path):
+    proc = run_cmd(python_cmd("predict.py", "--ckpt", str(ckpt_with(tmp_path, 0.0)), str(images), "--abstain",
+                              "--min-confidence", "1.5"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--min-confidence must be at most 1" in proc.stderr
