@@ -6,13 +6,14 @@ from images of another kind: AUROC per pair of datasets, several scores side by 
 For each pair (trained on A, shown B): mobilenet_v2 (ImageNet weights) is fine-tuned on A for a few
 epochs at 64 px (val/ held out); its test images are the in-distribution set, up to --ood-images of
 B's test images the out-of-distribution one. Scores, higher meaning "less like the training data":
-- energy: -logsumexp(logits) (Liu et al. 2020), what predict.py uses;
+- energy: -logsumexp(logits) (Liu et al. 2020);
 - max_softmax: 1 - the top softmax probability (Hendrycks & Gimpel 2017), the usual baseline;
 - mahalanobis: distance of the penultimate features to the nearest class mean, shared covariance
   fitted on the training images (Lee et al. 2018);
-- knn_cosine: 1 - cosine similarity to the nearest training image's features (Sun et al. 2022).
-Also: the share of A's test images and of B's images that predict.py --abstain marks unknown
-with the threshold recorded in the checkpoint.
+- knn_cosine: 1 - cosine similarity to the nearest training image's features (Sun et al. 2022),
+  what predict.py uses (``models.calibration.knn_distance``).
+Also: the share of A's test images and of B's images that the OOD threshold recorded in the
+checkpoint marks unknown (predict.py --abstain, before its confidence rule).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.trust_runs import load, outputs, prepare, split_paths, train_run
-from finetune.models.calibration import Calibration, auroc, energy_score
+from finetune.models.calibration import Calibration, auroc, energy_score, feature_bank, knn_distance
 
 PAIRS = (("faces", "fashion"), ("fashion", "textures"), ("textures", "photos"), ("photos", "faces"))
 
@@ -43,12 +44,6 @@ def mahalanobis(train_f: torch.Tensor, train_y: torch.Tensor, f: torch.Tensor) -
     return d.min(dim=1).values
 
 
-def knn_cosine(train_f: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    a = torch.nn.functional.normalize(train_f, dim=1)
-    b = torch.nn.functional.normalize(f, dim=1)
-    return 1 - (b @ a.T).max(dim=1).values
-
-
 def measure(root: Path, kind: str, other: str, epochs: int, ood_images: int) -> dict:
     run = train_run(kind, root, epochs=epochs)
     clf = load(run)
@@ -64,15 +59,15 @@ def measure(root: Path, kind: str, other: str, epochs: int, ood_images: int) -> 
         "energy": (energy_score(test_logits), energy_score(ood_logits)),
         "max_softmax": (1 - test_logits.softmax(1).max(1).values, 1 - ood_logits.softmax(1).max(1).values),
         "mahalanobis": (mahalanobis(train_f, train_y, test_f), mahalanobis(train_f, train_y, ood_f)),
-        "knn_cosine": (knn_cosine(train_f, test_f), knn_cosine(train_f, ood_f)),
+        "knn_cosine": (knn_distance(test_f, feature_bank(train_f)), knn_distance(ood_f, feature_bank(train_f))),
     }
     result = {"trained_on": kind, "shown": other, "in_images": len(test_paths), "ood_images": len(ood_paths),
               "auroc": {name: auroc(a, b) for name, (a, b) in scores.items()}}
     threshold = Calibration.of(clf.meta).ood_threshold
-    if threshold is not None:
-        in_e, out_e = scores["energy"]
-        result["unknown_share"] = {"in": float((in_e > threshold).double().mean()),
-                                   "ood": float((out_e > threshold).double().mean())}
+    if threshold is not None and clf.ood_bank is not None:  # the checkpoint's own features and threshold
+        in_s, out_s = clf.ood_scores(test_f), clf.ood_scores(ood_f)
+        result["unknown_share"] = {"in": float((in_s > threshold).double().mean()),
+                                   "ood": float((out_s > threshold).double().mean())}
     return result
 
 
@@ -88,12 +83,12 @@ def main() -> None:
         results = [measure(root, a, b, args.epochs, args.ood_images) for a, b in PAIRS]
     names = list(results[0]["auroc"])
     print(f"{'trained on':>10s} {'shown':>9s} " + " ".join(f"{n:>12s}" for n in names)
-          + f" {'unknown in/ood (energy)':>24s}")
+          + f" {'unknown in / ood':>17s}")
     for r in results:
         share = r.get("unknown_share")
         shown = f"{share['in']:.2f} / {share['ood']:.2f}" if share else "-"
         print(f"{r['trained_on']:>10s} {r['shown']:>9s} " + " ".join(f"{r['auroc'][n]:12.3f}" for n in names)
-              + f" {shown:>24s}")
+              + f" {shown:>17s}")
     means = {n: sum(r["auroc"][n] for r in results) / len(results) for n in names}
     print(f"{'mean':>20s} " + " ".join(f"{means[n]:12.3f}" for n in names))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ from PIL import Image
 from conftest import FAST, python_cmd, run_cmd, write_checkpoint, write_image_folder
 from finetune.commands import eval as eval_cmd
 from finetune.commands import predict
-from finetune.models.calibration import (Calibration, calibration_meta, expected_calibration_error, fit_temperature,
+from finetune.models.calibration import (OOD_BANK, Calibration, calibration_meta, expected_calibration_error, fit_temperature,
                                          nll, reliability)
-from finetune.models.checkpoint import read_metadata
+from finetune.models.checkpoint import load_extras, read_metadata
 from finetune.models.export import export_metadata
 from finetune.models.inference import load_classifier
 from finetune.report.plots import RELIABILITY_SIZE, reliability_png
@@ -71,10 +71,11 @@ def test_calibration_meta_records_what_was_fitted():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(200, 3, generator=gen) * 4
     targets = torch.randint(0, 3, (200,), generator=gen)
-    meta = calibration_meta(logits, targets, -torch.logsumexp(logits, 1), "val")
+    meta = calibration_meta(logits, targets, torch.rand(200, generator=gen), "val")
     assert meta["calibration"]["fitted_on"] == "val" and meta["calibration"]["temperature"] > 1  # random labels
     assert meta["calibration"]["val_nll_after"] <= meta["calibration"]["val_nll_before"]
-    assert meta["ood"]["score"] == "energy" and meta["ood"]["fitted_on"] == "val"
+    assert meta["ood"]["score"] == "knn_cosine" and meta["ood"]["fitted_on"] == "val"
+    assert 0.9 < meta["ood"]["threshold"] < 1.0  # the 95th percentile of uniform scores
     assert calibration_meta(None, None, None, None) == {}
 
 
@@ -172,6 +173,7 @@ def test_a_run_with_a_validation_split_records_its_temperature(tiny_data: Path, 
         meta = read_metadata(out / name)
         assert meta["calibration"]["fitted_on"] == "val" and meta["calibration"]["temperature"] > 0
         assert meta["ood"]["threshold"] is not None
+        assert load_extras(out / name)[OOD_BANK].shape[0] == 27  # the training images' features (36 - 9 val)
     assert "temperature" in proc.stdout and "uncalibrated" not in proc.stdout
 
 

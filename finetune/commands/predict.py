@@ -10,8 +10,10 @@ number of images; under ``accelerate launch`` each image is predicted exactly on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -149,7 +151,7 @@ def trust_notes(clf: Any, config: PredictConfig) -> list[str]:
     else:
         notes = ["probabilities: uncalibrated softmax (the checkpoint records no temperature: train with "
                  "--val-fraction 0.1 or a val/ folder)"]
-    if config.abstain and cal.ood_threshold is None:
+    if config.abstain and (cal.ood_threshold is None or clf.ood_bank is None):
         notes.append("warning: the checkpoint records no out-of-distribution threshold (it predates them): "
                      "--abstain goes by --min-confidence alone")
     return notes
@@ -157,20 +159,24 @@ def trust_notes(clf: Any, config: PredictConfig) -> list[str]:
 
 def _predict(accelerator: Any, model: Any, loader: Any, clf: Any, k: int,
              min_confidence: float) -> Iterator[tuple[int, bool, list[int], list[float], float, bool]]:
-    """(dataset index, readable, top-k classes, their probabilities, OOD score, unknown) of every image
-    once, a batch at a time."""
-    # loaded by main already
-    from finetune.models.calibration import energy_score
-    from finetune.models.inference import forward_batches
+    """(dataset index, readable, top-k classes, their probabilities, OOD score (NaN: none), unknown) of
+    every image once, a batch at a time."""
+    import torch  # loaded by main already: here only to keep the module's top torch-free
 
-    for logits, (positions, indices) in forward_batches(model, loader, clf.to_input):
-        readable = (indices >= 0).int()  # an int: gloo gathers no bools
-        top_p, top_i = clf.probabilities(logits).topk(k, dim=1)
-        scores = energy_score(logits)
-        unknown = clf.unknown(top_p[:, 0], scores, min_confidence).int()
-        gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p, scores, unknown))
-        order = gathered[0].argsort()  # gathered batches interleave the processes' shares
-        yield from zip(*(part[order].tolist() for part in gathered))
+    from finetune.models.inference import forward_batches  # loaded by main already
+
+    scored = clf.ood_bank is not None
+    with clf.feature_tap() if scored else contextlib.nullcontext() as tap:
+        for logits, (positions, indices) in forward_batches(model, loader, clf.to_input):
+            readable = (indices >= 0).int()  # an int: gloo gathers no bools
+            top_p, top_i = clf.probabilities(logits).topk(k, dim=1)
+            scores = clf.ood_scores(tap.features) if scored else None
+            unknown = clf.unknown(top_p[:, 0], scores, min_confidence).int().to(logits.device)
+            scores = torch.full((len(logits),), float("nan")) if scores is None else scores
+            scores = scores.to(logits.device)
+            gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p, scores, unknown))
+            order = gathered[0].argsort()  # gathered batches interleave the processes' shares
+            yield from zip(*(part[order].tolist() for part in gathered))
 
 
 class _Sink:
@@ -211,10 +217,11 @@ class _Sink:
             self._add_row(path, classes, probs, score, unknown)
         elif self.path.suffix.lower() == ".csv":
             self._csv.writerow([path] + [v for c, p in zip(classes, probs) for v in (c, f"{p:.6f}")]
-                               + [f"{score:.4f}"] + ([int(unknown)] if self.abstain else []))
+                               + [_score(score)] + ([int(unknown)] if self.abstain else []))
         else:
             row = {"path": path, "classes": classes, "probabilities": [round(p, 6) for p in probs],
-                   "ood_score": round(score, 4), **({"unknown": unknown} if self.abstain else {})}
+                   "ood_score": None if math.isnan(score) else round(score, 4),
+                   **({"unknown": unknown} if self.abstain else {})}
             self._file.write(json.dumps(row) + "\n")
 
     def _add_row(self, path: str, classes: list[str], probs: list[float], score: float, unknown: bool) -> None:
@@ -229,7 +236,7 @@ class _Sink:
             self._table.add_column("ood score", justify="right")
             if self.abstain:
                 self._table.add_column("answer")
-        self._table.add_row(path, *[v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")], f"{score:.2f}",
+        self._table.add_row(path, *[v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")], _score(score),
                             *((("unknown" if unknown else classes[0]),) if self.abstain else ()))
         self._shown += 1
         if self._shown % self.TABLE_ROWS == 0:
@@ -246,6 +253,11 @@ class _Sink:
             self._stack.__exit__(exc_type, exc, tb)
         except OSError as err:
             raise UserError(f"cannot save {self.path}: {err.strerror or err}") from None
+
+
+def _score(score: float) -> str:
+    """An OOD score as shown: empty where the checkpoint has none (it predates them)."""
+    return "" if math.isnan(score) else f"{score:.4f}"
 
 
 def run() -> None:

@@ -10,9 +10,9 @@ and ExportedProgram archives (``torch.jit.load(path, _extra_files=...)``,
 
 The files return the raw logits, as the network computes them: calibrated probabilities are
 ``softmax(logits / temperature)`` with the ``temperature`` in the metadata (1 where the run had no
-validation split), and the out-of-distribution score is ``-logsumexp(logits)``, compared with the
-metadata's ``ood_threshold`` (``models.calibration``). Raw logits keep the argmax, the energy and the
-check against PyTorch the same as the checkpoint's.
+validation split). Raw logits keep the argmax and the check against PyTorch the same as the
+checkpoint's. The out-of-distribution score (``models.calibration``) needs the training images'
+features, which stay in the checkpoint: exported files do not give it.
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ def export_metadata(clf: LoadedClassifier) -> dict[str, Any]:
         "resize_size": pre.resize_size, "interpolation": pre.interpolation, "mean": list(pre.mean),
         "std": list(pre.std), "input": "images: float32 N x 3 x crop x crop, RGB, (pixel / 255 - mean) / std",
         "output": "logits: float32 N x classes, raw: probabilities = softmax(logits / temperature)",
-        "temperature": clf.calibration.temperature, "ood_score": "energy: -logsumexp(logits)",
-        "ood_threshold": clf.calibration.ood_threshold, "precision": "fp32", "arch": meta["arch"],
+        "temperature": clf.calibration.temperature, "precision": "fp32", "arch": meta["arch"],
         "finetune_version": meta.get("versions", {}).get("finetune", ""), "checkpoint": str(clf.path),
     }
 

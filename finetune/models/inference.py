@@ -33,8 +33,8 @@ from finetune.data.images import BadImageError, to_rgb
 from finetune.data.inputs import image_paths
 from finetune.data.presets import ModelInput, Preprocessing
 from finetune.models.build import build_for_checkpoint, fuse_for_inference
-from finetune.models.calibration import Calibration, energy_score
-from finetune.models.checkpoint import checkpoint_file, load_checkpoint
+from finetune.models.calibration import OOD_BANK, Calibration, knn_distance
+from finetune.models.checkpoint import checkpoint_file, load_checkpoint, load_extras
 from finetune.models.weights import load_exactly
 from finetune.utils.runtime import eval_precision, precision_name, resolve_precision
 
@@ -58,6 +58,24 @@ def forward_batches(model: nn.Module, batches: Iterable[Any],
         yield model(to_input(images)).float(), rest
 
 
+class FeatureTap:
+    """The penultimate features (the input of the head, ``meta["head"]``) of the last forward pass
+    of ``model``, while the tap is open (a context manager)."""
+
+    def __init__(self, model: nn.Module, head: str):
+        self.features: torch.Tensor | None = None
+        self._handle = model.get_submodule(head).register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+        self.features = args[0].detach().float().flatten(1)
+
+    def __enter__(self) -> "FeatureTap":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._handle.remove()
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The top classes of one image, best first."""
@@ -65,7 +83,8 @@ class Prediction:
     source: str  # the image's path, or "<image N>" for an in-memory image (N: its position in the input)
     classes: list[str]
     probabilities: list[float]  # calibrated where the checkpoint records a temperature (and calibrated=True)
-    ood_score: float | None = None  # the energy -logsumexp(logits): higher is less like the training data
+    ood_score: float | None = None  # distance to the training images' features: higher is less like them
+    # (None: the checkpoint predates OOD scores)
     unknown: bool = False  # top probability below min_confidence, or ood_score above the checkpoint's threshold
 
 
@@ -83,10 +102,13 @@ class LoadedClassifier:
         calibration: the temperature and OOD threshold the checkpoint records (``models.calibration``).
         temperature: what ``probabilities`` divides the logits by: the recorded one, or 1 where
             loaded with ``calibrated=False`` (or the checkpoint records none).
+        ood_bank: the training images' unit-length features the OOD score compares with (None
+            where the checkpoint has none).
     """
 
     def __init__(self, model: nn.Module, classes: list[str], preprocessing: Preprocessing, meta: dict[str, Any],
-                 path: Path, *, precision: str = "no", channels_last: bool = False, calibrated: bool = True):
+                 path: Path, *, precision: str = "no", channels_last: bool = False, calibrated: bool = True,
+                 ood_bank: torch.Tensor | None = None):
         self.model = model.eval()
         self.classes = classes
         self.preprocessing = preprocessing
@@ -97,18 +119,32 @@ class LoadedClassifier:
         self.to_input = ModelInput(preprocessing.mean, preprocessing.std, channels_last)
         self.calibration = Calibration.of(meta)
         self.temperature = self.calibration.temperature if calibrated else 1.0
+        self.ood_bank = ood_bank
+
+    def feature_tap(self) -> FeatureTap:
+        """A tap on the head's input, for ``ood_scores`` (``with clf.feature_tap() as tap: ...``)."""
+        return FeatureTap(self.model, self.meta["head"])
+
+    def ood_scores(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        """Each image's OOD score from its penultimate features (``models.calibration.knn_distance``);
+        None where the checkpoint has no training features to compare with."""
+        if self.ood_bank is None or features is None:
+            return None
+        return knn_distance(features, self.ood_bank).cpu()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Class probabilities of raw logits: the one place the temperature is applied."""
         return (logits.float() / self.temperature).softmax(dim=1)
 
-    def unknown(self, confidence: torch.Tensor, ood_score: torch.Tensor,
+    def unknown(self, confidence: torch.Tensor, ood_score: torch.Tensor | None,
                 min_confidence: float = MIN_CONFIDENCE) -> torch.Tensor:
         """Which images to answer "I don't know" for: top probability below ``min_confidence``, or
         an OOD score above the checkpoint's threshold (where it records one)."""
-        unsure = confidence < min_confidence
+        unsure = confidence.cpu() < min_confidence
         threshold = self.calibration.ood_threshold
-        return unsure if threshold is None else unsure | (ood_score > threshold)
+        if threshold is None or ood_score is None:
+            return unsure
+        return unsure | (ood_score.cpu() > threshold)
 
     @property
     def device(self) -> torch.device:
@@ -195,12 +231,13 @@ class LoadedClassifier:
             yield from self._classify(batch, k, min_confidence)
 
     def _classify(self, batch: list[tuple[str, torch.Tensor]], k: int, min_confidence: float) -> Iterator[Prediction]:
-        logits = self.logits(torch.stack([image for _, image in batch]))
+        with self.feature_tap() if self.ood_bank is not None else contextlib.nullcontext() as tap:
+            logits = self.logits(torch.stack([image for _, image in batch]))
         top_p, top_i = self.probabilities(logits).topk(k, dim=1)
-        scores = energy_score(logits)
+        scores = self.ood_scores(tap.features if tap else None)
         unknown = self.unknown(top_p[:, 0], scores, min_confidence)
-        for (source, _), p, i, score, unsure in zip(batch, top_p.tolist(), top_i.tolist(), scores.tolist(),
-                                                    unknown.tolist()):
+        listed = scores.tolist() if scores is not None else [None] * len(batch)
+        for (source, _), p, i, score, unsure in zip(batch, top_p.tolist(), top_i.tolist(), listed, unknown.tolist()):
             yield Prediction(source, [self.classes[j] for j in i], p, score, unsure)
 
 
@@ -244,8 +281,10 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
     device = torch.device(device)
     net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)
     precision = resolve_precision(eval_precision(mixed_precision, meta), on_cpu=device.type == "cpu")
+    bank = load_extras(path).get(OOD_BANK) if meta.get("ood") else None
     return LoadedClassifier(net, classes, preprocessing_of(meta), meta, path, precision=precision,
-                            channels_last=channels_last, calibrated=calibrated)
+                            channels_last=channels_last, calibrated=calibrated,
+                            ood_bank=None if bank is None else bank.to(device))
 
 
 def preprocessing_of(meta: dict[str, Any]) -> Preprocessing:
