@@ -39,6 +39,12 @@ def test_fitting_recovers_a_known_temperature():
     assert nll(z * TEMPERATURE, targets, t) < nll(z * TEMPERATURE, targets)
 
 
+def test_a_validation_split_without_mistakes_never_sharpens():
+    logits, targets = torch.tensor([[3.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1])
+    assert fit_temperature(logits, targets) < 1  # the NLL alone would sharpen without end
+    assert calibration_meta(logits, targets, None, None)["calibration"]["temperature"] == 1.0
+
+
 def test_fitting_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match="N x C logits and N targets"):
         fit_temperature(torch.zeros(3, 2), torch.zeros(2, dtype=torch.long))

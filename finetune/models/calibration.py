@@ -204,6 +204,10 @@ def calibration_meta(val_logits: torch.Tensor | None, val_targets: torch.Tensor 
     meta: dict[str, Any] = {}
     if val_logits is not None and val_targets is not None and len(val_targets):
         t = fit_temperature(val_logits, val_targets)
+        if bool((val_logits.argmax(1) == val_targets).all()):
+            # With no mistake to weigh, the NLL falls for ever as T -> 0: a fitted T < 1 there
+            # sharpens on no evidence (measured: test NLL 0.04 -> 0.15 on photos), so it stays 1.
+            t = max(t, 1.0)
         before, after = val_logits.softmax(1), (val_logits / t).softmax(1)
         meta["calibration"] = {
             "method": "temperature", "temperature": t, "fitted_on": "val", "images": len(val_targets),
