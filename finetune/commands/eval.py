@@ -49,7 +49,9 @@ class EvalConfig:
     channels_last: bool = option(True, "use the channels-last memory format")
     fold_batchnorm: bool = option(False, "fold BatchNorm into the convolutions: faster on CPUs, but an image at the "
                                          "decision boundary may then flip against the accuracy training printed")
-    plots: bool = option(True, "draw confusion.png and mistakes.png in the output folder")
+    calibration: bool = option(True, "divide the logits by the temperature the checkpoint records (fitted on the "
+                                     "run's validation split) before the softmax; --no-calibration: the raw softmax")
+    plots: bool = option(True, "draw confusion.png, mistakes.png and reliability.png in the output folder")
     log_with: str = option("tensorboard", "experiment tracker for the pictures and accuracy: tensorboard (under "
                                         "OUTPUT/logs/), wandb, mlflow, aim or none", choices=TRACKERS)
 
@@ -67,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from finetune.data.hfdatasets import is_hf_data
     from finetune.data.labelfiles import Columns, eval_split, is_label_file
     from finetune.data.loader import make_eval_loader
+    from finetune.models.calibration import calibration_figures
     from finetune.models.inference import load_classifier
     from finetune.report.console import Reporter
     from finetune.report.metrics import summarise
@@ -82,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # The precision rule (models.inference): by default the training's own test pass's, so that the
     # accuracy agrees with the one training printed.
     clf = load_classifier(config.ckpt, mixed_precision=config.mixed_precision, channels_last=config.channels_last,
-                          fold_batchnorm=config.fold_batchnorm)
+                          fold_batchnorm=config.fold_batchnorm, calibrated=config.calibration)
     classes, pre = clf.classes, clf.preprocessing
     accelerator = build_accelerator(clf.precision, cpu_threads=config.threads, cpu=config.cpu)
     report = Reporter(enabled=accelerator.is_main_process)
@@ -135,9 +138,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report.print(f"{len(dataset.samples)} images on {accelerator.device.type}, precision {clf.precision_name}")
     if clf.multilabel:
         return evaluate_multilabel_run(accelerator, model, loader, clf, dataset, data_dir, out_dir, report, config)
-    preds = evaluate(accelerator, model, loader, len(classes), to_input=clf.to_input)
+    preds = evaluate(accelerator, model, loader, len(classes), to_input=clf.to_input,
+                     probabilities=clf.probabilities, keep_logits=True)
     metrics = {"checkpoint": str(clf.path), "data": str(data_dir),
-               **summarise(classes, preds.targets, preds.topk)}
+               **summarise(classes, preds.targets, preds.topk),
+               "calibration": {**calibration_figures(preds.logits, preds.targets, clf.calibration.temperature),
+                               "fitted_on": clf.calibration.fitted_on, "applied": clf.temperature != 1.0}}
     if accelerator.is_main_process:
         # Files before printing: a reader that stops early (| head -1) must not cost them.
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=1))
@@ -146,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report.print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.csv'}")
         if config.plots:
             write_pictures(accelerator, out_dir, dataset, classes, metrics, preds, pre)
-            report.print(f"wrote {out_dir / 'confusion.png'} and {out_dir / 'mistakes.png'}")
+            report.print(f"wrote {out_dir / 'confusion.png'}, {out_dir / 'mistakes.png'} and "
+                         f"{out_dir / 'reliability.png'}")
     accelerator.log({"eval/accuracy": metrics["accuracy"]}, step=0)
     accelerator.end_training()
     return metrics
@@ -230,6 +237,7 @@ def show(report: Any, classes: list[str], metrics: dict[str, Any], plots: bool =
     if "top5_accuracy" in metrics:
         line += f"; top-5 accuracy {metrics['top5_accuracy']:.4f}"
     report.print(line)
+    report.print(calibration_line(metrics["calibration"]))
     per_class = metrics["per_class"]
     report.print(per_class_table(classes, [per_class[c]["precision"] for c in classes],
                                  [per_class[c]["recall"] for c in classes], [per_class[c]["support"] for c in classes]))
@@ -241,12 +249,26 @@ def show(report: Any, classes: list[str], metrics: dict[str, Any], plots: bool =
                      + (" and confusion.png" if plots else ""))
 
 
+def calibration_line(cal: dict[str, Any]) -> str:
+    """What eval.py says about its probabilities: calibrated or not, and ECE and NLL before and after."""
+    figures = (f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}, "
+               f"NLL {cal['nll_before']:.3f} -> {cal['nll_after']:.3f} ({cal['bins']} bins)")
+    if not cal["fitted_on"]:
+        return (f"probabilities: uncalibrated softmax (the checkpoint records no temperature: train with "
+                f"--val-fraction 0.1 or a val/ folder); ECE {cal['ece_before']:.3f}, NLL {cal['nll_before']:.3f}")
+    if not cal["applied"]:
+        return (f"probabilities: raw softmax (--no-calibration); with the recorded temperature "
+                f"{cal['temperature']:.3f}: {figures}")
+    return f"probabilities: calibrated, temperature {cal['temperature']:.3f} (fitted on {cal['fitted_on']}): {figures}"
+
+
 def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[str], metrics: dict[str, Any],
                    preds: Any, pre: Any) -> None:
-    """``confusion.png`` and ``mistakes.png`` (the most confidently wrong images, as the model saw
-    them), also sent to TensorBoard's images tab where it is the tracker."""
+    """``confusion.png``, ``mistakes.png`` (the most confidently wrong images, as the model saw
+    them) and ``reliability.png`` (accuracy against confidence, before and after calibration), also
+    sent to TensorBoard's images tab where it is the tracker."""
     # loaded by main already: here only to keep the module's top torch-free
-    from finetune.report.plots import confusion_png, mistakes_png, save_png
+    from finetune.report.plots import confusion_png, mistakes_png, reliability_png, save_png
     from finetune.report.tracking import log_png
 
     wrong = (preds.topk[:, 0] != preds.targets).nonzero().flatten()
@@ -259,10 +281,20 @@ def write_pictures(accelerator: Any, out_dir: Path, dataset: Any, classes: list[
                                  [classes[int(preds.topk[i, 0])] for i in worst],
                                  [float(preds.confidence[i]) for i in worst], total_images=len(preds.targets),
                                  total_mistakes=len(wrong)),
+        "reliability": reliability_png(*reliability_curves(metrics["calibration"])),
     }
     for name, png in pictures.items():
         save_png(out_dir / f"{name}.png", png)
         log_png(accelerator, f"eval/{name}", png, step=0)
+
+
+def reliability_curves(cal: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The curves and title of reliability.png: the raw softmax, and the calibrated probabilities
+    where the checkpoint records a temperature."""
+    curves = {f"softmax (ECE {cal['ece_before']:.3f})": cal["reliability_before"]}
+    if cal["fitted_on"]:
+        curves[f"temperature {cal['temperature']:.2f} (ECE {cal['ece_after']:.3f})"] = cal["reliability_after"]
+    return curves, f"reliability on {sum(cal['reliability_before']['count']):.0f} images"
 
 
 def predictions_csv(dataset: Any, classes: list[str], preds: Any) -> str:

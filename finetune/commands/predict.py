@@ -10,8 +10,10 @@ number of images; under ``accelerate launch`` each image is predicted exactly on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,6 +44,12 @@ class PredictConfig:
     fold_batchnorm: bool = option(False, "fold BatchNorm into the convolutions: faster on CPUs, but an image at the "
                                          "decision boundary may then flip against eval.py")
     cpu: bool = option(False, "run on the CPU even where a GPU is visible")
+    calibration: bool = option(True, "divide the logits by the temperature the checkpoint records (fitted on the "
+                                     "run's validation split) before the softmax; --no-calibration: the raw softmax")
+    abstain: bool = option(False, "mark an image 'unknown' when its top probability is below --min-confidence or "
+                                  "its out-of-distribution score is above the checkpoint's threshold")
+    min_confidence: float = option(0.5, "with --abstain: the top probability below which an image is 'unknown'",
+                                   minimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -87,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--output must end in .csv or .jsonl, got {out_path}")
     # The precision rule (models.inference): eval.py's, so that both give the same answers.
     clf = load_classifier(config.ckpt, mixed_precision=config.mixed_precision, channels_last=config.channels_last,
-                          fold_batchnorm=config.fold_batchnorm)
+                          fold_batchnorm=config.fold_batchnorm, calibrated=config.calibration)
     paths = list(image_paths(config.inputs))
     if not paths:
         raise UserError(f"no images found in {', '.join(config.inputs)}")
@@ -102,20 +110,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = clf.prepare(accelerator)
     loader = accelerator.prepare_data_loader(loader)
     report.print(f"{len(paths)} image(s) on {accelerator.device.type}, precision {clf.precision_name}")
+    for note in trust_notes(clf, config):
+        report.print(note)
     k = len(clf.classes) if clf.multilabel else min(config.top_k, len(clf.classes))
 
-    rows = _predict(accelerator, model, loader, clf.to_input, k, clf.probabilities)
-    counts = {"predicted": 0, "skipped": 0}
+    rows = _predict(accelerator, model, loader, clf, k, config.min_confidence)
+    counts = {"predicted": 0, "skipped": 0, "unknown": 0}
     skipped: list[str] = []
     if accelerator.is_main_process:
-        with _Sink(out_path, k, report, multilabel=clf.multilabel) as sink:
-            for index, readable, classes, probs in rows:
-                if readable and clf.multilabel:  # every class's probability: those over their thresholds
-                    sink.write(str(paths[index]), *clf.labels_over_threshold(probs))
+        with _Sink(out_path, k, report, multilabel=clf.multilabel, abstain=config.abstain) as sink:
+            for index, readable, classes, probs, score, unknown in rows:
+                if readable:
+                    unknown = bool(unknown) and config.abstain
+                    if clf.multilabel:  # every class's probability: those over their thresholds
+                        labels, probs = clf.labels_over_threshold(probs)
+                    else:
+                        labels = [clf.classes[c] for c in classes]
+                    sink.write(str(paths[index]), labels, probs, score, unknown)
                     counts["predicted"] += 1
-                elif readable:
-                    sink.write(str(paths[index]), [clf.classes[c] for c in classes], probs)
-                    counts["predicted"] += 1
+                    counts["unknown"] += unknown
                 else:
                     skipped.append(str(paths[index]))
         for path in skipped:
@@ -124,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not counts["predicted"]:
             raise UserError(f"none of the {len(skipped)} image(s) could be read (see above): nothing predicted")
         where = f"; wrote {out_path}" if out_path else ""
-        report.print(f"predicted {counts['predicted']} image(s), skipped {counts['skipped']}{where}")
+        unknown = f", {counts['unknown']} of them unknown" if config.abstain else ""
+        report.print(f"predicted {counts['predicted']} image(s){unknown}, skipped {counts['skipped']}{where}")
     else:
         for _ in rows:  # the other processes take part in every gather
             pass
@@ -132,25 +146,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {**counts, "skipped_paths": skipped, "output": out_path}
 
 
-def _predict(accelerator: Any, model: Any, loader: Any, to_input: Any, k: int,
-             probabilities: Any) -> Iterator[tuple[int, bool, list[int], list[float]]]:
-    """(dataset index, readable, top-k classes, their probabilities) of every image once, a batch at
-    a time (``probabilities``: the classifier's, from logits); ``k`` as many as there are classes:
-    every class, in class order."""
-    import torch  # loaded by main already
+def trust_notes(clf: Any, config: PredictConfig) -> list[str]:
+    """What the probabilities are, and what --abstain can go by."""
+    cal = clf.calibration
+    if not config.calibration:
+        notes = ["probabilities: raw softmax (--no-calibration)"]
+    elif cal.calibrated:
+        notes = [f"probabilities: calibrated, temperature {clf.temperature:.3f} (fitted on {cal.fitted_on})"]
+    else:
+        notes = ["probabilities: uncalibrated softmax (the checkpoint records no temperature: train with "
+                 "--val-fraction 0.1 or a val/ folder)"]
+    if config.abstain and (cal.ood_threshold is None or clf.ood_bank is None):
+        notes.append("warning: the checkpoint records no out-of-distribution threshold (it predates them): "
+                     "--abstain goes by --min-confidence alone")
+    return notes
+
+
+def _predict(accelerator: Any, model: Any, loader: Any, clf: Any, k: int,
+             min_confidence: float) -> Iterator[tuple[int, bool, list[int], list[float], float, bool]]:
+    """(dataset index, readable, top-k classes, their probabilities, OOD score (NaN: none), unknown) of
+    every image once, a batch at a time."""
+    import torch  # loaded by main already: here only to keep the module's top torch-free
 
     from finetune.models.inference import forward_batches  # loaded by main already
 
-    for logits, (positions, indices) in forward_batches(model, loader, to_input):
-        readable = (indices >= 0).int()  # an int: gloo gathers no bools
-        probs = probabilities(logits)
-        if k == probs.shape[1]:
-            top_p, top_i = probs, torch.arange(k, device=probs.device).expand_as(probs)
-        else:
-            top_p, top_i = probs.topk(k, dim=1)
-        gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p))
-        order = gathered[0].argsort()  # gathered batches interleave the processes' shares
-        yield from zip(*(part[order].tolist() for part in gathered))
+    scored = clf.ood_bank is not None
+    with clf.feature_tap() if scored else contextlib.nullcontext() as tap:
+        for logits, (positions, indices) in forward_batches(model, loader, clf.to_input):
+            readable = (indices >= 0).int()  # an int: gloo gathers no bools
+            probs = clf.probabilities(logits)
+            if clf.multilabel:  # every class, in class order; unknown on the OOD score alone
+                top_p, top_i = probs, torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
+                confidence = torch.ones(len(probs))
+            else:
+                top_p, top_i = probs.topk(k, dim=1)
+                confidence = top_p[:, 0]
+            scores = clf.ood_scores(tap.features) if scored else None
+            unknown = clf.unknown(confidence, scores, min_confidence).int().to(logits.device)
+            scores = torch.full((len(logits),), float("nan")) if scores is None else scores
+            scores = scores.to(logits.device)
+            gathered = accelerator.gather_for_metrics((positions, readable, top_i, top_p, scores, unknown))
+            order = gathered[0].argsort()  # gathered batches interleave the processes' shares
+            yield from zip(*(part[order].tolist() for part in gathered))
 
 
 class _Sink:
@@ -159,8 +196,8 @@ class _Sink:
 
     TABLE_ROWS = 64
 
-    def __init__(self, path: Path | None, k: int, report: Any, multilabel: bool = False):
-        self.path, self.k, self.report, self.multilabel = path, k, report, multilabel
+    def __init__(self, path: Path | None, k: int, report: Any, multilabel: bool = False, abstain: bool = False):
+        self.path, self.k, self.report, self.multilabel, self.abstain = path, k, report, multilabel, abstain
         self._stack = ExitStack()
         self._file: TextIO | None = None
         self._table: Any = None
@@ -181,24 +218,29 @@ class _Sink:
         if self.path.suffix.lower() == ".csv":
             self._csv = csv.writer(self._file)
             if self.multilabel:  # labels over their thresholds, joined by ';', and their probabilities likewise
-                self._csv.writerow(["path", "labels", "probabilities"])
+                head = ["path", "labels", "probabilities"]
             else:
-                self._csv.writerow(["path"] + [f"{what}_{i}" for i in range(1, self.k + 1)
-                                               for what in ("class", "probability")])
+                head = ["path"] + [f"{what}_{i}" for i in range(1, self.k + 1) for what in ("class", "probability")]
+            self._csv.writerow(head + ["ood_score"] + (["unknown"] if self.abstain else []))
         return self
 
-    def write(self, path: str, classes: list[str], probs: list[float]) -> None:
+    def write(self, path: str, classes: list[str], probs: list[float], score: float, unknown: bool) -> None:
+        """One image's row; ``unknown`` is shown only under ``--abstain``."""
         if self._file is None:
-            self._add_row(path, classes, probs)
+            self._add_row(path, classes, probs, score, unknown)
         elif self.path.suffix.lower() == ".csv" and self.multilabel:
-            self._csv.writerow([path, ";".join(classes), ";".join(f"{p:.6f}" for p in probs)])
+            self._csv.writerow([path, ";".join(classes), ";".join(f"{p:.6f}" for p in probs), _score(score)]
+                               + ([int(unknown)] if self.abstain else []))
         elif self.path.suffix.lower() == ".csv":
-            self._csv.writerow([path] + [v for c, p in zip(classes, probs) for v in (c, f"{p:.6f}")])
+            self._csv.writerow([path] + [v for c, p in zip(classes, probs) for v in (c, f"{p:.6f}")]
+                               + [_score(score)] + ([int(unknown)] if self.abstain else []))
         else:
-            self._file.write(json.dumps({"path": path, "classes": classes,
-                                         "probabilities": [round(p, 6) for p in probs]}) + "\n")
+            row = {"path": path, "classes": classes, "probabilities": [round(p, 6) for p in probs],
+                   "ood_score": None if math.isnan(score) else round(score, 4),
+                   **({"unknown": unknown} if self.abstain else {})}
+            self._file.write(json.dumps(row) + "\n")
 
-    def _add_row(self, path: str, classes: list[str], probs: list[float]) -> None:
+    def _add_row(self, path: str, classes: list[str], probs: list[float], score: float, unknown: bool) -> None:
         from rich.table import Table
 
         if self._table is None:
@@ -210,10 +252,15 @@ class _Sink:
                 for i in range(1, self.k + 1):
                     self._table.add_column(f"class {i}" if self.k > 1 else "class")
                     self._table.add_column(f"p{i}" if self.k > 1 else "probability", justify="right")
+            self._table.add_column("ood score", justify="right")
+            if self.abstain:
+                self._table.add_column("answer")
         if self.multilabel:
-            self._table.add_row(path, ", ".join(f"{c} ({p:.4f})" for c, p in zip(classes, probs)) or "none")
+            shown = [", ".join(f"{c} ({p:.4f})" for c, p in zip(classes, probs)) or "none"]
         else:
-            self._table.add_row(path, *[v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")])
+            shown = [v for c, p in zip(classes, probs) for v in (c, f"{p:.4f}")]
+        answer = "unknown" if unknown else (", ".join(classes) if self.multilabel else classes[0])
+        self._table.add_row(path, *shown, _score(score), *((answer,) if self.abstain else ()))
         self._shown += 1
         if self._shown % self.TABLE_ROWS == 0:
             self._flush_table()
@@ -229,6 +276,11 @@ class _Sink:
             self._stack.__exit__(exc_type, exc, tb)
         except OSError as err:
             raise UserError(f"cannot save {self.path}: {err.strerror or err}") from None
+
+
+def _score(score: float) -> str:
+    """An OOD score as shown: empty where the checkpoint has none (it predates them)."""
+    return "" if math.isnan(score) else f"{score:.4f}"
 
 
 def run() -> None:

@@ -7,6 +7,12 @@ needed to feed it and read it — class names, crop and resize sizes, interpolat
 goes into the file: ONNX ``metadata_props``, and a ``finetune.json`` entry in the TorchScript
 and ExportedProgram archives (``torch.jit.load(path, _extra_files=...)``,
 ``torch.export.load(path, extra_files=...)``).
+
+The files return the raw logits, as the network computes them: calibrated probabilities are
+``softmax(logits / temperature)`` with the ``temperature`` in the metadata (1 where the run had no
+validation split). Raw logits keep the argmax and the check against PyTorch the same as the
+checkpoint's. The out-of-distribution score (``models.calibration``) needs the training images'
+features, which stay in the checkpoint: exported files do not give it.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ def export_metadata(clf: LoadedClassifier) -> dict[str, Any]:
         "classes": list(clf.classes), "image_size": pre.image_size, "crop_size": pre.image_size,
         "resize_size": pre.resize_size, "interpolation": pre.interpolation, "mean": list(pre.mean),
         "std": list(pre.std), "input": "images: float32 N x 3 x crop x crop, RGB, (pixel / 255 - mean) / std",
-        "output": "logits: float32 N x classes", "precision": "fp32", "arch": meta["arch"],
+        "output": "logits: float32 N x classes, raw: probabilities = softmax(logits / temperature)",
+        "temperature": clf.calibration.temperature, "precision": "fp32", "arch": meta["arch"],
         "finetune_version": meta.get("versions", {}).get("finetune", ""), "checkpoint": str(clf.path),
         **({"task": "multilabel", "thresholds": clf.thresholds,
             "output": "logits: float32 N x classes; sigmoid(logit) is the class's probability, and the image has "

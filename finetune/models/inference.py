@@ -33,12 +33,14 @@ from finetune.data.images import BadImageError, to_rgb
 from finetune.data.inputs import image_paths
 from finetune.data.presets import ModelInput, Preprocessing
 from finetune.models.build import build_for_checkpoint, fuse_for_inference
-from finetune.models.checkpoint import checkpoint_file, load_checkpoint
+from finetune.models.calibration import OOD_BANK, Calibration, knn_distance
+from finetune.models.checkpoint import checkpoint_file, load_checkpoint, load_extras
 from finetune.models.weights import load_exactly
 from finetune.utils.runtime import eval_precision, precision_name, resolve_precision
 
 ImageInput = str | Path | Image.Image
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_CONFIDENCE = 0.5  # below it, a prediction is "unknown" (on calibrated probabilities: worse than even odds)
 
 
 @torch.inference_mode()
@@ -56,6 +58,24 @@ def forward_batches(model: nn.Module, batches: Iterable[Any],
         yield model(to_input(images)).float(), rest
 
 
+class FeatureTap:
+    """The penultimate features (the input of the head, ``meta["head"]``) of the last forward pass
+    of ``model``, while the tap is open (a context manager)."""
+
+    def __init__(self, model: nn.Module, head: str):
+        self.features: torch.Tensor | None = None
+        self._handle = model.get_submodule(head).register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+        self.features = args[0].detach().float().flatten(1)
+
+    def __enter__(self) -> "FeatureTap":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._handle.remove()
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The top classes of one image, best first; for a multi-label classifier, every class whose
@@ -63,7 +83,10 @@ class Prediction:
 
     source: str  # the image's path, or "<image N>" for an in-memory image (N: its position in the input)
     classes: list[str]
-    probabilities: list[float]
+    probabilities: list[float]  # calibrated where the checkpoint records a temperature (and calibrated=True)
+    ood_score: float | None = None  # distance to the training images' features: higher is less like them
+    # (None: the checkpoint predates OOD scores)
+    unknown: bool = False  # top probability below min_confidence, or ood_score above the checkpoint's threshold
 
 
 class LoadedClassifier:
@@ -77,10 +100,16 @@ class LoadedClassifier:
         path: the checkpoint file.
         precision: what it computes in: ``no`` (fp32), ``bf16`` or ``fp16`` (see the module's rule).
         to_input: uint8 images to the model's normalised input (in its memory format).
+        calibration: the temperature and OOD threshold the checkpoint records (``models.calibration``).
+        temperature: what ``probabilities`` divides the logits by: the recorded one, or 1 where
+            loaded with ``calibrated=False`` (or the checkpoint records none).
+        ood_bank: the training images' unit-length features the OOD score compares with (None
+            where the checkpoint has none).
     """
 
     def __init__(self, model: nn.Module, classes: list[str], preprocessing: Preprocessing, meta: dict[str, Any],
-                 path: Path, *, precision: str = "no", channels_last: bool = False):
+                 path: Path, *, precision: str = "no", channels_last: bool = False, calibrated: bool = True,
+                 ood_bank: torch.Tensor | None = None):
         self.model = model.eval()
         self.classes = classes
         self.preprocessing = preprocessing
@@ -89,6 +118,36 @@ class LoadedClassifier:
         self.precision = precision
         self._preset = preprocessing.eval_preset()
         self.to_input = ModelInput(preprocessing.mean, preprocessing.std, channels_last)
+        self.calibration = Calibration.of(meta)
+        self.temperature = self.calibration.temperature if calibrated else 1.0
+        self.ood_bank = ood_bank
+
+    def feature_tap(self) -> FeatureTap:
+        """A tap on the head's input, for ``ood_scores`` (``with clf.feature_tap() as tap: ...``)."""
+        return FeatureTap(self.model, self.meta["head"])
+
+    def ood_scores(self, features: torch.Tensor | None) -> torch.Tensor | None:
+        """Each image's OOD score from its penultimate features (``models.calibration.knn_distance``);
+        None where the checkpoint has no training features to compare with."""
+        if self.ood_bank is None or features is None:
+            return None
+        return knn_distance(features, self.ood_bank).cpu()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities of raw logits, the one place the temperature is applied: a softmax over the
+        classes, or for a multi-label classifier a sigmoid per class."""
+        scaled = logits.float() / self.temperature
+        return scaled.sigmoid() if self.multilabel else scaled.softmax(dim=1)
+
+    def unknown(self, confidence: torch.Tensor, ood_score: torch.Tensor | None,
+                min_confidence: float = MIN_CONFIDENCE) -> torch.Tensor:
+        """Which images to answer "I don't know" for: top probability below ``min_confidence``, or
+        an OOD score above the checkpoint's threshold (where it records one)."""
+        unsure = confidence.cpu() < min_confidence
+        threshold = self.calibration.ood_threshold
+        if threshold is None or ood_score is None:
+            return unsure
+        return unsure | (ood_score.cpu() > threshold)
 
     @property
     def device(self) -> torch.device:
@@ -107,10 +166,6 @@ class LoadedClassifier:
     def thresholds(self) -> list[float]:
         """A multi-label classifier's decision threshold per class (chosen on the validation split)."""
         return [float(t) for t in self.meta.get("thresholds") or [0.5] * len(self.classes)]
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The model's outputs as probabilities: softmax over the classes, or a sigmoid per class."""
-        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
 
     def labels_over_threshold(self, probabilities: list[float]) -> tuple[list[str], list[float]]:
         """A multi-label image's classes at or over their thresholds and their probabilities, most probable first."""
@@ -156,7 +211,7 @@ class LoadedClassifier:
         return accelerator.prepare_model(self.model, evaluation_mode=True)
 
     def predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1, batch_size: int = 32,
-                bad_data: str = "skip") -> list[Prediction]:
+                bad_data: str = "skip", min_confidence: float = MIN_CONFIDENCE) -> list[Prediction]:
         """Classify images.
 
         Args:
@@ -167,14 +222,17 @@ class LoadedClassifier:
             batch_size: images per forward pass.
             bad_data: ``skip`` an image that cannot be decoded, with a warning (as predict.py
                 does), or ``fail`` on it with ``BadImageError``.
+            min_confidence: a top probability below it makes the prediction ``unknown``.
 
         Returns:
-            One ``Prediction`` per readable image, in input order (a folder's images sorted by path).
+            One ``Prediction`` per readable image, in input order (a folder's images sorted by path),
+            with its OOD score and whether it is ``unknown``.
         """
-        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size, bad_data=bad_data))
+        return list(self.iter_predict(images, top_k=top_k, batch_size=batch_size, bad_data=bad_data,
+                                      min_confidence=min_confidence))
 
     def iter_predict(self, images: ImageInput | Iterable[ImageInput], top_k: int = 1, batch_size: int = 32,
-                     bad_data: str = "skip") -> Iterator[Prediction]:
+                     bad_data: str = "skip", min_confidence: float = MIN_CONFIDENCE) -> Iterator[Prediction]:
         """``predict``, one result at a time: memory stays flat however many images there are."""
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -191,20 +249,26 @@ class LoadedClassifier:
                 warnings.warn(f"skipped unreadable image: {err}", stacklevel=2)
                 continue
             if len(batch) == batch_size:
-                yield from self._classify(batch, k)
+                yield from self._classify(batch, k, min_confidence)
                 batch = []
         if batch:
-            yield from self._classify(batch, k)
+            yield from self._classify(batch, k, min_confidence)
 
-    def _classify(self, batch: list[tuple[str, torch.Tensor]], k: int) -> Iterator[Prediction]:
-        probs = self.probabilities(self.logits(torch.stack([image for _, image in batch])))
-        if self.multilabel:
-            for (source, _), p in zip(batch, probs.tolist()):
-                yield Prediction(source, *self.labels_over_threshold(p))
+    def _classify(self, batch: list[tuple[str, torch.Tensor]], k: int, min_confidence: float) -> Iterator[Prediction]:
+        with self.feature_tap() if self.ood_bank is not None else contextlib.nullcontext() as tap:
+            logits = self.logits(torch.stack([image for _, image in batch]))
+        probs = self.probabilities(logits)
+        scores = self.ood_scores(tap.features if tap else None)
+        listed = scores.tolist() if scores is not None else [None] * len(batch)
+        if self.multilabel:  # the labels over their thresholds; unknown on the OOD score alone
+            unknown = self.unknown(torch.ones(len(batch)), scores)
+            for (source, _), p, score, unsure in zip(batch, probs.tolist(), listed, unknown.tolist()):
+                yield Prediction(source, *self.labels_over_threshold(p), score, unsure)
             return
         top_p, top_i = probs.topk(k, dim=1)
-        for (source, _), p, i in zip(batch, top_p.tolist(), top_i.tolist()):
-            yield Prediction(source, [self.classes[j] for j in i], p)
+        unknown = self.unknown(top_p[:, 0], scores, min_confidence)
+        for (source, _), p, i, score, unsure in zip(batch, top_p.tolist(), top_i.tolist(), listed, unknown.tolist()):
+            yield Prediction(source, [self.classes[j] for j in i], p, score, unsure)
 
 
 def _sources(images: ImageInput | Iterable[ImageInput]) -> Iterator[tuple[str, ImageInput]]:
@@ -219,7 +283,8 @@ def _sources(images: ImageInput | Iterable[ImageInput]) -> Iterator[tuple[str, I
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mixed_precision: str = "auto",
-                    channels_last: bool = True, fold_batchnorm: bool = False) -> LoadedClassifier:
+                    channels_last: bool = True, fold_batchnorm: bool = False,
+                    calibrated: bool = True) -> LoadedClassifier:
     """Rebuild a classifier from a checkpoint written by train.py, set up for inference.
 
     Args:
@@ -231,6 +296,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
         channels_last: the channels-last memory format (faster convolutions).
         fold_batchnorm: fold BatchNorm into the convolutions (faster on CPUs; an image at the
             decision boundary may flip).
+        calibrated: divide the logits by the temperature the checkpoint records (fitted on the
+            run's validation split) before the softmax; ``False``: the raw softmax.
 
     Raises:
         UserError: the file is missing, not a checkpoint, or does not fit its own description.
@@ -244,8 +311,10 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
     device = torch.device(device)
     net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)
     precision = resolve_precision(eval_precision(mixed_precision, meta), on_cpu=device.type == "cpu")
+    bank = load_extras(path).get(OOD_BANK) if meta.get("ood") else None
     return LoadedClassifier(net, classes, preprocessing_of(meta), meta, path, precision=precision,
-                            channels_last=channels_last)
+                            channels_last=channels_last, calibrated=calibrated,
+                            ood_bank=None if bank is None else bank.to(device))
 
 
 def preprocessing_of(meta: dict[str, Any]) -> Preprocessing:

@@ -475,6 +475,38 @@ def duplicates_png(pairs: Sequence[tuple[np.ndarray, np.ndarray]], captions: Seq
     return _render(draw)
 
 
+RELIABILITY_SIZE = (5.0, 4.4)  # inches at 100 dpi: 500 x 440 pixels
+
+
+def reliability_png(curves: dict[str, dict[str, Sequence[float]]], title: str) -> bytes:
+    """A reliability diagram: per confidence bin, the accuracy against the mean confidence, for
+    each curve (e.g. ``before`` and ``after`` calibration); a perfectly calibrated model lies on
+    the diagonal. Empty bins are left out; a point's size follows its bin's image count.
+
+    Args:
+        curves: name (with its ECE, say) -> ``{"confidence": [...], "accuracy": [...], "count": [...]}``
+            per bin (``models.calibration.reliability``).
+        title: the figure's title.
+    """
+    def draw():
+        fig = _figure(*RELIABILITY_SIZE)
+        ax = fig.subplots()
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1, label="perfectly calibrated")
+        total = max(1.0, max((sum(c["count"]) for c in curves.values()), default=1.0))
+        for name, c in curves.items():
+            kept = [(x, y, n) for x, y, n in zip(c["confidence"], c["accuracy"], c["count"]) if n > 0]
+            if not kept:
+                continue
+            xs, ys, ns = zip(*kept)
+            line, = ax.plot(xs, ys, marker=None, linewidth=1.5, label=name)
+            ax.scatter(xs, ys, s=[12 + 200 * n / total for n in ns], color=line.get_color(), zorder=3)
+        ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="confidence (top-class probability)",
+               ylabel="accuracy", title=title)
+        ax.legend(loc="upper left", fontsize=8)
+        return fig
+    return _render(draw)
+
+
 def save_png(path: str | Path, png: bytes) -> None:
     """Write PNG bytes to ``path`` atomically."""
     atomic_write_bytes(path, png)

@@ -191,8 +191,9 @@ class Predictions:
     indices: torch.Tensor  # dataset index of each image
     targets: torch.Tensor
     topk: torch.Tensor  # (N, k) class indices, best first
-    confidence: torch.Tensor  # softmax probability of the top class
+    confidence: torch.Tensor  # probability of the top class (softmax, or the ``probabilities`` given)
     loss: torch.Tensor  # cross-entropy of the true class, -log p(target), per image
+    logits: torch.Tensor | None = None  # N x classes raw outputs, where asked for (``keep_logits``)
 
     @property
     def accuracy(self) -> float:
@@ -210,19 +211,31 @@ class Predictions:
 
 @torch.inference_mode()
 def evaluate(accelerator: Accelerator, model: nn.Module, loader: Iterable, num_classes: int, *,
-             to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, k: int = 5) -> Predictions:
-    """Predictions for every image of ``loader``, gathered from all processes, each image once."""
+             to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, k: int = 5,
+             probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             keep_logits: bool = False) -> Predictions:
+    """Predictions for every image of ``loader``, gathered from all processes, each image once.
+
+    Args:
+        probabilities: logits to class probabilities (a ``LoadedClassifier``'s, calibrated); the softmax if None.
+        keep_logits: also return the raw logits (for calibration figures).
+    """
     k = min(k, num_classes)
     parts: dict[str, list[torch.Tensor]] = {"indices": [], "targets": [], "topk": [], "confidence": [], "loss": []}
+    if keep_logits:
+        parts["logits"] = []
     for logits, (targets, indices) in forward_batches(model, loader, to_input):
-        confidence, topk = logits.softmax(dim=1).topk(k, dim=1)
+        probs = logits.softmax(dim=1) if probabilities is None else probabilities(logits)
+        confidence, topk = probs.topk(k, dim=1)
         loss = nn.functional.cross_entropy(logits, targets, reduction="none")
-        gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0], loss))
+        gathered = accelerator.gather_for_metrics((indices, targets, topk, confidence[:, 0], loss)
+                                                  + ((logits,) if keep_logits else ()))
         for key, value in zip(parts, gathered):
             parts[key].append(value)  # kept on the device: one copy back at the end, not four a batch
     if not parts["indices"]:
         empty = torch.zeros(0, dtype=torch.long)
-        return Predictions(empty, empty, torch.zeros(0, k, dtype=torch.long), torch.zeros(0), torch.zeros(0))
+        return Predictions(empty, empty, torch.zeros(0, k, dtype=torch.long), torch.zeros(0), torch.zeros(0),
+                           torch.zeros(0, num_classes) if keep_logits else None)
     result = {key: torch.cat(values).cpu() for key, values in parts.items()}
     kept = result["indices"] >= 0  # -1: an image that failed to decode under --bad-data skip
     result = {key: value[kept] for key, value in result.items()}

@@ -27,6 +27,7 @@ from finetune.models.build import Classifier, build_classifier, check_model_name
 from finetune.report.console import Reporter
 from finetune.report.tracking import check_tracker
 from finetune.training import recipe
+from finetune.training.calibrate import calibrate_run
 from finetune.training.loop import fit
 from finetune.training.resume import resumed_progress, run_setup
 from finetune.training.rundir import default_run_dir, discard_unsaved, prepare_run_dir
@@ -34,7 +35,7 @@ from finetune.training.sanity import check_classes, check_model_input, probable_
 from finetune.training.session import Session, prepare_session
 from finetune.training.state import Progress, latest_state, load_training_state
 from finetune.utils.preemption import StopSignal
-from finetune.utils.runtime import build_accelerator, main_decides, precision_name
+from finetune.utils.runtime import build_accelerator, main_decides, num_workers, precision_name
 
 
 @dataclass
@@ -168,6 +169,11 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
     session.log.draw_samples(splits.train, session.train_loader.dataset, clf.preprocessing, config.seed)
     progress = fit(session)
 
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # each checkpoint's temperature and OOD threshold (models.calibration)
+        for line in calibrate_run(run_dir, splits, device=accelerator.device, batch_size=config.batch_size,
+                                  num_workers=num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")):
+            report.print(line)
     accelerator.wait_for_everyone()
     skipped = session.skipped.named if session.skipped else {}
     if skipped or skipped_before:
