@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-
-from finetune.commands import train
 from bench.common import quietly
 from bench.datasets import photo_folder as write_dataset
+from finetune.commands import train
 
 
 def run(data: Path, out: Path, epochs: int, size: int, *extra: str) -> list[dict]:

@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +23,10 @@ import torch
 from safetensors.torch import load_file
 from torchvision import datasets, models, transforms
 
-
-from finetune.commands import eval as eval_cmd
-from finetune.commands import train
 from bench.common import peak_rss_mib, quietly
 from bench.datasets import photo_folder as write_dataset
+from finetune.commands import eval as eval_cmd
+from finetune.commands import train
 from finetune.models.checkpoint import read_metadata
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

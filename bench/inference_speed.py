@@ -29,13 +29,13 @@ import torch
 
 from bench.common import quietly
 from bench.datasets import photo_folder
-from finetune.models.checkpoint import save_checkpoint
 from finetune.commands import eval as eval_cmd
 from finetune.commands import predict as predict_cmd
 from finetune.config import TrainConfig
+from finetune.models.build import build_classifier, describe_checkpoint
+from finetune.models.checkpoint import save_checkpoint
 from finetune.models.export import export
 from finetune.models.inference import load_classifier
-from finetune.models.build import build_classifier, describe_checkpoint
 from finetune.utils.runtime import resolve_precision
 
 MODEL, SIZE = "resnet18", 224

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-
-from finetune.commands import train
 from bench.common import quietly
+from finetune.commands import train
 from finetune.data.demo import demo_dataset
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +29,17 @@ from typing import Any
 
 import torch
 
-
-from finetune.commands import train
 from bench.common import quietly
 from bench.datasets import carve_val, digits, fashion_mnist, fit_folder, photos, textures
-from finetune.training import recipe
+from finetune.commands import train
 from finetune.config import TrainConfig
-from finetune.data.loader import make_eval_loader
-from finetune.data.folders import image_folder
 from finetune.data.demo import demo_dataset
+from finetune.data.folders import image_folder
+from finetune.data.loader import make_eval_loader
 from finetune.data.presets import ModelInput, Preprocessing
-from finetune.training.study import CHAPTER as CHAPTER_FIELDS, as_flags
+from finetune.training import recipe
+from finetune.training.study import CHAPTER as CHAPTER_FIELDS
+from finetune.training.study import as_flags
 
 CHAPTER = as_flags(CHAPTER_FIELDS)
 SGD = ["--optimizer", "sgd", "--lr", "0.001"]

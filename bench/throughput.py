@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +21,10 @@ import torch
 from torch import nn
 from torchvision import datasets, models, transforms
 
-
-from finetune.commands import train
 from bench.common import peak_rss_mib, quietly
-from bench.datasets import PHOTO_CLASSES as CLASSES, photo_folder as write_dataset
+from bench.datasets import PHOTO_CLASSES as CLASSES
+from bench.datasets import photo_folder as write_dataset
+from finetune.commands import train
 from finetune.utils.runtime import num_workers, resolve_precision
 
 BATCH = 32  # the CPU figure; the GPU check also runs the chapter's 128

@@ -77,9 +77,9 @@ def write_checkpoint(path: Path, classes: list[str], model: str = "mobilenet_v3_
     make. ``meta`` overrides metadata entries (e.g. ``interpolation="bicubic"``)."""
     import torch
 
-    from finetune.models.checkpoint import save_checkpoint
     from finetune.config import TrainConfig
     from finetune.models.build import build_classifier, describe_checkpoint
+    from finetune.models.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     clf = build_classifier(model, weights, classes, image_size=image_size)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import skimage.data
 
+from finetune.config import TrainConfig
 from finetune.models import weights
 from finetune.training import run
-from finetune.config import TrainConfig
 from finetune.utils.runtime import build_accelerator
 
 out = Path(sys.argv[1])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from finetune.data import preflight
 from finetune.data.labelfiles import Columns
-from finetune.training import run
 from finetune.errors import UserError
+from finetune.training import run
 from finetune.utils.runtime import build_accelerator
 
 out, data, policy = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]

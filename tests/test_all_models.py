@@ -13,15 +13,15 @@ import warnings
 import pytest
 import torch
 from accelerate import init_empty_weights
+from conftest import within_rounding
 from PIL import Image
 from torchvision.models import get_model, get_model_weights
 
-from conftest import within_rounding
-from finetune.models.build import arch_kwargs, classification_models, size_kwargs
-from finetune.training.optim import param_groups
 from finetune.data.presets import ModelInput, Preprocessing
+from finetune.models.build import arch_kwargs, classification_models, size_kwargs
 from finetune.models.surgery import backbone_blocks, find_head, freeze, replace_head
 from finetune.models.weights import torchvision_info
+from finetune.training.optim import param_groups
 
 MODELS = classification_models()
 

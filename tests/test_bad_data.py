@@ -7,10 +7,10 @@ import io
 from pathlib import Path
 
 import torch
-
 from conftest import FAST, write_truncated_jpeg
-from finetune.models.checkpoint import read_metadata
+
 from finetune.commands import train
+from finetune.models.checkpoint import read_metadata
 from finetune.training.session import inverse_frequency_weights
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cmd
 
 pytestmark = pytest.mark.slow  # benchmark scripts end to end

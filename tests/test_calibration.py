@@ -12,13 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, python_cmd, run_cmd, write_checkpoint, write_image_folder
 from PIL import Image
 
-from conftest import FAST, python_cmd, run_cmd, write_checkpoint, write_image_folder
 from finetune.commands import eval as eval_cmd
 from finetune.commands import predict
-from finetune.models.calibration import (OOD_BANK, Calibration, calibration_meta, expected_calibration_error, fit_temperature,
-                                         nll, reliability)
+from finetune.models.calibration import (
+    OOD_BANK,
+    Calibration,
+    calibration_meta,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability,
+)
 from finetune.models.checkpoint import load_extras, read_metadata
 from finetune.models.export import export_metadata
 from finetune.models.inference import load_classifier

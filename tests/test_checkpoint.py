@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from finetune.errors import UserError
 from finetune.models.checkpoint import load_checkpoint, save_checkpoint
 from finetune.utils.files import atomic_path, atomic_write_text
-from finetune.errors import UserError
 
 META = {"arch": "resnet18", "classes": ["a", "b"], "image_size": 32, "resize_size": 37,
         "mean": [0.5] * 3, "std": [0.25] * 3}

@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import write_image_folder
 from safetensors.torch import save_file
 from torchvision.models import get_model
 
-from conftest import write_image_folder
 from finetune.commands import eval as eval_cmd
 from finetune.models.checkpoint import read_metadata
 from finetune.models.inference import load_classifier

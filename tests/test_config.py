@@ -122,8 +122,8 @@ def test_help_says_each_default_once():
 
 
 def test_optimizer_choices_are_the_ones_optim_knows():
-    from finetune.training import optim
     from finetune.config import OPTIMIZERS
+    from finetune.training import optim
 
     assert set(OPTIMIZERS) == set(optim.OPTIMIZERS)
 

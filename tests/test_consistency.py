@@ -4,18 +4,18 @@ exported ONNX and TorchScript files, on the same real photos, under the one prec
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_checkpoint
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import write_checkpoint
 from finetune.commands import eval as eval_cmd
 from finetune.commands import export as export_cmd
 from finetune.commands import predict as predict_cmd

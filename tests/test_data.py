@@ -3,15 +3,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image
 
-from conftest import write_image_folder
-from finetune.data.loader import EpochSampler, SeededDataset
 from finetune.data.folders import image_folder, load_splits
 from finetune.data.images import load_rgb
+from finetune.data.loader import EpochSampler, SeededDataset
 from finetune.data.presets import EvalPreset, ModelInput, TrainPreset
 from finetune.errors import UserError
-
 
 
 def save_mode(path: Path, mode: str) -> Path:
@@ -194,8 +193,9 @@ def test_a_last_batch_of_one_trains(tmp_path: Path):
     import contextlib
     import io
 
-    import train
     from conftest import FAST, write_image_folder
+
+    import train
 
     data = tmp_path / "data"
     write_image_folder(data / "train", {"a": 9, "b": 8})  # 17 = 2 x 8 + 1

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import FAST, ROOT, free_port, run_cmd, write_image_folder
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # several processes launched through accelerate and torchrun
 

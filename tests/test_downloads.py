@@ -8,8 +8,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cmd, write_image_folder
+
 from finetune.data.downloads import Archive, download_dataset
 from finetune.errors import UserError
 

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST, ROOT, write_image_folder
 
 import eval as eval_cmd
 import train
-from conftest import FAST, ROOT, write_image_folder
 from finetune.errors import UserError
 
 
@@ -68,11 +68,11 @@ def test_eval_agrees_with_the_training_test_pass(tiny_data: Path, tmp_path: Path
 
     import torch
 
-    from finetune.data.loader import make_eval_loader
     from finetune.data.folders import image_folder
-    from finetune.training.engine import evaluate
-    from finetune.models.inference import load_classifier
+    from finetune.data.loader import make_eval_loader
     from finetune.data.presets import ModelInput
+    from finetune.models.inference import load_classifier
+    from finetune.training.engine import evaluate
     from finetune.utils.runtime import build_accelerator
 
     with contextlib.redirect_stdout(io.StringIO()):

@@ -8,14 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, python_cmd, run_cmd, write_checkpoint, write_image_folder
-from finetune.models.checkpoint import read_metadata
+
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
+from finetune.data.evalsplit import describe_split, recorded_split, split_fingerprint
 from finetune.data.folders import image_folder
 from finetune.errors import UserError
-from finetune.data.evalsplit import describe_split, recorded_split, split_fingerprint
+from finetune.models.checkpoint import read_metadata
 
 CLASSES = ["cat", "dog", "hot dog"]
 EVAL = ["--num-workers", "0", "--no-plots", "--log-with", "none", "--mixed-precision", "no"]

@@ -12,10 +12,10 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from conftest import python_cmd, run_cmd, write_checkpoint
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import python_cmd, run_cmd, write_checkpoint
 from finetune.commands import export as export_cmd
 from finetune.errors import UserError
 from finetune.models.inference import load_classifier

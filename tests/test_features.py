@@ -7,14 +7,14 @@ import io
 from pathlib import Path
 
 import torch
+from conftest import FAST
 from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import get_model
 
 from finetune.commands import train
-from conftest import FAST
-from finetune.training.features import probe_module
 from finetune.models.surgery import find_head, replace_head
+from finetune.training.features import probe_module
 
 
 def test_probe_module_per_family():

@@ -7,10 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import write_image_folder
-from finetune.errors import UserError
+
 from finetune.data.folders import carve, image_folder, load_splits, split_fingerprint
+from finetune.errors import UserError
 
 
 def counts(ds) -> dict[str, int]:
@@ -105,8 +105,9 @@ def quiet(main, argv: list[str]) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_best_checkpoint_is_chosen_on_val_and_reports_that_epochs_test_accuracy(tmp_path: Path):
     from conftest import FAST
-    from finetune.models.checkpoint import read_metadata
+
     from finetune.commands import train
+    from finetune.models.checkpoint import read_metadata
 
     data = tmp_path / "data"
     write_image_folder(data / "train", {"a": 8, "b": 8})
@@ -132,9 +133,10 @@ def test_flat_folder_trains_and_eval_sees_exactly_the_held_out_files(tmp_path: P
     import json
 
     from conftest import FAST
-    from finetune.models.checkpoint import read_metadata
+
     from finetune.commands import eval as eval_cmd
     from finetune.commands import train
+    from finetune.models.checkpoint import read_metadata
 
     data = write_image_folder(tmp_path / "flat", {"a": 10, "b": 10})
     run = tmp_path / "run"

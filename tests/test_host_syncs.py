@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import FAST, write_image_folder
 
 from finetune.commands import train
 from finetune.training.engine import SYNC_EVERY_STEPS
-from conftest import FAST, write_image_folder
 
 LOOP_FILES = ("engine.py", "session.py", "loop.py", "preemption.py", "tracking.py")
 

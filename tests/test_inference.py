@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import within_rounding, write_checkpoint, write_image_folder
 from PIL import Image
 from torchvision.models import EfficientNet_B0_Weights, ResNet18_Weights
 
 import finetune
-from conftest import within_rounding, write_checkpoint, write_image_folder
-from finetune.models import inference
 from finetune import load_classifier
 from finetune.commands import eval as eval_cmd
-from finetune.errors import UserError
 from finetune.data.presets import ModelInput
+from finetune.errors import UserError
+from finetune.models import inference
 from finetune.models.weights import torchvision_info
 
 CLASSES = ["cat", "dog", "hot dog"]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
-
 from conftest import FAST, ROOT, free_port, run_cmd, write_image_folder
 
 CONFIGS = sorted((ROOT / "launch").glob("*.yaml"))

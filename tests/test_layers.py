@@ -101,6 +101,9 @@ def explained(lines: list[str], line: int) -> bool:
         if "#" in lines[index]:
             return True
         above = lines[index - 1].strip() if index else ""
+        if not above and index > 1 and lines[index - 2].strip().startswith(("from ", "import ", "#")):
+            index -= 1  # the blank line between the import groups (stdlib, third party, ours)
+            continue
         if not above.startswith(("from ", "import ", "#")) and not above.endswith(","):
             return False
         index -= 1

@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from torchvision.models import get_model
 
-from finetune.models.checkpoint import save_checkpoint
+from finetune.data.presets import EvalPreset, ModelInput, Preprocessing
 from finetune.errors import UserError
 from finetune.models.build import build_classifier, build_pretrained
+from finetune.models.checkpoint import save_checkpoint
 from finetune.models.weights import ensure_cached
-from finetune.data.presets import EvalPreset, ModelInput, Preprocessing
 
 
 @pytest.fixture

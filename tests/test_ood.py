@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import python_cmd, run_cmd, write_checkpoint, write_image_folder
 from PIL import Image
 
-from conftest import python_cmd, run_cmd, write_checkpoint, write_image_folder
 from finetune.commands import predict
 from finetune.models.calibration import OOD_BANK, auroc, energy_score, feature_bank, knn_distance, ood_threshold
 from finetune.models.checkpoint import load_checkpoint, save_checkpoint

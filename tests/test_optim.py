@@ -2,8 +2,8 @@ import pytest
 import torch
 from torchvision.models import get_model
 
-from finetune.training.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
 from finetune.models.surgery import find_head, freeze, replace_head
+from finetune.training.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
 
 
 def groups_by_name(model, **kwargs):

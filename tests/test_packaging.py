@@ -5,12 +5,11 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-import sys
 
 import pytest
+from conftest import ROOT
 
 import finetune
-from conftest import ROOT
 
 tomllib = pytest.importorskip("tomllib")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.report import plots
 from finetune.errors import UserError
+from finetune.report import plots
 
 # Latin with accents, Cyrillic, Greek, a TeX-looking dollar sign and rich-looking brackets.
 NAMES = ["café crème", "собака", "Ζώο", "$5 bill", "hot dog [x]"]

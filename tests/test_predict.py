@@ -10,8 +10,8 @@ import venv
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, python_cmd, run_cmd, write_checkpoint, write_image_folder
+
 from finetune.commands import predict
 from finetune.errors import UserError
 from finetune.models.inference import load_classifier

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, ROOT, python_cmd
 from safetensors.torch import load_file
 
 from finetune.commands import train
-from conftest import FAST, ROOT, python_cmd
 
 pytestmark = pytest.mark.slow  # runs stopped by signals and resumed
 

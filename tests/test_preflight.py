@@ -10,13 +10,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import FAST, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 from PIL import Image
 
 from finetune.commands import train
-from conftest import FAST, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 from finetune.data.folders import load_splits
-from finetune.errors import UserError
 from finetune.data.preflight import apply_policy, check_dataset
+from finetune.errors import UserError
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:

@@ -7,17 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder, write_truncated_jpeg
 from PIL import Image
 from torchvision import transforms as v1
 
-from conftest import write_image_folder, write_truncated_jpeg
 from finetune.data import images
-from finetune.data.loader import SeededDataset, make_eval_loader, make_train_loader
-from finetune.data.folders import image_folder
 from finetune.data.decoding import EncodedBatch
-from finetune.errors import UserError
+from finetune.data.folders import image_folder
 from finetune.data.images import load_rgb
+from finetune.data.loader import SeededDataset, make_eval_loader, make_train_loader
 from finetune.data.presets import EvalPreset, ModelInput, Preprocessing, RandomCropPreset, TrainPreset
+from finetune.errors import UserError
 
 # The pipeline resamples with torch's antialiased bilinear resize, torchvision's reference with
 # Pillow's: the same filter, rounding apart, so a full-scale decode agrees to EXACT_TOLERANCE

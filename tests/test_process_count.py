@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port, run_cmd, write_image_folder
 
 pytestmark = pytest.mark.slow  # runs of 1, 2 and 4 processes

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.training import recipe
 from finetune.config import TrainConfig
+from finetune.training import recipe
 from tests.conftest import write_image_folder
 
 

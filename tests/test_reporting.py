@@ -2,7 +2,6 @@ import io
 import re
 
 import pytest
-
 from rich.console import Console
 
 from finetune.report.console import Reporter, confusion_table, per_class_table

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, ROOT, free_port, run_cmd, train_until_stopped, write_image_folder
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, free_port, run_cmd, train_until_stopped, write_image_folder
 from finetune.commands import train
 from finetune.errors import UserError
 

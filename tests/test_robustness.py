@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, ROOT, python_cmd, run_cmd, train_until_stopped, write_image_folder
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
-from conftest import FAST, ROOT, python_cmd, run_cmd, train_until_stopped, write_image_folder
-from finetune.models.checkpoint import read_metadata
 from finetune.errors import UserError
+from finetune.models.checkpoint import read_metadata
 from finetune.training.state import latest_state
 
 

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, ROOT, python_cmd, run_cmd
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import FAST, ROOT, python_cmd, run_cmd
 from test_tracking import logged_hparams
-from finetune.report import plots
-from finetune.report import tracking
+
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
+from finetune.report import plots, tracking
 from finetune.training.engine import evaluate
 
 

@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST
+
 from finetune.commands import train
-from finetune.models.checkpoint import read_metadata
 from finetune.config import TrainConfig
 from finetune.errors import UserError
+from finetune.models.checkpoint import read_metadata
 from finetune.training.rundir import choose_run_dir, default_run_dir
 
 

@@ -7,13 +7,12 @@ import types
 import pytest
 import torch
 from accelerate.state import PartialState
-
 from conftest import write_image_folder
+
+from finetune.data import folders, presets
 from finetune.data import loader as data
-from finetune.data import folders
-from finetune.data import presets
-from finetune.utils import runtime
 from finetune.errors import UserError
+from finetune.utils import runtime
 
 
 @pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "no")])

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, write_image_folder
 
 import train
-from conftest import FAST, write_image_folder
 from finetune.config import parse_config
 from finetune.errors import UserError
 from finetune.models.build import build_classifier, build_for_checkpoint, recorded_arch_kwargs

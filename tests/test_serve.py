@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, free_port, write_checkpoint, write_image_folder, write_truncated_jpeg
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import ROOT, free_port, write_checkpoint, write_image_folder, write_truncated_jpeg
 from finetune.commands.serving import Limits, create_app
 from finetune.models.batching import Batcher
 from finetune.models.checkpoint import load_checkpoint, save_checkpoint

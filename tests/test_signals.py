@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, ROOT, free_port, write_image_folder
 
 PROBE = str(ROOT / "tests" / "signal_probe.py")

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
+from safetensors.torch import load_file
 
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
 # One thread each: the emulated nodes share this host's two cores.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ROOT, run_cmd
 
 NOT_IN_SLURM = {name: None for name in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES")}

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from finetune.commands import study
-from finetune.training import run
 from finetune.errors import Stopped, UserError, run_cli
+from finetune.training import run
 from finetune.training.study import STRATEGIES, as_flags, strategy_fields
 from tests.conftest import python_cmd, run_cmd
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+from conftest import FAST, python_cmd, run_cmd
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data as skdata
 
-import timm
-from conftest import FAST, python_cmd, run_cmd
 from finetune.errors import UserError
-from finetune.models.inference import load_classifier
 from finetune.models.build import build_classifier, build_pretrained, check_model_name
-from finetune.training.optim import param_groups
+from finetune.models.inference import load_classifier
 from finetune.models.surgery import backbone_blocks
+from finetune.training.optim import param_groups
 
 CLASSES = ["cat", "dog", "hot dog"]
 

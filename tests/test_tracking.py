@@ -13,8 +13,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune import config as config_module
-from finetune.report import tracking
 from finetune.errors import UserError
+from finetune.report import tracking
 
 
 def read_events(log_dir: Path, run: str = tracking.PROJECT) -> EventAccumulator:

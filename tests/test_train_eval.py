@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
-from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
-from finetune.models.checkpoint import read_metadata
 from finetune.errors import UserError
+from finetune.models.checkpoint import read_metadata
 
 
 def quiet_train(argv: list[str]) -> dict:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from finetune.commands import train
-from finetune.data.fashion import FASHION_DIR, fashion_mnist
 from finetune.data.demo import demo_dataset
+from finetune.data.fashion import FASHION_DIR, fashion_mnist
 
 pytestmark = pytest.mark.slow  # real fine-tuning runs to an accuracy
 

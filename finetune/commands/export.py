@@ -75,6 +75,7 @@ def check_images(clf: Any, named: Sequence[str]) -> tuple[Any, str]:
     no images, why not)."""
     # loaded by main already; imported here to keep the module's top torch-free
     import torch
+
     from finetune.data.evalsplit import recorded_split
     from finetune.data.images import BadImageError
     from finetune.data.inputs import image_paths

@@ -11,9 +11,9 @@ import sys
 from dataclasses import dataclass
 from typing import Sequence
 
-from finetune.models import timm_models
 from finetune.config import option, parse_config
 from finetune.errors import run_cli
+from finetune.models import timm_models
 from finetune.models.build import check_model_name
 from finetune.models.weights import ensure_cached, torchvision_weights
 

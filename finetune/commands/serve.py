@@ -20,7 +20,6 @@ from typing import Any, Sequence
 from finetune.config import PRECISIONS, check_values, option, parse_config
 from finetune.errors import UserError, run_cli
 
-
 SWITCH_INTERVAL = 0.0005  # seconds; see main
 
 

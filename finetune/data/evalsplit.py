@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune.errors import UserError
 from finetune.data import hfdatasets, labelfiles
 from finetune.data.folders import describe_split, image_folder, recorded_part, split_fingerprint
+from finetune.errors import UserError
 
 __all__ = ["describe_split", "recorded_split", "split_fingerprint"]  # the record is folders' (held-out parts too)
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.data.folders import is_image_name
 from finetune.errors import UserError
 from finetune.utils.files import atomic_write_text
-from finetune.data.folders import is_image_name
 
 CACHE_VERSION = 1  # of the cache files' layout
 Result = list[Any]  # [problem or None, actual format where the extension is wrong or None]

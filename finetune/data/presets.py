@@ -20,7 +20,6 @@ from torchvision import transforms as v1
 from finetune.data.decoding import CpuDecoder, Crop, Encoded, EncodedBatch, decode_crop, resample, resample_pillow
 from finetune.data.images import Header, read_header, read_image_bytes
 
-
 # A zero-cost stand-in of an image's shape for torchvision's samplers (expanded, never allocated).
 _PIXEL = torch.zeros(1, 1, 1)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -24,13 +24,20 @@ from torchvision.models import get_model, list_models
 from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 from finetune import __version__
-from finetune.errors import UserError, first_line
 from finetune.data.presets import Preprocessing
+from finetune.errors import UserError, first_line
 from finetune.models import timm_models
 from finetune.models.checkpoint import read_metadata_if_any
 from finetune.models.surgery import find_head, freeze, match_classes, replace_head, set_frozen_eval
-from finetune.models.weights import (WeightsInfo, ensure_cached, load_exactly, load_weights_file, torchvision_info,
-                                     torchvision_weights, weights_only_loads)
+from finetune.models.weights import (
+    WeightsInfo,
+    ensure_cached,
+    load_exactly,
+    load_weights_file,
+    torchvision_info,
+    torchvision_weights,
+    weights_only_loads,
+)
 
 
 def classification_models() -> list[str]:

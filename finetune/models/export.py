@@ -28,10 +28,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from finetune.errors import UserError, first_line
-from finetune.utils.files import atomic_path
 from finetune.data.presets import ModelInput
+from finetune.errors import UserError, first_line
 from finetune.models.inference import LoadedClassifier
+from finetune.utils.files import atomic_path
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
 METADATA_FILE = "finetune.json"  # the entry in TorchScript and ExportedProgram archives

@@ -18,8 +18,16 @@ from finetune.errors import Stopped, UserError
 from finetune.models.build import describe_checkpoint
 from finetune.models.checkpoint import save_checkpoint
 from finetune.report.metrics import DEFAULT_THRESHOLD, choose_thresholds
-from finetune.training.engine import (SYNC_EVERY_STEPS, EpochStats, MultiLabelPredictions, NonFiniteLossError,
-                                      Predictions, evaluate, evaluate_multilabel, recalibrate_batchnorm)
+from finetune.training.engine import (
+    SYNC_EVERY_STEPS,
+    EpochStats,
+    MultiLabelPredictions,
+    NonFiniteLossError,
+    Predictions,
+    evaluate,
+    evaluate_multilabel,
+    recalibrate_batchnorm,
+)
 from finetune.training.session import Session
 from finetune.training.state import Progress, latest_state, save_training_state
 from finetune.utils.runtime import rss_mib

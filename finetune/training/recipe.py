@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 from finetune.data.images import oriented_size
 
-
 SMALL_IMAGE = 64  # px: below this short side, training images get no random crops
 SMALL_CROP = 64  # px: below this --image-size, AdamW's default rate is SMALL_CROP_ADAMW_LR
 SHORT_BUDGET = 3  # epochs: up to this many, AdamW; beyond, SGD

@@ -17,8 +17,8 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from finetune.utils.files import atomic_write_text, fsync_tree
 from finetune.errors import UserError, first_line
+from finetune.utils.files import atomic_write_text, fsync_tree
 
 STATE = "state"
 PROGRESS = "progress.json"
