@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 from torch import nn
 
-from bench.datasets import SHAPE_KINDS, shapes
 from finetune.commands import eval as eval_cmd
 from finetune.commands import export as export_cmd
 from finetune.commands import predict as predict_cmd
@@ -28,6 +27,7 @@ from finetune.commands import train
 from finetune.data.labelfiles import choose_task, read_table, usable_rows
 from finetune.data.loader import make_eval_loader, make_train_loader, target_tensor
 from finetune.data.presets import ModelInput, Preprocessing
+from finetune.data.shapes import SHAPE_KINDS, shapes
 from finetune.data.sources import load_splits
 from finetune.errors import UserError
 from finetune.models.checkpoint import read_metadata

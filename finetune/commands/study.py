@@ -36,6 +36,7 @@ class StudyConfig:
     output_dir: str | None = option(None, "study folder (default runs/study-MODEL-DATA)")
     resume: bool = option(False, "skip finished strategies, resume an interrupted one")
     num_workers: int = option(-1, "data-loading workers per process (-1: matched to the CPU cores)")
+    cpu: bool = option(False, "run on the CPU even where a GPU is visible")
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from finetune.utils.runtime import process_state
 
     strategies = study.parse_strategies(config.strategies)
-    state = process_state()
+    state = process_state(cpu=config.cpu)
     report = Reporter(enabled=state.is_main_process)
     with state.main_process_first():
         data = Path(config.data) if config.data else demo_dataset()
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = Path(config.output_dir) if config.output_dir else Path("runs") / f"study-{name}"
     common = TrainConfig(data=str(data), model=config.model, weights=config.weights, epochs=config.epochs,
                          image_size=config.image_size, batch_size=config.batch_size, seed=config.seed,
-                         num_workers=config.num_workers)
+                         num_workers=config.num_workers, cpu=config.cpu)
     command = shlex.join(["python", "study.py", *(sys.argv[1:] if argv is None else argv)])
 
     def announce(result: Any) -> None:
