@@ -19,6 +19,7 @@ from finetune.commands import eval as eval_cmd
 from finetune.commands import predict
 from finetune.models.calibration import (
     OOD_BANK,
+    OOD_SIDECAR,
     Calibration,
     calibration_meta,
     expected_calibration_error,
@@ -26,7 +27,7 @@ from finetune.models.calibration import (
     nll,
     reliability,
 )
-from finetune.models.checkpoint import load_extras, read_metadata
+from finetune.models.checkpoint import load_safetensors, read_metadata, sidecar
 from finetune.models.export import export_metadata
 from finetune.models.inference import load_classifier
 from finetune.report.plots import RELIABILITY_SIZE, reliability_png
@@ -186,7 +187,9 @@ def test_a_run_with_a_validation_split_records_its_temperature(tiny_data: Path, 
         meta = read_metadata(out / name)
         assert meta["calibration"]["fitted_on"] == "val" and meta["calibration"]["temperature"] > 0
         assert meta["ood"]["threshold"] is not None
-        assert load_extras(out / name)[OOD_BANK].shape[0] == 27  # the training images' features (36 - 9 val)
+        bank = load_safetensors(sidecar(out / name, OOD_SIDECAR))[OOD_BANK]  # beside the weights, not in them
+        assert bank.shape[0] == 27  # the training images' features (36 - 9 val)
+        assert not any(k.startswith("train_features") for k in load_safetensors(out / name))
     assert "temperature" in proc.stdout and "uncalibrated" not in proc.stdout
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torchvision.models import get_model
 
 from finetune.commands import eval as eval_cmd
-from finetune.models.checkpoint import read_metadata
+from finetune.models.checkpoint import FORMAT, read_metadata
 from finetune.models.inference import load_classifier
 
 RECORD = Path(__file__).parent / "data" / "checkpoint-v0.1.0-c076d33.json"
@@ -41,6 +41,7 @@ def test_a_checkpoint_of_the_previous_version_loads_evaluates_and_predicts(tmp_p
     ckpt = tmp_path / "model.safetensors"
     meta = old_checkpoint(ckpt)
     assert read_metadata(ckpt) == meta
+    assert json.loads(RECORD.read_text())["format"] == FORMAT  # what train.py writes today is the same format
     clf = load_classifier(ckpt, mixed_precision="no")
     assert clf.classes == ["cat", "dog", "hot dog"] and clf.preprocessing.image_size == 32
     assert clf.precision == "no" and load_classifier(ckpt).precision == meta["precision"]  # auto: the run's

@@ -15,8 +15,16 @@ from conftest import python_cmd, run_cmd, write_checkpoint, write_image_folder
 from PIL import Image
 
 from finetune.commands import predict
-from finetune.models.calibration import OOD_BANK, auroc, energy_score, feature_bank, knn_distance, ood_threshold
-from finetune.models.checkpoint import load_checkpoint, save_checkpoint
+from finetune.models.calibration import (
+    OOD_BANK,
+    OOD_SIDECAR,
+    auroc,
+    energy_score,
+    feature_bank,
+    knn_distance,
+    ood_threshold,
+)
+from finetune.models.checkpoint import save_tensors, sidecar
 from finetune.models.inference import load_classifier
 
 CLASSES = ["cat", "dog", "hot dog"]
@@ -66,8 +74,7 @@ def ckpt_with(tmp_path: Path, threshold: float | None, bank_of: Path | None = No
         clf = load_classifier(path, mixed_precision="no")
         with clf.feature_tap() as tap:
             clf.logits(torch.stack([clf.uint8_image(p) for p in sorted(bank_of.rglob("*.png"))]))
-        state, meta = load_checkpoint(path)
-        save_checkpoint(path, state, meta, {OOD_BANK: feature_bank(tap.features)})
+        save_tensors(sidecar(path, OOD_SIDECAR), {OOD_BANK: feature_bank(tap.features)})
     return path
 
 

@@ -29,7 +29,8 @@ from torch import nn
 ECE_BINS = 15  # Guo et al.'s choice; equal-width bins of the top-class confidence
 OOD_QUANTILE = 0.95  # the share of in-distribution images that stay below the threshold
 MAX_TEMPERATURE = 100.0  # a fitted T beyond this means the held-out logits carry no information
-OOD_BANK = "ood.train_features"  # the checkpoint's extra tensor: unit-length training features, fp16
+OOD_BANK = "train_features"  # unit-length training features, fp16, in the checkpoint's OOD sidecar file
+OOD_SIDECAR = "ood"  # model.safetensors -> model.ood.safetensors beside it (checkpoint.sidecar)
 OOD_SCORE = "knn_cosine"
 
 

@@ -3,10 +3,6 @@
 A checkpoint is ``model.safetensors``: the unwrapped model's tensors, plus one metadata entry
 ``finetune`` holding JSON with everything eval.py needs to rebuild the model and its
 preprocessing. Nothing is ever unpickled.
-
-Beside the weights a checkpoint may hold extra tensors under ``EXTRA_PREFIX`` (the training
-images' features that the out-of-distribution score compares with, ``models.calibration``): they
-are not the model's, and ``load_checkpoint`` returns them apart (``load_extras``).
 """
 
 from __future__ import annotations
@@ -22,28 +18,24 @@ from safetensors.torch import save_file
 from finetune.errors import UserError, first_line
 from finetune.utils.files import atomic_path
 
-FORMAT = "finetune.models.checkpoint/1"
+FORMAT = "finetune.checkpoint/1"  # the file format's name: unchanged since the first version
 METADATA_KEY = "finetune"
 REQUIRED = ("arch", "classes", "image_size", "resize_size", "mean", "std")
-EXTRA_PREFIX = "finetune_extra."  # tensors that are not the model's weights
 
 
-def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any],
-                    extras: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Save weights and metadata as one safetensors file, atomically.
 
     Args:
         path: destination ``.safetensors`` file.
         state_dict: the unwrapped model's tensors (no ``module.``/``_orig_mod.`` prefixes).
         meta: JSON-serialisable description; must hold the keys in ``REQUIRED``.
-        extras: tensors that are not weights, stored under ``EXTRA_PREFIX`` (``load_extras``).
     """
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
     # Separate contiguous copies: safetensors refuses tensors that share memory.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    tensors.update({EXTRA_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in (extras or {}).items()})
     metadata = {"format": FORMAT, METADATA_KEY: json.dumps(meta)}
     try:
         with atomic_path(path) as tmp:
@@ -107,14 +99,11 @@ def read_metadata_if_any(path: str | Path) -> dict[str, Any] | None:
     return read_metadata(path) if has_meta else None
 
 
-def load_safetensors(path: str | Path, extras: bool = False) -> dict[str, torch.Tensor]:
-    """The weights of a safetensors file (or, with ``extras``, its extra tensors, without their
-    prefix); UserError if it is not one."""
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; UserError if it is not one."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            if extras:
-                return {k[len(EXTRA_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA_PREFIX)}
-            return {k: f.get_tensor(k) for k in f.keys() if not k.startswith(EXTRA_PREFIX)}
+            return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise UserError(f"{path} is not a readable safetensors file ({first_line(err)})") from None
 
@@ -125,6 +114,18 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return load_safetensors(path), meta
 
 
-def load_extras(path: str | Path) -> dict[str, torch.Tensor]:
-    """The extra tensors of a checkpoint (empty for one without)."""
-    return load_safetensors(path, extras=True)
+def sidecar(path: str | Path, what: str) -> Path:
+    """The file of tensors that belong to checkpoint ``path`` but are not its weights: ``model.safetensors``
+    -> ``model.WHAT.safetensors`` beside it (the weights file stays a plain state dict that any
+    ``load_state_dict`` takes)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{what}.safetensors")
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Tensors as one safetensors file, atomically (a sidecar's)."""
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"cannot save {path}: {first_line(err)}") from None

@@ -33,8 +33,8 @@ from finetune.data.images import BadImageError, to_rgb
 from finetune.data.inputs import image_paths
 from finetune.data.presets import ModelInput, Preprocessing
 from finetune.models.build import build_for_checkpoint, fuse_for_inference
-from finetune.models.calibration import OOD_BANK, Calibration, knn_distance
-from finetune.models.checkpoint import checkpoint_file, load_checkpoint, load_extras
+from finetune.models.calibration import OOD_BANK, OOD_SIDECAR, Calibration, knn_distance
+from finetune.models.checkpoint import checkpoint_file, load_checkpoint, load_safetensors, sidecar
 from finetune.models.weights import load_exactly
 from finetune.utils.runtime import eval_precision, precision_name, resolve_precision
 
@@ -311,7 +311,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
     device = torch.device(device)
     net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)
     precision = resolve_precision(eval_precision(mixed_precision, meta), on_cpu=device.type == "cpu")
-    bank = load_extras(path).get(OOD_BANK) if meta.get("ood") else None
+    bank_file = sidecar(path, OOD_SIDECAR)
+    bank = load_safetensors(bank_file).get(OOD_BANK) if meta.get("ood") and bank_file.is_file() else None
     return LoadedClassifier(net, classes, preprocessing_of(meta), meta, path, precision=precision,
                             channels_last=channels_last, calibrated=calibrated,
                             ood_bank=None if bank is None else bank.to(device))

@@ -18,8 +18,8 @@ import torch
 
 from finetune.data.folders import Splits
 from finetune.data.loader import make_eval_loader
-from finetune.models.calibration import OOD_BANK, calibration_meta, feature_bank, knn_distance
-from finetune.models.checkpoint import load_checkpoint, save_checkpoint
+from finetune.models.calibration import OOD_BANK, OOD_SIDECAR, calibration_meta, feature_bank, knn_distance
+from finetune.models.checkpoint import load_checkpoint, save_checkpoint, save_tensors, sidecar
 from finetune.models.inference import LoadedClassifier, forward_batches, load_classifier
 
 CHECKPOINTS = ("model.safetensors", "best.safetensors")
@@ -85,7 +85,8 @@ def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, 
             done[epoch] = _fit(clf, splits, batch_size=batch_size, num_workers=num_workers)
         extra, extras = done[epoch]
         state, meta = load_checkpoint(path)
-        save_checkpoint(path, state, {**meta, **extra}, extras)
+        save_checkpoint(path, state, {**meta, **extra})
+        save_tensors(sidecar(path, OOD_SIDECAR), extras)
         if "calibration" in extra:
             c = extra["calibration"]
             lines.append(f"{name}: temperature {c['temperature']:.3f} fitted on {c['images']} val images "

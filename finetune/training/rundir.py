@@ -16,7 +16,8 @@ from finetune.config import TrainConfig, save_yaml
 from finetune.errors import UserError
 
 # What a run leaves in its folder (eval/ is eval.py's default output beside the checkpoint).
-RUN_FILES = ("model.safetensors", "best.safetensors", "state", "state.old", "state.tmp", "config.yaml", "eval")
+RUN_FILES = ("model.safetensors", "best.safetensors", "model.ood.safetensors", "best.ood.safetensors", "state",
+             "state.old", "state.tmp", "config.yaml", "eval")
 LOGGED = ("samples.png", "curves.png", "logs")  # pictures and tracker logs: --overwrite clears them too
 SAVED = ("model.safetensors", "state", "state.old")  # present once a run has saved anything worth keeping
 
