@@ -38,7 +38,7 @@ step() {  # step NAME COMMAND...: run it (4 minutes at most, within BUDGET), log
 
 # Everything the project imports: each package of requirements.txt, then the commands and benchmarks.
 step env "$PYTHON" -c "import importlib, re, torch, torchvision, accelerate; \
-names = {'pillow': 'PIL', 'pyyaml': 'yaml', 'scikit-image': 'skimage'}; \
+names = {'pillow': 'PIL', 'pyyaml': 'yaml', 'scikit-image': 'skimage', 'scikit-learn': 'sklearn'}; \
 reqs = [re.split('[<>=!~ ]', l.strip())[0] for l in open('requirements.txt') if l.strip() and not l.startswith('#')]; \
 [importlib.import_module(names.get(r.lower(), r.replace('-', '_'))) for r in reqs]; \
 [importlib.import_module(m) for m in ('finetune.commands.train', 'finetune.commands.eval', 'bench.throughput', 'bench.loader_speed')]; \

@@ -47,8 +47,8 @@ from bench.common import quietly
 from bench.datasets import photo_folder
 from finetune.commands import predict as predict_cmd
 from finetune.config import TrainConfig
-from finetune.models.build import build_classifier, recorded_arch_kwargs
-from finetune.models.checkpoint import describe_checkpoint, save_checkpoint
+from finetune.models.build import build_classifier, describe_checkpoint
+from finetune.models.checkpoint import save_checkpoint
 from finetune.utils.runtime import eval_precision, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def write_checkpoint(path: Path, classes: list[str], model: str, size: int) -> P
     torch.manual_seed(0)
     clf = build_classifier(model, "none", classes, image_size=size)
     config = TrainConfig(model=model, weights="none", image_size=size)
-    save_checkpoint(path, clf.net.state_dict(), describe_checkpoint(config, clf, classes, {}, recorded_arch_kwargs(clf.net)))
+    save_checkpoint(path, clf.net.state_dict(), describe_checkpoint(config, clf, classes, {}))
     return path
 
 

@@ -41,9 +41,10 @@ class _Ignore:
 class _Subset:
     """Every n-th sample of a dataset, as the ``samples`` list the eval loader reads."""
 
-    def __init__(self, samples: list[tuple[str, int]], limit: int):
+    def __init__(self, samples: list[tuple[str, Any]], limit: int, classes: list[str]):
         step = max(1, -(-len(samples) // limit))
         self.samples = samples[::step]
+        self.classes = classes  # a multi-label sample's tuple of classes becomes a vector of this length
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,7 +101,7 @@ def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, 
 def _fit(clf: LoadedClassifier, splits: Splits, *, batch_size: int,
          num_workers: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The metadata keys and the extra tensors (the OOD score's training features) of one checkpoint."""
-    train = _Subset(list(splits.train.samples), MAX_TRAIN_IMAGES)
+    train = _Subset(list(splits.train.samples), MAX_TRAIN_IMAGES, splits.classes)
     _, train_features, _ = held_out_outputs(clf, train, batch_size=batch_size, num_workers=num_workers)
     bank = feature_bank(train_features)
     extras = {OOD_BANK: bank}
