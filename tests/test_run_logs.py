@@ -53,9 +53,10 @@ def test_eval_writes_the_confusion_matrix_and_the_mistakes(tiny_data: Path, tmp_
                                     "--output-dir", str(out), "--num-workers", "0"])
     assert png_size(out / "confusion.png")[0] >= 350
     assert png_size(out / "mistakes.png")[0] >= 400
+    assert png_size(out / "reliability.png") == (500, 440)  # plots.RELIABILITY_SIZE at 100 dpi
     [tensorboard_run] = (out / "logs" / tracking.PROJECT).iterdir()  # each evaluation a run of its own
     logged = events(tensorboard_run.parent, tensorboard_run.name)
-    assert set(logged.Tags()["images"]) == {"eval/confusion", "eval/mistakes"}
+    assert set(logged.Tags()["images"]) == {"eval/confusion", "eval/mistakes", "eval/reliability"}
     assert [(e.step, e.value) for e in logged.Scalars("eval/accuracy")] == [(0, pytest.approx(metrics["accuracy"]))]
     quiet(eval_cmd.main, ["--ckpt", str(run / "model.safetensors"), "--data", str(tiny_data), "--output-dir",
                           str(tmp_path / "plain"), "--num-workers", "0", "--no-plots", "--log-with", "none"])

@@ -98,6 +98,7 @@ def test_a_signal_to_a_one_process_launcher_reaches_the_run(tiny_data: Path, tmp
     epoch, step = saved_position(run)  # the signal goes the long way round: a step or two later
     assert epoch == 0 and 3 <= step < 9
     lines = proc.stderr.strip().splitlines()
+    assert len(lines) >= 2, proc.stderr[-3000:]
     assert lines[-2].startswith(f"stopped by {sig} at epoch 1, step {step}; state saved in {run / 'state'}")
     assert lines[-1] == f"launcher: stopped by {sig}; each process said above what it saved"
 

@@ -32,13 +32,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    import accelerate.commands.launch as accelerate_launch
+
     args = launch_command_parser().parse_args(argv)
     received: list[str] = []
     forward_stop_signals(received)  # one process: Accelerate's simple launcher forwards nothing
+    accelerate_launch.signal = _KeepSigterm()  # see _KeepSigterm
     try:
         launch_command(args)
     except SignalException as err:  # several processes: the agent has passed the signal on
         return stopped(signal.Signals(err.sigval).name)
+    except SystemExit as err:  # the same, from Accelerate 1.16 on: it exits 128 + the signal's number
+        name = _stop_signal(err.code)
+        if name is None:
+            raise
+        return stopped(name)
     except ChildFailedError as err:
         codes = {rank: failure.exitcode for rank, failure in err.failures.items()}
         return failed(codes, received)
@@ -63,6 +71,32 @@ def forward_stop_signals(received: list[str]) -> None:
 
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), forward)
+
+
+class _KeepSigterm:
+    """The ``signal`` module as Accelerate's launcher sees it, except that setting a SIGTERM handler
+    keeps ours (``forward_stop_signals``). Accelerate 1.16's one-process launcher sets its own,
+    which terminates the run and kills it 5 s later: too soon for a run saving its state, and it
+    exits without our line. Ours passes the signal on and waits for the run to save and stop."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    def signal(self, signum: int, handler: Any) -> Any:
+        if signum == signal.SIGTERM:
+            return signal.getsignal(signum)
+        return signal.signal(signum, handler)
+
+
+def _stop_signal(code: object) -> str | None:
+    """The stop signal an exit status of 128 + its number stands for, else None."""
+    if not isinstance(code, int) or code <= 128:
+        return None
+    try:
+        name = signal.Signals(code - 128).name
+    except ValueError:
+        return None
+    return name if name in STOP_SIGNALS else None
 
 
 def stopped(name: str) -> int:
