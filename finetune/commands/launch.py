@@ -28,11 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", ",".join(STOP_SIGNALS))
     import subprocess
 
+    import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    import accelerate.commands.launch as accelerate_launch
 
     args = launch_command_parser().parse_args(argv)
     received: list[str] = []
