@@ -90,7 +90,7 @@ def test_five_ways_give_the_same_top1_in_fp32_and_bf16_agreement_is_measured(ckp
     assert bf16["eval"] == bf16["predict"] == bf16["api"]  # one precision, one answer
     agreement = np.mean([bf16["api"][p] == fp32["api"][p] for p in paths])
     print(f"bf16 against fp32: the same top class on {agreement:.3f} of {len(paths)} photos")
-    assert agreement >= 0.9  # measured 1.000 here: bf16 moves logits by about 1e-2
+    assert agreement >= 0.9  # measured 0.958 (23 of 24) here: bf16 moves logits by about 1e-2
 
 
 def test_a_deliberately_altered_export_fails_its_check_and_writes_nothing(ckpt: Path, photos: Path,
