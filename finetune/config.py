@@ -110,9 +110,10 @@ class TrainConfig:
     probe_epochs: float | None = option(None, "train only the new head for this many epochs first, then "
                                               "everything (linear probe, then fine-tune; default: chosen by the recipe)",
                                         minimum=0)
-    recalibrate_bn_batches: int = option(100, "before each evaluation, recompute BatchNorm statistics over up to "
-                                              "this many batches of training images (augmented as in training): short "
-                                              "fine-tunes leave them stale; 0: off", minimum=0)
+    recalibrate_bn_batches: int = option(100, "BatchNorm statistics for each evaluation: exact averages over "
+                                              "the epoch's last this many training batches, gathered as they train "
+                                              "(short fine-tunes leave the running averages stale); 0: off",
+                                        minimum=0)
     schedule: str = option("cosine", "learning-rate schedule after the warmup: cosine (to 0) or constant",
                            choices=SCHEDULES)
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")

@@ -64,23 +64,39 @@ def test_step_seeds_are_valid_torch_seeds_for_every_accepted_seed(seed: int):
     assert step_seed(seed, 0, 1, 0) != step_seed(seed, 0, 2, 0) != step_seed(seed, 1, 1, 0)
 
 
-def test_recalibrated_batchnorm_holds_the_exact_statistics_of_the_training_images():
-    from finetune.training.engine import recalibrate_batchnorm
+def test_precise_batchnorm_holds_the_exact_statistics_of_the_batches_inside_its_window():
+    from finetune.training.engine import PreciseBatchNorm
 
     accelerator = build_accelerator("no")
     torch.manual_seed(0)
     frozen = nn.BatchNorm2d(4)
     for p in frozen.parameters():
         p.requires_grad_(False)
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.BatchNorm2d(4), frozen)
-    batches = [(torch.randn(8, 3, 5, 5) * 3 + 2, torch.zeros(8), torch.zeros(8)) for _ in range(4)]
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), frozen).train()
+    batches = [torch.randn(8, 3, 5, 5) * 3 + 2 for _ in range(5)]
     pretrained_mean = frozen.running_mean.clone()
-    assert recalibrate_batchnorm(accelerator, net, batches, max_batches=3) == 2  # the frozen one is left alone
+    window = PreciseBatchNorm(net)
+    assert window.layers == [net[1]]  # the frozen one is left alone
+    frozen.eval()  # as freezing leaves it
     with torch.no_grad():
-        features = torch.cat([net[0](images) for images, _, _ in batches[:3]])  # the first 3 batches only
-    assert torch.allclose(net[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
-    assert net[1].momentum == 0.1 and net.training  # settings restored
+        net(batches[0])  # before the window: a running average, forgotten when the window opens
+        window.open(fresh=True)
+        for images in batches[1:3]:
+            net(images)
+        window.close(accelerator)
+        assert net[1].momentum == 0.1  # restored
+        features = torch.cat([net[0](images) for images in batches[1:3]])
+        assert torch.allclose(net[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5)
+        # A run resumed inside the window goes on with the averages its state holds, to the same result.
+        window.open(fresh=True)
+        net(batches[3])
+        saved = {k: v.clone() for k, v in net[1].state_dict().items()}
+        net(batches[4])
+        window.close(accelerator)
+        straight = net[1].running_var.clone()
+        net[1].load_state_dict(saved)
+        window.open(fresh=False)
+        net(batches[4])
+        window.close(accelerator)
+    assert torch.equal(net[1].running_var, straight)
     assert torch.equal(frozen.running_mean, pretrained_mean)
-    # Dropout was off while measuring: the layer after it saw exactly the normalised features.
-    normalised = net[1].eval()(features)
-    assert torch.allclose(net[3].running_mean, normalised.mean(dim=(0, 2, 3)), atol=1e-5)

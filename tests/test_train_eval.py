@@ -273,24 +273,37 @@ def test_head_learning_rate_multiplier_and_one_rate_from_scratch(tiny_data: Path
     assert {g["initial_lr"] for g in optimizer_groups(tmp_path / "sc").values()} == {0.002}
 
 
-def test_batchnorm_is_recalibrated_on_images_augmented_as_in_training(tiny_data: Path, tmp_path: Path, monkeypatch):
-    # "Precise BN" measures the population the network trained on: with eval preprocessing, runs
-    # trained on small random crops lost much of their accuracy (docs/defaults.md).
-    import finetune.training.run
+def test_batchnorm_statistics_are_the_exact_averages_of_the_epochs_last_training_batches(tiny_data: Path,
+                                                                                          tmp_path: Path, monkeypatch):
+    # "Precise BN" measures the population the network trained on (augmented training images),
+    # gathered by the training's own forward passes over the epoch's last batches.
+    import finetune.training.loop
 
-    sessions = []
-    prepare = finetune.training.run.prepare_session
-    monkeypatch.setattr(finetune.training.run, "prepare_session",
-                        lambda **kwargs: sessions.append(prepare(**kwargs)) or sessions[-1])
-    train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--augment", "classic"])
-    session = sessions[0]
-    calibration, training = session.calibration_loader.dataset, session.train_loader.dataset
-    assert type(calibration.transform) is type(training.transform)  # the train preset, random crops and all
-    assert calibration.transform.scale == training.transform.scale == (0.08, 1.0)
-    def measured() -> list[list[int]]:  # the batches loop.recalibrate feeds BatchNorm
-        session.calibration_loader.set_epoch(0)
-        return [targets.tolist() for _, targets in session.calibration_loader]
+    seen = []  # per training batch: the first trainable BatchNorm layer's input means and count
+    train_step = finetune.training.engine.Trainer.train_step
 
-    first = measured()
-    assert first == measured()  # the same images every epoch, resumed or not
-    assert sorted(sum(first, [])) != sum(first, [])  # shuffled: a large set is not measured on its first classes
+    def recording(trainer, step, images, targets):
+        layer = next(m for m in trainer.accelerator.unwrap_model(trainer.model).modules()
+                     if isinstance(m, torch.nn.BatchNorm2d) and m.weight.requires_grad)
+        hook = layer.register_forward_hook(
+            lambda m, inputs, out: seen.append((inputs[0].float().mean(dim=(0, 2, 3)), m.running_mean.clone())))
+        try:
+            return train_step(trainer, step, images, targets)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(finetune.training.engine.Trainer, "train_step", recording)
+    evaluated = []
+    evaluate = finetune.training.loop.evaluate_splits
+    monkeypatch.setattr(finetune.training.loop, "evaluate_splits", lambda session: evaluated.append(
+        next(m for m in session.clf.net.modules() if isinstance(m, torch.nn.BatchNorm2d)
+             and m.weight.requires_grad).running_mean.clone()) or evaluate(session))
+    out = train.main(["--data", str(tiny_data), "--output-dir", str(tmp_path / "run"), *FAST, "--batch-size", "2",
+                      "--recalibrate-bn-batches", "2", "--augment", "classic"])
+    assert len(seen) >= 3 and len(evaluated) == 1  # more batches than the window
+    window = torch.stack([means for means, _ in seen[-2:]])
+    # The evaluation normalised with the mean of the last two batches' means (equal batch sizes),
+    # not a running average that still remembers the first batch and ImageNet.
+    assert torch.allclose(evaluated[0], window.mean(0), atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(evaluated[0], seen[0][1], atol=1e-3)
+    assert out.history[-1]["epoch"] == 1

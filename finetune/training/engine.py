@@ -306,44 +306,43 @@ def evaluate_multilabel(accelerator: Accelerator, model: nn.Module, loader: Iter
     return MultiLabelPredictions(**{key: value[order] for key, value in result.items()})
 
 
-@torch.inference_mode()
-def recalibrate_batchnorm(accelerator: Accelerator, model: nn.Module, loader: Iterable, *, max_batches: int,
-                          to_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> int:
-    """Recompute the running statistics of the trainable BatchNorm layers from training images.
+class PreciseBatchNorm:
+    """Exact BatchNorm statistics, gathered by the training's own forward passes over the epoch's
+    last batches: no second pass over the training set.
 
     A short fine-tune moves the features far in few steps, while BatchNorm's running averages
     (momentum 0.1) still hold much of ImageNet's statistics: evaluation then normalises with the
     wrong ones, and a small run can fall to chance accuracy although it trained well ("precise
-    BN", Wu & Johnson 2021). Exact averages over up to ``max_batches`` batches per process of the
-    training images, augmented as in training (the population the network learnt to normalise),
-    replace them; several processes average theirs.
-    Frozen layers keep their pretrained statistics.
+    BN", Wu & Johnson 2021). Between ``open`` and ``close`` the trainable layers keep a cumulative
+    (exact) average of the batches they see instead: the training images augmented as trained on,
+    the population the network learnt to normalise. A separate pass over the same images after the
+    epoch cost a fifth of a short run (issue 23); the epoch's last batches differ from it only by
+    the few steps the weights move meanwhile (docs/defaults.md has the sweep). Frozen layers keep
+    their pretrained statistics.
 
-    Returns:
-        The number of layers recalibrated (0 when the model has none to recalibrate).
+    Args:
+        net: the unwrapped network (no DDP: each process's statistics are its own until averaged).
     """
-    net = accelerator.unwrap_model(model)  # no DDP: each process's statistics are its own until averaged
-    layers = [m for m in net.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-              and any(p.requires_grad for p in m.parameters())]
-    if not layers or max_batches <= 0:
-        return 0
-    was_training = net.training
-    net.eval()  # dropout and stochastic depth off: the statistics of what evaluation will see
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative (exact) average over the batches below
-        m.train()
-    for step, batch in enumerate(loader):
-        if step >= max_batches:
-            break
-        if len(batch[0]) > 1:  # a last batch of one image may give BatchNorm one value per channel
-            net(to_input(batch[0]))
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-        if accelerator.num_processes > 1:
-            m.running_mean.copy_(accelerator.reduce(m.running_mean, reduction="mean"))
-            m.running_var.copy_(accelerator.reduce(m.running_var, reduction="mean"))
-    net.train(was_training)
-    return len(layers)
+
+    def __init__(self, net: nn.Module):
+        self.layers = [m for m in net.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                       and any(p.requires_grad for p in m.parameters())]
+        self.momenta = [m.momentum for m in self.layers]
+
+    def open(self, *, fresh: bool) -> None:
+        """From the next training batch on, average exactly; ``fresh``: forget what came before (a
+        resumed run inside the window goes on with the averages its state saved)."""
+        for m in self.layers:
+            if fresh:
+                m.reset_running_stats()
+            m.momentum = None
+
+    @torch.no_grad()
+    def close(self, accelerator: Accelerator) -> None:
+        """Back to the running averages; several processes average theirs."""
+        for m, momentum in zip(self.layers, self.momenta):
+            m.momentum = momentum
+            if accelerator.num_processes > 1:
+                m.running_mean.copy_(accelerator.reduce(m.running_mean, reduction="mean"))
+                m.running_var.copy_(accelerator.reduce(m.running_var, reduction="mean"))

@@ -26,7 +26,6 @@ from finetune.training.engine import (
     Predictions,
     evaluate,
     evaluate_multilabel,
-    recalibrate_batchnorm,
 )
 from finetune.training.session import Session
 from finetune.training.state import Progress, latest_state, save_training_state
@@ -54,11 +53,16 @@ def fit(session: Session) -> Progress:
             trainer.start_epoch(epoch, start_step, resumed_sums(session, start_step))
             session.log.steps.start_epoch(trainer.loss_sum, trainer.seen)
             session.report.start_epoch(epoch, config.epochs, session.steps_per_epoch, start_step)
+            if session.batchnorm and start_step > session.batchnorm_from:  # resumed inside the window
+                session.batchnorm.open(fresh=False)
             for step, (images, targets) in enumerate(epoch_batches(session, epoch, start_step), start=start_step):
+                if session.batchnorm and step == session.batchnorm_from:
+                    session.batchnorm.open(fresh=True)
                 trainer.train_step(step, images, targets)
                 after_step(session, epoch, step)
             stats = trainer.end_epoch()
-            recalibrate(session)
+            if session.batchnorm:
+                session.batchnorm.close(session.accelerator)
             preds, val = evaluate_splits(session)
             name_skipped(session)
             after_epoch(session, epoch, stats, preds, val)
@@ -84,15 +88,6 @@ def evaluate_splits(session: Session) -> tuple[Any, Any]:
     if session.multilabel and val is not None:
         preds.thresholds = val.thresholds = choose_thresholds(val.targets, val.probabilities)
     return preds, val
-
-
-def recalibrate(session: Session) -> None:
-    """Fresh BatchNorm statistics for the evaluation and the checkpoint (``--recalibrate-bn-batches``)."""
-    loader = session.calibration_loader
-    if loader is not None:
-        loader.set_epoch(0)  # Accelerate counts its passes: a resumed run's count starts afresh
-        recalibrate_batchnorm(session.accelerator, session.model, loader,
-                              max_batches=session.config.recalibrate_bn_batches, to_input=session.to_input)
 
 
 def epoch_batches(session: Session, epoch: int, start_step: int) -> Any:

@@ -20,7 +20,13 @@ from finetune.data.presets import ModelInput
 from finetune.models.build import Classifier
 from finetune.report.console import Reporter
 from finetune.report.tracking import RunLog
-from finetune.training.engine import SYNC_EVERY_STEPS, Trainer, multilabel_hits, single_label_hits
+from finetune.training.engine import (
+    SYNC_EVERY_STEPS,
+    PreciseBatchNorm,
+    Trainer,
+    multilabel_hits,
+    single_label_hits,
+)
 from finetune.training.features import cached_loaders, probe_module
 from finetune.training.optim import build_optimizer, build_scheduler, param_groups
 from finetune.training.sanity import trains_batch_norm
@@ -43,7 +49,7 @@ class Session:
     train_loader: Any
     test_loader: Any
     val_loader: Any  # None without a validation split: then the test split chooses best.safetensors
-    calibration_loader: Any | None  # training images as trained on, in a fixed order: for recalibrating BatchNorm
+    batchnorm: PreciseBatchNorm | None  # the trainable BatchNorm layers' exact averages (--recalibrate-bn-batches)
     epoch_sampler: Any  # the sampler behind train_loader (Accelerate's skip wrapper hides it)
     to_input: Callable[[torch.Tensor], torch.Tensor]
     cached_features: int | None  # features per image when the head trains on cached features
@@ -72,6 +78,12 @@ class Session:
     def steps_per_epoch(self) -> int:
         """Training batches per process and epoch."""
         return len(self.train_loader)
+
+    @property
+    def batchnorm_from(self) -> int:
+        """The epoch's first batch whose statistics BatchNorm averages: the last
+        ``--recalibrate-bn-batches`` of the epoch, or all of a shorter one."""
+        return max(0, self.steps_per_epoch - self.config.recalibrate_bn_batches)
 
     @property
     def optimizer_steps_per_epoch(self) -> int:
@@ -184,16 +196,9 @@ def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Class
     model, optimizer, train_loader, *eval_loaders = accelerator.prepare(trainable, optimizer, train_loader,
                                                                        *eval_loaders)
     test_loader, val_loader = eval_loaders[0], (eval_loaders[1] if len(eval_loaders) > 1 else None)
-    calibration_loader = None
-    if probe is None and config.recalibrate_bn_batches > 0:
-        # The statistics of what the network trained on ("precise BN" averages over training-time
-        # augmentation): with eval preprocessing, a run trained on small random crops lost up to
-        # 0.23 of test accuracy (textures, bench/sweep_defaults.py). Shuffled with a seed of its
-        # own, so that a large set is not measured on its first classes alone; the same images
-        # every epoch, so that a resumed run recalibrates as an uninterrupted one.
-        calibration_loader = accelerator.prepare_data_loader(make_train_loader(
-            splits.train, clf.preprocessing, batch_size=config.batch_size, seed=config.seed + 1,
-            num_workers=workers, augment=config.augment, hflip=config.hflip, pin_memory=pin, skipped=skipped))
+    # Exact BatchNorm statistics over each epoch's last batches (none to keep on cached features).
+    batchnorm = PreciseBatchNorm(accelerator.unwrap_model(model)) \
+        if probe is None and config.recalibrate_bn_batches > 0 else None
     optimizer_steps = math.ceil(len(train_loader) / config.grad_accum_steps)  # len: batches per process
     scheduler = accelerator.prepare(build_scheduler(
         optimizer, round(config.warmup_epochs * optimizer_steps), config.epochs * optimizer_steps,
@@ -206,7 +211,7 @@ def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Class
                  (progress.epoch, progress.step) if progress.epoch or progress.step else None)
     return Session(config=config, accelerator=accelerator, clf=clf, classes=splits.classes, run_dir=run_dir,
                    trainer=trainer, train_loader=train_loader, test_loader=test_loader, val_loader=val_loader,
-                   calibration_loader=calibration_loader, epoch_sampler=epoch_sampler, to_input=to_input,
+                   batchnorm=batchnorm, epoch_sampler=epoch_sampler, to_input=to_input,
                    cached_features=features, skipped=skipped, splits=splits.records,
                    selected_on=splits.selected_on, progress=progress,
                    report=report, log=log, stop=stop, multilabel=multilabel)
