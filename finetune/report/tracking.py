@@ -9,6 +9,7 @@ them again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import math
@@ -275,6 +276,10 @@ class RunLog:
         self.draws = config.plots and accelerator.is_main_process
         self.fresh = resumed_from is None
         self.curves = plots.Curves()
+        # Pictures are drawn, encoded and logged on a thread of their own, one at a time in order,
+        # while training goes on: they held the training thread for about 2 s of a 20 s run (issue 23).
+        self.painter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pictures") if self.draws else None
+        self.pending: list[concurrent.futures.Future] = []
 
     def draw_samples(self, train: Any, loader_dataset: Any, pre: Any, seed: int) -> None:
         """``samples.png`` (``plots.training_samples_png``) at a run's start (on a resume, only if missing).
@@ -287,7 +292,12 @@ class RunLog:
         path = self.run_dir / "samples.png"
         if self.draws and (self.fresh or not path.exists()):
             view = model_view(loader_dataset, train, pre)
-            self._picture("samples", plots.training_samples_png(train.samples, train.classes, view, seed), step=0)
+            # The augmented views here, on the training thread: augmentation forks torch's global
+            # generator, which the training draws from.
+            picks = plots.pick_samples([t for _, t in train.samples], len(train.classes), seed=seed)
+            views = {i: view(i) for _, indices in picks for i in indices}
+            self._picture("samples", lambda: plots.training_samples_png(train.samples, train.classes,
+                                                                        views.__getitem__, seed), 0)
 
     def end_epoch(self, step: int, history: Sequence[dict[str, Any]]) -> None:
         """After an epoch's evaluation, at optimizer step ``step``: the pending points, the epoch's
@@ -297,8 +307,25 @@ class RunLog:
         row = history[-1]
         self.accelerator.log({tag: row[key] for key, tag in EPOCH_TAGS.items() if key in row}, step=step)
         if self.draws:
-            self._picture("curves", self.curves.png(history), step)
+            rows = list(history)  # as it is now: the loop goes on appending
+            self._picture("curves", lambda: self.curves.png(rows), step)
 
-    def _picture(self, name: str, png: bytes, step: int) -> None:
-        plots.save_png(self.run_dir / f"{name}.png", png)
-        log_png(self.accelerator, name, png, step)
+    def finish(self) -> None:
+        """Wait for the pictures still being drawn (before the trackers end; no more are drawn
+        after); a picture that failed raises here."""
+        pending, self.pending = self.pending, []
+        if self.painter is not None:
+            self.painter.shutdown(wait=True)
+        for future in pending:
+            future.result()
+
+    def _picture(self, name: str, draw: Callable[[], bytes], step: int) -> None:
+        """Draw ``name``.png (``draw`` gives its PNG bytes) into the run folder and the trackers,
+        on the pictures' thread."""
+        def paint() -> None:
+            png = draw()
+            plots.save_png(self.run_dir / f"{name}.png", png)
+            log_png(self.accelerator, name, png, step)
+
+        self.pending = [f for f in self.pending if not f.done() or f.exception()]  # keep failures for finish
+        self.pending.append(self.painter.submit(paint))

@@ -45,7 +45,7 @@ def fit(session: Session) -> Progress:
         UserError: when the loss or the weights became NaN or infinite, naming the step and the
             last good files.
     """
-    config, progress, trainer = session.config, session.progress, session.trainer
+    config, progress, trainer, clock = session.config, session.progress, session.trainer, session.clock
     session.stop.defer()  # from here on a stop signal waits for a safe point
     try:
         for epoch in range(progress.epoch, config.epochs):
@@ -55,20 +55,25 @@ def fit(session: Session) -> Progress:
             session.report.start_epoch(epoch, config.epochs, session.steps_per_epoch, start_step)
             if session.batchnorm and start_step > session.batchnorm_from:  # resumed inside the window
                 session.batchnorm.open(fresh=False)
-            for step, (images, targets) in enumerate(epoch_batches(session, epoch, start_step), start=start_step):
-                if session.batchnorm and step == session.batchnorm_from:
-                    session.batchnorm.open(fresh=True)
-                trainer.train_step(step, images, targets)
-                after_step(session, epoch, step)
-            stats = trainer.end_epoch()
-            if session.batchnorm:
-                session.batchnorm.close(session.accelerator)
-            preds, val = evaluate_splits(session)
+            with clock("train"):
+                for step, (images, targets) in enumerate(epoch_batches(session, epoch, start_step), start=start_step):
+                    clock.mark("first_step")
+                    if session.batchnorm and step == session.batchnorm_from:
+                        session.batchnorm.open(fresh=True)
+                    trainer.train_step(step, images, targets)
+                    after_step(session, epoch, step)
+                stats = trainer.end_epoch()
+                if session.batchnorm:
+                    session.batchnorm.close(session.accelerator)
+            with clock("test"):
+                preds, val = evaluate_splits(session)
             name_skipped(session)
-            after_epoch(session, epoch, stats, preds, val)
-            check_weights(session, f"in epoch {epoch + 1}")
-            save_checkpoints(session, epoch, stats, preds, val)
-            save_state(session, epoch + 1, 0)
+            with clock("logging"):
+                after_epoch(session, epoch, stats, preds, val)
+            with clock("saving"):
+                check_weights(session, f"in epoch {epoch + 1}")
+                save_checkpoints(session, epoch, stats, preds, val)
+                save_state(session, epoch + 1, 0)
             if stop_agreed_at_epoch_end(session, epoch):  # a signal during evaluation or saving
                 raise stopped(session, epoch + 1, 0)  # the state of the epoch's end is saved just above
     except NonFiniteLossError as err:

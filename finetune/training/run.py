@@ -166,13 +166,21 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
     if state is not None:
         load_training_state(accelerator, state)
         report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
-    session.log.draw_samples(splits.train, session.train_loader.dataset, clf.preprocessing, config.seed)
-    progress = fit(session)
+    clock = session.clock
+    with clock("logging"):
+        session.log.draw_samples(splits.train, session.train_loader.dataset, clf.preprocessing, config.seed)
+    try:
+        progress = fit(session)
+    finally:
+        with clock("logging"):
+            session.log.finish()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # each checkpoint's temperature and OOD threshold (models.calibration)
-        for line in calibrate_run(run_dir, splits, device=accelerator.device, batch_size=config.batch_size,
-                                  num_workers=num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")):
+        with clock("calibration"):
+            lines = calibrate_run(run_dir, splits, device=accelerator.device, batch_size=config.batch_size,
+                                  num_workers=num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda"))
+        for line in lines:
             report.print(line)
     accelerator.wait_for_everyone()
     skipped = session.skipped.named if session.skipped else {}
@@ -191,6 +199,8 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
             tracker.finish()
     else:
         accelerator.end_training()
+    if accelerator.is_main_process:
+        clock.write(run_dir / "timings.json")
     return TrainResult(run_dir, progress.history, splits.classes, eval_data, model=clf.net, skipped=list(skipped),
                        main_process=accelerator.is_main_process)
 

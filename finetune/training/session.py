@@ -5,7 +5,7 @@ reports. The epoch loop that uses it is ``loop.fit``."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,7 @@ from finetune.training.features import cached_loaders, probe_module
 from finetune.training.optim import build_optimizer, build_scheduler, param_groups
 from finetune.training.sanity import trains_batch_norm
 from finetune.training.state import Progress
+from finetune.utils.phases import PhaseClock
 from finetune.utils.preemption import StopSignal
 from finetune.utils.runtime import num_workers
 
@@ -61,6 +62,7 @@ class Session:
     log: RunLog  # the tracker's points and figures, the pictures
     stop: StopSignal
     multilabel: bool = False  # sigmoid outputs and binary cross-entropy; evaluated by engine.evaluate_multilabel
+    clock: PhaseClock = field(default_factory=PhaseClock)  # where the wall clock goes (timings.json)
 
     @property
     def model(self) -> nn.Module:
