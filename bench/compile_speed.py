@@ -10,11 +10,10 @@ epoch's images/s, and how many images a run must see before compiling pays for i
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from bench.common import quietly
+from bench.common import quietly, write_json
 from bench.datasets import photo_folder as write_dataset
 from finetune.commands import train
 
@@ -49,8 +48,7 @@ def main() -> None:
     print(f"compiling costs {extra_s:.0f} s and runs {res['speedup']:.2f}x as fast afterwards; "
           + (f"it pays off after {res['break_even_images']:.0f} training images"
              if res["break_even_images"] else "it never pays off"))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import tempfile
 import time
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torchvision import datasets, models, transforms
 
-from bench.common import peak_rss_mib, quietly
+from bench.common import peak_rss_mib, quietly, write_json
 from bench.datasets import photo_folder as write_dataset
 from finetune.commands import eval as eval_cmd
 from finetune.commands import train
@@ -114,9 +113,7 @@ def main() -> None:
     torch.manual_seed(0)
     res = run(args.images, args.train_images)
     print_table(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ checkpoint at 224 px (random weights: speed does not depend on them). Then:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import quietly
+from bench.common import quietly, write_json
 from bench.datasets import photo_folder
 from finetune.commands import eval as eval_cmd
 from finetune.commands import predict as predict_cmd
@@ -141,9 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     res = run(args.images, args.repeats, args.iters)
     print_table(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,9 @@ cached probe after its first epoch; test accuracy of the two probes. All in one 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-from pathlib import Path
 
-from bench.common import quietly
+from bench.common import quietly, write_json
 from finetune.commands import train
 from finetune.data.demo import demo_dataset
 
@@ -49,8 +47,7 @@ def main() -> None:
     for name in ("full_finetune", "probe_uncached", "probe_cached"):
         print(f"{name:16s} {res['seconds_per_epoch'][name]:10.4f} {res['test_accuracy'][name]:9.4f}")
     print(f"a cached probe epoch is {res['full_over_cached']:.0f}x faster than a full fine-tuning epoch")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from bench.common import quietly
+from bench.common import quietly, write_json
 from bench.datasets import photo_folder
 from finetune.commands import predict as predict_cmd
 from finetune.config import TrainConfig
@@ -234,9 +234,7 @@ def main() -> None:
     args = parser.parse_args()
     res = run(args.images, args.seconds, args.clients, args.model, args.image_size, args.repeats)
     print_table(res)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

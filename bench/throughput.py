@@ -10,7 +10,6 @@ photos), trains resnet18 from scratch on it both ways, and reports the last epoc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 from torchvision import datasets, models, transforms
 
-from bench.common import peak_rss_mib, quietly
+from bench.common import peak_rss_mib, quietly, write_json
 from bench.datasets import PHOTO_CLASSES as CLASSES
 from bench.datasets import photo_folder as write_dataset
 from finetune.commands import train
@@ -171,9 +170,7 @@ def main() -> None:
            "classic_per_epoch": classic_rates, "finetune_history": history,
            "peak_rss_mib": peak_rss_mib(), "settings": thread_settings}
     print_table(res)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

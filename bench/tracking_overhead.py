@@ -16,7 +16,6 @@ pictures are started, written and drawn, imports included) against the run's tot
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.common import write_json
 from finetune.data.demo import demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +119,7 @@ def main() -> None:
         res[f"{name}_inside_logging"] = share
         print(f"{name} inside the logging calls{' that recur every epoch' if 'recurring' in name else ''}: "
               f"{100 * share:.2f}% of the logged runs' time, an overhead ratio of {1 / (1 - share):.4f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":
