@@ -45,6 +45,23 @@ def test_benchmark_smoke_run(script: str, args: list[str], check, tmp_path: Path
     assert check(json.loads(out.read_text())), out.read_text()[:2000]
 
 
+def test_peer_benchmark_prints_the_ratio_of_whole_processes_and_the_projects_phases(tmp_path: Path):
+    stand_in = tmp_path / "train.py"  # timm's train.py lives in its repository, not in the pip package
+    stand_in.write_text("import sys, time\nassert '--data-dir' in sys.argv\ntime.sleep(0.5)\n")
+    out = tmp_path / "out.json"
+    proc = run_cmd([sys.executable, "-m", "bench.peer_timm", "--timm-train", str(stand_in), "--rounds", "1",
+                    "--work", str(tmp_path / "work"), "--model", "mobilenet_v3_small", "--image-size", "32",
+                    "--epochs", "1", "--out", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["summary"]["ratios"] == [round(row["timm"] / row["project"], 3)]
+    assert 0.5 < row["timm"] < row["project"]
+    assert {"start-up", "train", "test", "saving", "calibration", "other"} <= set(row["phases"])
+    assert sum(row["phases"].values()) == pytest.approx(row["project"])
+    assert "the project's run by phase" in proc.stdout and "NOT met" in proc.stdout
+
+
 def test_gpu_check_script_smoke_run(tmp_path: Path):
     """The script a GPU lease runs, at tiny sizes on this machine: every step runs and passes, and what
     it leaves fits what a device run can bring back (at most 8 files)."""

@@ -92,6 +92,10 @@ def test_a_run_logs_its_curves_and_draws_its_pictures(tiny_data: Path, tmp_path:
     cell_h, cell_w = plots.SAMPLE_CELL
     assert png_size(run / "samples.png") == (160 + 6 * cell_w, 40 + 2 * 3 * cell_h + 10)
     assert png_size(run / "curves.png") == (750, 300)
+    timings = json.loads((run / "timings.json").read_text())  # where the wall clock went
+    assert 0 < timings["since_process_start"]["first_step"] < timings["since_process_start"]["end"]
+    assert {"train", "test", "saving", "logging", "calibration"} <= set(timings["seconds"])
+    assert 0 < sum(timings["seconds"].values()) < timings["since_process_start"]["end"]
 
 
 @pytest.mark.slow
