@@ -177,6 +177,16 @@ def test_hf_name_that_cannot_be_loaded_is_one_line(monkeypatch):
         load_splits("hf:")
 
 
+@pytest.mark.slow  # the Hub client retries for about 25 s before it gives up
+def test_an_unreachable_hub_is_our_one_line_alone(tmp_path: Path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": None,
+           "HF_DATASETS_OFFLINE": None, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
+    proc = run_cmd(python_cmd("train.py", "--data", "hf:beans", "--output-dir", str(tmp_path / "a"), *FAST), env=env)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: cannot load hf:beans: Couldn't reach 'beans' on the Hub (LocalEntryNotFoundError)\n"
+    assert proc.stdout == ""
+
+
 def test_classlabel_order_is_the_class_order_and_strings_are_sorted(tiny_data: Path, tmp_path: Path):
     names = ["hot dog", "dog", "cat", "bird"]  # the dataset's own order; no bird in train
     dd = saved(DatasetDict(train=part(tiny_data / "train", names=names), test=part(tiny_data / "test", names=names)),

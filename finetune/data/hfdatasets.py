@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,22 @@ def _quiet(datasets: Any) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _hub_quiet() -> Iterator[None]:
+    """The Hub client's warnings held back while ``hf:NAME`` loads: where the Hub is unreachable, it
+    logs each of its retries (and its fall-back to the cache) before the error that ``load_parts``
+    reports in one line. Errors still show."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def load_parts(source: str) -> dict[str, Any]:
     """The parts of a dataset, by name: a DatasetDict's splits, or one Dataset (under its split's
     name where it has one, else ``rows``).
@@ -102,7 +119,8 @@ def load_parts(source: str) -> dict[str, Any]:
             if not name:
                 raise UserError("hf: needs a dataset's name: --data hf:NAME or hf:NAME:CONFIG")
             # The Hub (or its cache, offline): progress bars kept, a download can take a while.
-            loaded = datasets.load_dataset(name, config or None)
+            with _hub_quiet():
+                loaded = datasets.load_dataset(name, config or None)
         else:
             path = Path(source)
             with _quiet(datasets):
