@@ -3,13 +3,14 @@ dataset sizes, image sizes, budgets), each run trained on a train split, validat
 val split, and tested on a test split no run sees. Prints the grid and the default's regret.
 
     python bench/sweep_defaults.py            # the full sweep (about an hour on 2 cores)
-    python bench/sweep_defaults.py --quick    # two cases, four recipes (the tests run it)
+    python bench/sweep_defaults.py --quick    # three small cases, four recipes (the tests run it)
 
 Every run is cached in ``WORK/results.jsonl`` by case, flags, seed and a digest of the code, so an
 interrupted sweep goes on where it stopped, and one table never mixes two versions of the code.
 The default is whatever ``finetune.training.recipe`` resolves for the case, run with those explicit flags.
 
-Regret of a case: the best test accuracy in the grid minus the default's. Targets: worst-case
+A case is scored by test accuracy, or, for a multi-label case (its name marked "(mAP)"), by test
+mAP (macro average precision). Regret of a case: the best test score in the grid minus the default's. Targets: worst-case
 regret <= 0.03, mean <= 0.01, and the default never below the chapter's own recipe.
 """
 
@@ -35,8 +36,12 @@ from finetune.commands import train
 from finetune.config import TrainConfig
 from finetune.data.demo import demo_dataset
 from finetune.data.folders import image_folder
+from finetune.data.labelfiles import eval_split
 from finetune.data.loader import make_eval_loader
 from finetune.data.presets import ModelInput, Preprocessing
+from finetune.data.shapes import shapes
+from finetune.data.sources import load_splits
+from finetune.report.metrics import mean_average_precision
 from finetune.training import recipe
 from finetune.training.study import CHAPTER as CHAPTER_FIELDS
 from finetune.training.study import as_flags
@@ -73,10 +78,11 @@ class Case:
     data: str  # dataset name (see make_data)
     size: int  # --image-size
     epochs: int
+    metric: str = "accuracy"  # what scores a run: "accuracy" (single-label) or "mAP" (multi-label)
 
     @property
     def name(self) -> str:
-        return f"{self.data} {self.size}px {self.epochs}ep"
+        return f"{self.data} {self.size}px {self.epochs}ep" + (" (mAP)" if self.metric == "mAP" else "")
 
 
 CASES = [
@@ -85,12 +91,14 @@ CASES = [
     Case("digits300", 32, 3), Case("digits300", 32, 10),
     Case("textures300", 96, 3), Case("textures300", 64, 1),
     Case("photos120", 224, 3), Case("photos120", 128, 10), Case("photos120", 224, 1),
+    Case("shapes300", 64, 3, "mAP"),
 ]
-QUICK_CASES = [Case("lfw100", 64, 1), Case("digits300", 32, 1)]
+QUICK_CASES = [Case("lfw100", 64, 1), Case("digits300", 32, 1), Case("shapes40", 32, 1, "mAP")]
 
 
 def make_data(name: str, work: Path) -> tuple[Path, Path]:
-    """(fit folder with train/ and val/, test folder) of a named dataset, written once under ``work``."""
+    """(fit folder with train/ and val/, test folder) of a named dataset, written once under ``work``;
+    of a multi-label one (``shapes``), (fit label file with train and val rows, test label file)."""
     if name == "lfw100":  # the demo's 140 train images: 20 per class to val
         fit = carve_val(demo_dataset(), work / name, 20)
         return fit, demo_dataset() / "test"
@@ -108,13 +116,28 @@ def make_data(name: str, work: Path) -> tuple[Path, Path]:
     if name == "photos120":
         root = photos(work / name, n_train=20, n_val=10, n_test=20)
         return fit_folder(root), root / "test"
+    if name.startswith("shapes"):
+        return shape_files(work / name, int(name.removeprefix("shapes")))
     raise ValueError(name)
+
+
+def shape_files(root: Path, n: int) -> tuple[Path, Path]:
+    """A multi-label case: ``n`` images of 1-3 shapes (96 px), a fifth of them val rows of the fit
+    label file (which train.py takes as the split it evaluates, as a val/ folder alone), and a test
+    label file of ``n`` other images (another seed) that no run sees."""
+    fit, test = root / "fit" / "labels.csv", root / "test" / "labels.csv"
+    if not (fit.is_file() and test.is_file()):
+        raw = shapes(root / "fit", n=n, size=96, seed=0).read_text().splitlines()
+        rows = [f"{line},{'val' if i % 5 == 4 else 'train'}" for i, line in enumerate(raw[1:])]
+        fit.write_text("\n".join([raw[0] + ",split", *rows]) + "\n")
+        shapes(root / "test", n=n, size=96, seed=1)
+    return fit, test
 
 
 def default_flags(case: Case, fit: Path) -> list[str]:
     """The recipe's choices for ``case`` as explicit flags (what a plain run would use)."""
     defaults = TrainConfig()
-    ds = image_folder(fit / "train")
+    ds = load_splits(fit).train  # a label file's train rows, or fit/train
     steps = math.ceil(len(ds) / defaults.batch_size)
     facts = recipe.DatasetFacts(num_images=len(ds), num_classes=len(ds.classes),
                                 short_side=recipe.median_short_side([p for p, _ in ds.samples]),
@@ -132,11 +155,15 @@ def resolve_flags(flags: list[str], case: Case) -> list[str]:
 
 
 @torch.inference_mode()
+def _eval_inputs(size: int) -> tuple[Preprocessing, ModelInput]:
+    pre = Preprocessing(size, round(size * 256 / 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return pre, ModelInput(pre.mean, pre.std, TrainConfig().channels_last)
+
+
+@torch.inference_mode()
 def test_accuracy(model: torch.nn.Module, test_dir: Path, classes: list[str], size: int) -> float:
     """Accuracy of a trained model (as train.main left it: prepared, mixed precision) on ``test_dir``."""
-    cfg = TrainConfig()
-    pre = Preprocessing(size, round(size * 256 / 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    to_input = ModelInput(pre.mean, pre.std, cfg.channels_last)
+    pre, to_input = _eval_inputs(size)
     loader = make_eval_loader(image_folder(test_dir, classes), pre, batch_size=128, num_workers=0)
     model.eval()
     correct = total = 0
@@ -146,6 +173,25 @@ def test_accuracy(model: torch.nn.Module, test_dir: Path, classes: list[str], si
     return correct / total
 
 
+@torch.inference_mode()
+def test_map(model: torch.nn.Module, test_file: Path, classes: list[str], size: int) -> float:
+    """mAP (macro average precision) of a trained multi-label model on every row of ``test_file``."""
+    pre, to_input = _eval_inputs(size)
+    ds, _ = eval_split(test_file, classes, None, task="multilabel")
+    loader = make_eval_loader(ds, pre, batch_size=128, num_workers=0)
+    model.eval()
+    targets, probabilities = [], []
+    for images, hot, _ in loader:
+        targets.append(hot)
+        probabilities.append(torch.sigmoid(model(to_input(images)).float()))
+    return mean_average_precision(torch.cat(targets), torch.cat(probabilities))
+
+
+def test_score(case: Case, model: torch.nn.Module, test: Path, classes: list[str]) -> float:
+    """The case's metric of a trained model on its test set."""
+    return (test_map if case.metric == "mAP" else test_accuracy)(model, test, classes, case.size)
+
+
 def run(case: Case, flags: list[str], fit: Path, test_dir: Path, work: Path, seed: int) -> dict[str, Any]:
     out_dir = work / "runs" / f"{abs(hash((case, tuple(flags), seed)))}"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -153,8 +199,9 @@ def run(case: Case, flags: list[str], fit: Path, test_dir: Path, work: Path, see
             "--num-workers", "0", "--threads", str(THREADS), "--output-dir", str(out_dir), "--log-with", "none", "--no-plots", *flags]
     start = time.perf_counter()
     out = quietly(train.main, argv)
-    result = {"val_acc": out.history[-1]["test_acc"],
-              "test_acc": test_accuracy(out.model, test_dir, out.classes, case.size),
+    # The split train.py evaluated (the fit data's val part) is the run's validation score.
+    result = {"val": out.history[-1]["test_map" if case.metric == "mAP" else "test_acc"],
+              "test": test_score(case, out.model, test_dir, out.classes),
               "seconds": round(time.perf_counter() - start, 1)}
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
@@ -181,7 +228,7 @@ def key(case: Case, flags: list[str], seed: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two cases, four recipes")
+    parser.add_argument("--quick", action="store_true", help="three small cases, four recipes")
     parser.add_argument("--work", default="/tmp/finetune-sweep", help="datasets, runs and the results cache")
     parser.add_argument("--out", default="bench/out/sweep.json")
     parser.add_argument("--recipes", nargs="*", help="a subset of the grid")
@@ -211,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with cache_file.open("a") as f:
                     f.write(json.dumps({"key": k, "result": cache[k]}) + "\n")
             per_seed.append(cache[k])
-        return {m: sum(r[m] for r in per_seed) / len(per_seed) for m in ("val_acc", "test_acc", "seconds")}
+        return {m: sum(r[m] for r in per_seed) / len(per_seed) for m in ("val", "test", "seconds")}
 
     # Run what the cache lacks, several runs at a time (each on one thread), then read it all back.
     folders = {case: make_data(case.data, work) for case in cases}
@@ -230,24 +277,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cache[k] = future.result()
             with cache_file.open("a") as f:
                 f.write(json.dumps({"key": k, "result": cache[k]}) + "\n")
-            print(f"  ran {case.name} seed {seed} {' '.join(flags)}: test {cache[k]['test_acc']:.3f}", flush=True)
+            print(f"  ran {case.name} seed {seed} {' '.join(flags)}: test {cache[k]['test']:.3f}", flush=True)
 
     rows = []
     for case in cases:
         fit, test_dir = make_data(case.data, work)
-        row: dict[str, Any] = {"case": case.name, "recipes": {}}
+        row: dict[str, Any] = {"case": case.name, "metric": case.metric, "recipes": {}}
         for name in names:
             row["recipes"][name] = measured(case, resolve_flags(RECIPES[name], case), fit, test_dir)
             r = row["recipes"][name]
-            print(f"{case.name:26s} {name:18s} val {r['val_acc']:.3f}  test {r['test_acc']:.3f}  ({r['seconds']} s)",
+            print(f"{case.name:26s} {name:18s} val {r['val']:.3f}  test {r['test']:.3f}  ({r['seconds']} s)",
                   flush=True)
         flags = default_flags(case, fit)
         row["default_flags"] = " ".join(flags)
         row["default"] = measured(case, flags, fit, test_dir)
-        best = max([r["test_acc"] for r in row["recipes"].values()] + [row["default"]["test_acc"]])
-        row["regret"] = best - row["default"]["test_acc"]
-        print(f"{case.name:26s} {'DEFAULT':18s} val {row['default']['val_acc']:.3f}  "
-              f"test {row['default']['test_acc']:.3f}  regret {row['regret']:.3f}  ({row['default_flags']})", flush=True)
+        best = max([r["test"] for r in row["recipes"].values()] + [row["default"]["test"]])
+        row["regret"] = best - row["default"]["test"]
+        print(f"{case.name:26s} {'DEFAULT':18s} val {row['default']['val']:.3f}  "
+              f"test {row['default']['test']:.3f}  regret {row['regret']:.3f}  ({row['default_flags']})", flush=True)
         rows.append(row)
     summary = report(rows, names)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -256,26 +303,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def report(rows: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
-    """Print the grid (test accuracy; the best of each case starred) and the default's regret."""
-    print("\ntest accuracy per case (* best in the grid); the default's flags are in the last column")
+    """Print the grid (the test score: accuracy, or mAP for a case marked (mAP); the best of each case
+    starred) and the default's regret."""
+    print("\ntest accuracy per case, mAP for a case marked (mAP) (* best in the grid)")
     header = ["case", *names, "default", "regret"]
     print(" | ".join(header))
     for row in rows:
-        best = max(r["test_acc"] for r in row["recipes"].values())
-        cells = [f"{row['recipes'][n]['test_acc']:.3f}{'*' if row['recipes'][n]['test_acc'] == best else ''}"
+        best = max(r["test"] for r in row["recipes"].values())
+        cells = [f"{row['recipes'][n]['test']:.3f}{'*' if row['recipes'][n]['test'] == best else ''}"
                  for n in names]
-        print(" | ".join([row["case"], *cells, f"{row['default']['test_acc']:.3f}", f"{row['regret']:.3f}"]))
+        print(" | ".join([row["case"], *cells, f"{row['default']['test']:.3f}", f"{row['regret']:.3f}"]))
     regrets = [row["regret"] for row in rows]
     below_chapter = [row["case"] for row in rows if "chapter" in row["recipes"]
-                     and row["default"]["test_acc"] < row["recipes"]["chapter"]["test_acc"]]
+                     and row["default"]["test"] < row["recipes"]["chapter"]["test"]]
     summary = {"worst_regret": max(regrets), "mean_regret": sum(regrets) / len(regrets),
                "below_chapter": below_chapter,
-               "mean_test_acc": {n: sum(r["recipes"][n]["test_acc"] for r in rows) / len(rows) for n in names}}
-    summary["mean_test_acc"]["default"] = sum(r["default"]["test_acc"] for r in rows) / len(rows)
+               "mean_test": {n: sum(r["recipes"][n]["test"] for r in rows) / len(rows) for n in names}}
+    summary["mean_test"]["default"] = sum(r["default"]["test"] for r in rows) / len(rows)
     print(f"\ndefault: worst-case regret {summary['worst_regret']:.3f} (target <= 0.03), mean regret "
           f"{summary['mean_regret']:.3f} (target <= 0.01); below the chapter's recipe on: "
           f"{', '.join(below_chapter) or 'no case'}")
-    print("mean test accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in summary["mean_test_acc"].items()))
+    print("mean test score: " + ", ".join(f"{n} {a:.3f}" for n, a in summary["mean_test"].items()))
     return summary
 
 

@@ -100,11 +100,13 @@ def test_sweep_quick_prints_the_grid_and_the_regret(tmp_path: Path):
                     "--work", str(tmp_path / "work"), "--out", str(out)], timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [row["case"] for row in result["rows"]] == ["lfw100 64px 1ep", "digits300 32px 1ep"]
+    assert [row["case"] for row in result["rows"]] == ["lfw100 64px 1ep", "digits300 32px 1ep",
+                                                       "shapes40 32px 1ep (mAP)"]
+    assert [row["metric"] for row in result["rows"]] == ["accuracy", "accuracy", "mAP"]
     for row in result["rows"]:
         assert set(row["recipes"]) == {"chapter", "previous default", "mild", "none"}
-        best = max([r["test_acc"] for r in row["recipes"].values()] + [row["default"]["test_acc"]])
-        assert row["regret"] == pytest.approx(best - row["default"]["test_acc"])
+        best = max([r["test"] for r in row["recipes"].values()] + [row["default"]["test"]])
+        assert row["regret"] == pytest.approx(best - row["default"]["test"])
         assert "--augment" in row["default_flags"]
     assert "worst-case regret" in proc.stdout and "mean regret" in proc.stdout
     assert result["summary"]["worst_regret"] == max(row["regret"] for row in result["rows"])

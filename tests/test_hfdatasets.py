@@ -24,6 +24,7 @@ from finetune.data.images import BadImageError, load_rgb, oriented_size
 from finetune.data.labelfiles import Columns
 from finetune.data.preflight import apply_policy, check_dataset
 from finetune.data.presets import EvalPreset, TrainPreset
+from finetune.data.shapes import SHAPE_KINDS, shapes
 from finetune.data.sources import load_splits
 from finetune.errors import UserError
 from finetune.models.checkpoint import read_metadata
@@ -177,6 +178,16 @@ def test_hf_name_that_cannot_be_loaded_is_one_line(monkeypatch):
         load_splits("hf:")
 
 
+@pytest.mark.slow  # the Hub client retries for about 25 s before it gives up
+def test_an_unreachable_hub_is_our_one_line_alone(tmp_path: Path):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": None,
+           "HF_DATASETS_OFFLINE": None, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
+    proc = run_cmd(python_cmd("train.py", "--data", "hf:beans", "--output-dir", str(tmp_path / "a"), *FAST), env=env)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: cannot load hf:beans: Couldn't reach 'beans' on the Hub (LocalEntryNotFoundError)\n"
+    assert proc.stdout == ""
+
+
 def test_classlabel_order_is_the_class_order_and_strings_are_sorted(tiny_data: Path, tmp_path: Path):
     names = ["hot dog", "dog", "cat", "bird"]  # the dataset's own order; no bird in train
     dd = saved(DatasetDict(train=part(tiny_data / "train", names=names), test=part(tiny_data / "test", names=names)),
@@ -199,9 +210,56 @@ def test_several_labels_are_kept_and_refused_by_single_label_training(tiny_data:
     table = read_rows(path)
     assert table.rows[4].labels == ("cat", "dog") and table.rows[0].labels == ("cat",)
     assert table.columns.label == "objects"
-    with pytest.raises(UserError, match=r"^.*multi rows row 4 has several labels \(cat;dog\): multi-label training is "
-                                        r"not supported yet"):
-        load_splits(path)
+    with pytest.raises(UserError, match=r"^.*multi rows row 4 has several labels \(cat;dog\), which --task single "
+                                        r"refuses: pass --task multilabel \(or auto\)"):
+        load_splits(path, task="single")
+    splits = load_splits(path)  # auto: several labels in a row make it multi-label
+    assert splits.task == "multilabel" and splits.task_why.endswith("multi rows row 4 has several labels (cat;dog)")
+    # Carved as one group (a multi-label set's label sets are too many to stratify by), in row order.
+    assert "has no test split: holding out 3 of its rows (20% of the rows, split seed 0)" in splits.notes[-1]
+    assert all(isinstance(t, tuple) for t in splits.train.targets + splits.test.targets)
+    assert sorted(p for p, _ in splits.train.samples + splits.test.samples) == sorted(r.path for r in table.rows)
+
+
+def shape_rows(file: Path, classlabel: bool) -> Dataset:
+    """The rows of a shapes label file (image, labels, split) as a Dataset: the labels a list of
+    ClassLabel or of strings."""
+    lines = [line.split(",") for line in file.read_text().splitlines()[1:]]
+    kinds = sorted(SHAPE_KINDS)
+    inner = ClassLabel(names=kinds) if classlabel else Value("string")
+    return Dataset.from_dict(
+        {"image": [{"bytes": (file.parent / image).read_bytes(), "path": None} for image, _, _ in lines],
+         "tags": [labels.split(";") for _, labels, _ in lines], "split": [split for _, _, split in lines]},
+        features=Features({"image": HFImage(), "tags": List(inner), "split": Value("string")}))
+
+
+@pytest.mark.parametrize("classlabel", [True, False], ids=["Sequence(ClassLabel)", "list of strings"])
+def test_a_list_label_column_gives_the_splits_of_the_same_multilabel_file(tmp_path: Path, classlabel: bool):
+    file = shapes(tmp_path / "shapes", n=30, size=32, split=True)
+    path = saved(shape_rows(file, classlabel), tmp_path / "multi")
+    by_file, by_rows = load_splits(file), load_splits(path)
+    assert by_file.task == by_rows.task == "multilabel"
+    assert by_rows.classes == by_file.classes == sorted(SHAPE_KINDS)
+    for name in ("train", "val", "test"):  # the same rows, in the same order, with the same labels
+        assert getattr(by_rows, name).targets == getattr(by_file, name).targets
+        assert len(getattr(by_rows, name).samples) == len(getattr(by_file, name).samples) > 0
+    assert [r["name"] for r in by_rows.records.values()] == ["test", "val"]
+
+
+@pytest.mark.slow  # a training run and two evaluations
+def test_a_multilabel_dataset_trains_and_evaluates(tmp_path: Path):
+    file = shapes(tmp_path / "shapes", n=30, size=32, split=True)
+    path = saved(shape_rows(file, classlabel=True), tmp_path / "multi")
+    result = train.main(["--data", str(path), "--output-dir", str(tmp_path / "run"), *FAST, "--log-with", "none",
+                         "--no-plots"])
+    assert "test_map" in result.history[-1] and "val_map" in result.history[-1]
+    ckpt = tmp_path / "run" / "model.safetensors"
+    assert read_metadata(ckpt)["task"] == "multilabel"
+    recorded = eval_cmd.main(["--ckpt", str(ckpt), *EVAL])  # the recorded test split, as multi-label
+    given = eval_cmd.main(["--ckpt", str(ckpt), "--data", str(path), *EVAL, "--output-dir", str(tmp_path / "e")])
+    assert recorded["task"] == given["task"] == "multilabel"
+    assert recorded["num_samples"] == given["num_samples"] == 6
+    assert recorded["map"] == given["map"] == pytest.approx(result.history[-1]["test_map"])
 
 
 @pytest.mark.parametrize("columns, message", [

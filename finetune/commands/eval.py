@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if is_label_file(config.data):
             dataset, which = eval_split(config.data, classes, record, columns, task=clf.task)
         else:
-            dataset, which = hf_eval_split(config.data, classes, record, columns)
+            dataset, which = hf_eval_split(config.data, classes, record, columns, task=clf.task)
         data_dir = Path(config.data)
         report.print(f"evaluating {which}")
     else:

@@ -32,7 +32,7 @@ def recorded_split(meta: dict[str, Any], classes: Sequence[str], ckpt: str | Pat
     if record.get("labels"):  # rows of a label file
         return labelfiles.recorded_split(record, classes, ckpt, meta.get("task", "single"))
     if record.get("dataset"):  # rows of a Hugging Face dataset
-        return hfdatasets.recorded_split(record, classes, ckpt)
+        return hfdatasets.recorded_split(record, classes, ckpt, meta.get("task", "single"))
     root = Path(record["root"])
     if not root.is_dir():
         raise UserError(f"the test folder recorded in {ckpt}, {root}, is gone; pass --data DIR")

@@ -20,7 +20,7 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from PIL import Image, ImageFile
 from torchvision import datasets
@@ -233,6 +233,86 @@ def carve(ds: datasets.ImageFolder, fraction: float, seed: int,
     kept = [s for s in ds.samples if s[0] not in held]
     out = [s for s in ds.samples if s[0] in held]
     return subset(ds, kept), subset(ds, out)
+
+
+@dataclass
+class HeldOut:
+    """The parts ``hold_out`` made of a dataset's rows, and what it has to say about them.
+
+    Attributes:
+        carved: split -> its fraction and seed, for a part carved out of the training rows.
+        sources: split -> the data's own split it is (``test``, ``val``); None for a carved part.
+        notes: what was carved out of what.
+        warnings: the classes that a held-out part lacks.
+    """
+
+    train: Any
+    test: Any
+    val: Any | None
+    carved: dict[str, dict[str, Any]]
+    sources: dict[str, str | None]
+    notes: list[str]
+    warnings: list[str]
+
+    @property
+    def held(self) -> dict[str, Any]:
+        """The held-out parts by split: ``test``, and ``val`` where there is one."""
+        return {"test": self.test, **({"val": self.val} if self.val is not None else {})}
+
+
+def hold_out(parts: Mapping[str, Sequence[Any]], make: Callable[[Sequence[Any]], Any], classes: Sequence[str], *,
+             name: str, noun: str, kind: str, test_fraction: float, val_fraction: float, split_seed: int,
+             stratify: bool = True) -> HeldOut:
+    """The train, test and optional val parts of rows sorted by their split (a label file's split
+    column, a Hugging Face dataset's splits), as ``load_splits`` makes them of folders: test rows
+    are the test part and val rows beside them the val part; val rows alone are the test part;
+    without either a test part is carved out of the training rows; ``val_fraction`` carves a val
+    part out of them (the caller refuses it beside val rows, in its own words).
+
+    Args:
+        parts: split (``train``, ``val``, ``test``) -> its rows; ``train`` must hold some.
+        make: rows -> the dataset of them (``samples``, ``targets`` and ``root``, as an ImageFolder).
+        classes: the training classes, for the warnings about classes a held-out part lacks.
+        name: the data, as the messages name it.
+        noun: what the data holds, in the messages: ``images`` or ``rows``.
+        kind: what a split of the data is, in the messages: ``rows`` (of a split column) or ``split``.
+        test_fraction: the share held out as the test part, where there is no test or val row.
+        val_fraction: the share of the training rows held out for validation (0: none).
+        split_seed: which rows are held out (the val part: with the next seed).
+        stratify: whether a share of each class is held out (False: of all the rows, as one group).
+
+    Raises:
+        UserError: where a held-out part would be empty.
+    """
+    train, val = make(parts["train"]), None
+    share = "of each class" if stratify else f"of the {noun}"
+    carved: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str | None] = {}
+    notes: list[str] = []
+    if parts.get("test"):
+        test, sources["test"] = make(parts["test"]), "test"
+        if parts.get("val"):
+            val, sources["val"] = make(parts["val"]), "val"
+    elif parts.get("val"):  # val rows alone are the test split, as a val/ folder alone is
+        test, sources["test"] = make(parts["val"]), "val"
+    else:
+        train, test = carve(train, test_fraction, split_seed, stratify)
+        carved["test"], sources["test"] = {"fraction": test_fraction, "seed": split_seed}, None
+        notes.append(f"{name} has no test {kind}: holding out {len(test.samples)} of its {noun} "
+                     f"({test_fraction:.0%} {share}, split seed {split_seed}) as the test part")
+    if val_fraction > 0 and val is None:
+        train, val = carve(train, val_fraction, split_seed + 1, stratify)  # another seed: independent of the test part
+        carved["val"], sources["val"] = {"fraction": val_fraction, "seed": split_seed + 1}, None
+        notes.append(f"holding out {len(val.samples)} training {noun} ({val_fraction:.0%} {share}) for validation")
+    result = HeldOut(train, test, val, carved, sources, notes, [])
+    for split, part in result.held.items():
+        if not part.samples:
+            raise UserError(f"no {noun} left for the {split} split of {name} (too few {noun} per class to hold "
+                            "some out)")
+    result.warnings = [f"class '{c}' has no {noun} in the {split} {kind} of {name}" + (" (the held-out part)"
+                       if split in carved else "") for split, part in result.held.items()
+                       for c in missing_classes(classes, part)]
+    return result
 
 
 def split_fingerprint(paths: Iterable[str | Path], root: str | Path) -> str:

@@ -19,6 +19,11 @@ Rows are read where they are (memory-mapped Arrow files). Each row is named by a
 split alone is the test split. The classes are the ``ClassLabel``'s names in its order (those
 with training rows), else the training labels sorted; samples are ordered by class, then row, as
 an ImageFolder orders its files, so that the same images as class folders train the same.
+
+A label column of lists (``Sequence(ClassLabel)``, lists of strings) gives a row several labels:
+``--task auto`` then trains a multi-label classifier where any row has several, as for a label
+file (``labelfiles.choose_task``); a multi-label set's samples are in row order, and its held-out
+parts are carved from all its rows as one group.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from torch.utils.data import Dataset
 
-from finetune.data.folders import Splits, carve, missing_classes
+from finetune.data.folders import Splits, carve, hold_out
 from finetune.data.images import load_rgb, register_rows
 from finetune.data.labelfiles import LABEL_COLUMNS, SPLIT_COLUMN, SPLIT_VALUES, Columns, Row
 from finetune.errors import UserError, first_line
@@ -85,6 +91,22 @@ def _quiet(datasets: Any) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _hub_quiet() -> Iterator[None]:
+    """The Hub client's warnings held back while ``hf:NAME`` loads: where the Hub is unreachable, it
+    logs each of its retries (and its fall-back to the cache) before the error that ``load_parts``
+    reports in one line. Errors still show."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def load_parts(source: str) -> dict[str, Any]:
     """The parts of a dataset, by name: a DatasetDict's splits, or one Dataset (under its split's
     name where it has one, else ``rows``).
@@ -102,7 +124,8 @@ def load_parts(source: str) -> dict[str, Any]:
             if not name:
                 raise UserError("hf: needs a dataset's name: --data hf:NAME or hf:NAME:CONFIG")
             # The Hub (or its cache, offline): progress bars kept, a download can take a while.
-            loaded = datasets.load_dataset(name, config or None)
+            with _hub_quiet():
+                loaded = datasets.load_dataset(name, config or None)
         else:
             path = Path(source)
             with _quiet(datasets):
@@ -377,27 +400,34 @@ class RowImages(Dataset):
     """Rows of a dataset and their class indices: what an ImageFolder offers the rest of the
     package (``samples`` of (path, target), ``targets``, ``classes``, ``class_to_idx``, ``root``).
 
+    A multi-label target is the tuple of the row's class indices, ascending (as ``LabelledImages``).
+
     Attributes:
         root: the source (``source_of``); rows' paths are ``root/SPLIT[ROW]``.
         source: the same, naming the dataset in messages.
+        multilabel: whether targets are tuples of class indices.
         where: path -> the row, for messages.
         label_lists: path -> every label of its row (for multi-label training).
         readers: the parts' ``RowReader``s (pickled with the dataset: a spawned worker reads rows too).
     """
 
-    def __init__(self, table: RowTable, rows: Iterable[Row], classes: Sequence[str]):
+    def __init__(self, table: RowTable, rows: Iterable[Row], classes: Sequence[str], multilabel: bool = False):
         self.root = self.source = table.source
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.multilabel = multilabel
         rows = list(rows)
         self.where = {r.path: r.where for r in rows}
         self.label_lists = {r.path: r.labels for r in rows}
         self.readers = table.readers
         self.loader = load_rgb
-        # Ordered as an ImageFolder orders its files: by class, then (part and) row.
         position = {r.path: i for i, r in enumerate(table.rows)}
-        ordered = sorted(rows, key=lambda r: (self.class_to_idx[r.labels[0]], position[r.path]))
-        self.samples = [(r.path, self.class_to_idx[r.labels[0]]) for r in ordered]
+        if multilabel:  # in row order: there is no one class to order by
+            self.samples = [(r.path, tuple(sorted(self.class_to_idx[c] for c in r.labels)))
+                            for r in sorted(rows, key=lambda r: position[r.path])]
+        else:  # ordered as an ImageFolder orders its files: by class, then (part and) row
+            ordered = sorted(rows, key=lambda r: (self.class_to_idx[r.labels[0]], position[r.path]))
+            self.samples = [(r.path, self.class_to_idx[r.labels[0]]) for r in ordered]
         self.imgs = self.samples
         self.targets = [t for _, t in self.samples]
 
@@ -409,6 +439,23 @@ class RowImages(Dataset):
         return self.loader(path), target
 
 
+def choose_task(table: RowTable, rows: Sequence[Row], task: str = "auto") -> tuple[str, str]:
+    """Whether a dataset trains a single-label or a multi-label classifier, and why (as
+    ``labelfiles.choose_task``: ``auto`` is multi-label where any row has several labels).
+
+    Args:
+        table: the dataset as read.
+        rows: its usable rows.
+        task: ``auto``, ``single`` or ``multilabel`` (``--task``).
+    """
+    if task != "auto":
+        return task, f"--task {task}"
+    several = next((row for row in rows if len(row.labels) > 1), None)
+    if several is not None:
+        return "multilabel", f"{several.where} has several labels ({';'.join(several.labels)})"
+    return "single", f"every row of {table.source} has one label"
+
+
 def single_label(rows: Iterable[Row]) -> list[Row]:
     """``rows``, each of which must hold exactly one label (as ``labelfiles.single_label``).
 
@@ -418,17 +465,31 @@ def single_label(rows: Iterable[Row]) -> list[Row]:
     rows = list(rows)
     for row in rows:
         if len(row.labels) > 1:
-            raise UserError(f"{row.where} has several labels ({';'.join(row.labels)}): multi-label training is not "
-                            "supported yet (it is coming); give each image one label")
+            raise UserError(f"{row.where} has several labels ({';'.join(row.labels)}), which --task single "
+                            "refuses: pass --task multilabel (or auto) to train a multi-label classifier")
         if not row.labels:
-            raise UserError(f"{row.where} has no label: single-label training needs one per image")
+            raise UserError(f"{row.where} has no label: single-label training needs one per image "
+                            "(with --task multilabel a row without a label is a negative of every class)")
     return rows
+
+
+def _rows_for(task: str, rows: Iterable[Row]) -> list[Row]:
+    return list(rows) if task == "multilabel" else single_label(rows)
+
+
+def _carve(ds: RowImages, fraction: float, seed: int) -> tuple[RowImages, RowImages]:
+    """``folders.carve``; a multi-label set is ranked as one group (as ``labelfiles._carve``)."""
+    return carve(ds, fraction, seed, stratify=not ds.multilabel)
 
 
 def rows_fingerprint(ds: RowImages) -> str:
     """A digest naming a split of a dataset: its rows (``SPLIT[ROW]``) with their labels."""
-    lines = sorted(f"{os.path.relpath(p, ds.root)}\t{ds.classes[t]}" for p, t in ds.samples)
+    lines = sorted(f"{os.path.relpath(p, ds.root)}\t{_names_of(ds, t)}" for p, t in ds.samples)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _names_of(ds: RowImages, target: int | tuple[int, ...]) -> str:
+    return ";".join(ds.classes[t] for t in target) if isinstance(target, tuple) else ds.classes[target]
 
 
 def describe_rows(ds: RowImages, name: str, table: RowTable, split: str | None,
@@ -457,14 +518,15 @@ def _check_known(rows: Iterable[Row], classes: Sequence[str], what: str) -> None
 
 
 def _classes(table: RowTable, train: Sequence[Row]) -> list[str]:
-    present = {row.labels[0] for row in train}
+    present = {label for row in train for label in row.labels}
     if table.order is None:
         return sorted(present)
     return [name for name in table.order if name in present]
 
 
 def load_hf_splits(data: str | Path, exclude: frozenset[str] = frozenset(), *, test_fraction: float = 0.2,
-                   val_fraction: float = 0.0, split_seed: int = 0, columns: Columns = Columns()) -> Splits:
+                   val_fraction: float = 0.0, split_seed: int = 0, columns: Columns = Columns(),
+                   task: str = "auto") -> Splits:
     """The splits of a dataset, as ``folders.load_splits`` makes them of a folder.
 
     Args:
@@ -476,9 +538,13 @@ def load_hf_splits(data: str | Path, exclude: frozenset[str] = frozenset(), *, t
             there is no validation split.
         split_seed: which rows are held out.
         columns: which columns hold what (None fields: found by feature and name).
+        task: ``auto``, ``single`` or ``multilabel`` (see ``choose_task``; the Splits record which, and why).
     """
     table = read_rows(data, columns)
-    parts = _by_split(single_label(r for r in table.rows if r.path not in exclude))
+    usable = [r for r in table.rows if r.path not in exclude]
+    task, why = choose_task(table, usable, task)
+    multilabel = task == "multilabel"
+    parts = _by_split(_rows_for(task, usable))
     source = table.source
     if not parts.get("train"):
         raise UserError(f"{source} has no train row" + (" left" if exclude else "") +
@@ -491,43 +557,20 @@ def load_hf_splits(data: str | Path, exclude: frozenset[str] = frozenset(), *, t
                      + (f" and {len(left) - 10} more" if len(left) > 10 else ""))
     for split in ("val", "test"):
         _check_known(parts.get(split, ()), classes, split)
-    train = RowImages(table, parts["train"], classes)
-    carved: dict[str, dict[str, Any]] = {}
-    sources: dict[str, str | None] = {}
-    val = None
-    if parts.get("test"):
-        test, sources["test"] = RowImages(table, parts["test"], classes), "test"
-        if parts.get("val"):
-            val, sources["val"] = RowImages(table, parts["val"], classes), "val"
-    elif parts.get("val"):  # a validation split alone is the test split, as a val/ folder alone is
-        test, sources["test"] = RowImages(table, parts["val"], classes), "val"
-    else:
-        train, test = carve(train, test_fraction, split_seed)
-        carved["test"], sources["test"] = {"fraction": test_fraction, "seed": split_seed}, None
-        notes.append(f"{source} has no test split: holding out {len(test.samples)} of its rows "
-                     f"({test_fraction:.0%} of each class, split seed {split_seed}) as the test part")
-    if val_fraction > 0:
-        if val is not None:
-            raise UserError(f"{source} has a validation split beside its test split: --val-fraction carves one from "
-                            "train only where there is none")
-        train, val = carve(train, val_fraction, split_seed + 1)  # another seed: independent of the test part
-        carved["val"], sources["val"] = {"fraction": val_fraction, "seed": split_seed + 1}, None
-        notes.append(f"holding out {len(val.samples)} training rows ({val_fraction:.0%} of each class) "
-                     "for validation")
-    held = {"test": test, **({"val": val} if val is not None else {})}
-    for split, part in held.items():
-        if not part.samples:
-            raise UserError(f"no rows left for the {split} split of {source} (too few rows per class to hold "
-                            "some out)")
-    warnings = [f"class '{c}' has no rows in the {split} split of {source}" + (" (the held-out part)"
-                if split in carved else "") for split, part in held.items() for c in missing_classes(classes, part)]
-    records = {split: describe_rows(part, sources[split] or split, table, sources[split], carved.get(split))
-               for split, part in held.items()}
-    return Splits(train, test, list(classes), warnings, val=val, notes=notes, records=records)
+    if val_fraction > 0 and parts.get("test") and parts.get("val"):
+        raise UserError(f"{source} has a validation split beside its test split: --val-fraction carves one from "
+                        "train only where there is none")
+    made = hold_out(parts, lambda rows: RowImages(table, rows, classes, multilabel), classes, name=source,
+                    noun="rows", kind="split", test_fraction=test_fraction, val_fraction=val_fraction,
+                    split_seed=split_seed, stratify=not multilabel)
+    records = {split: describe_rows(part, made.sources[split] or split, table, made.sources[split],
+                                    made.carved.get(split)) for split, part in made.held.items()}
+    return Splits(made.train, made.test, list(classes), made.warnings, val=made.val, notes=[*notes, *made.notes],
+                  records=records, task=task, task_why=why)
 
 
 def eval_split(data: str | Path, classes: Sequence[str], record: dict[str, Any] | None,
-               columns: Columns | None = None) -> tuple[RowImages, str]:
+               columns: Columns | None = None, task: str = "single") -> tuple[RowImages, str]:
     """What eval.py evaluates of a dataset, and a line saying which rows those are: the part a run
     held out of it (as its checkpoint ``record`` says), else its test split, else its validation
     split, else its training rows, else every row.
@@ -538,6 +581,7 @@ def eval_split(data: str | Path, classes: Sequence[str], record: dict[str, Any] 
         record: the checkpoint's record of its test split (``describe_rows``), or None.
         columns: the columns to read; None: those the record names where it is of this dataset,
             else found by feature and name.
+        task: the checkpoint's task, ``single`` or ``multilabel``.
 
     Raises:
         UserError: for a label the checkpoint lacks, or a held-out part whose rows changed since.
@@ -548,21 +592,22 @@ def eval_split(data: str | Path, classes: Sequence[str], record: dict[str, Any] 
         columns = Columns.from_dict(recorded["columns"]) if same else Columns()
     table = read_rows(data, columns)
     if same and record.get("carved"):
-        return _carved_again(table, classes, record), (f"the {record['num_files']} rows held out of {table.source} "
+        return _carved_again(table, classes, record, task), (f"the {record['num_files']} rows held out of {table.source} "
                                                         "for testing, as recorded in the checkpoint")
-    rows = single_label(table.rows)
+    rows = _rows_for(task, table.rows)
     parts = _by_split(rows) if table.has_split else {"all": rows}
     split = next(s for s in ("test", "val", "train", "all") if parts.get(s))
     _check_known(parts[split], classes, "evaluation")
     what = "every row" if split == "all" else f"the {split} rows"
-    ds = RowImages(table, parts[split], classes)
+    ds = RowImages(table, parts[split], classes, task == "multilabel")
     return ds, f"{what} of {table.source} ({len(ds.samples)} images)"
 
 
-def _carved_again(table: RowTable, classes: Sequence[str], record: dict[str, Any]) -> RowImages:
-    rows = [r for r in single_label(table.rows) if (r.split or "train") == "train"]
+def _carved_again(table: RowTable, classes: Sequence[str], record: dict[str, Any], task: str) -> RowImages:
+    rows = [r for r in _rows_for(task, table.rows) if (r.split or "train") == "train"]
     _check_known(rows, classes, "training")
-    _, part = carve(RowImages(table, rows, classes), record["carved"]["fraction"], record["carved"]["seed"])
+    _, part = _carve(RowImages(table, rows, classes, task == "multilabel"), record["carved"]["fraction"],
+                     record["carved"]["seed"])
     if rows_fingerprint(part) != record["fingerprint"]:
         raise UserError(f"the {record['name']} part held out of {table.source} is not the one the checkpoint was "
                         f"evaluated on ({len(part.samples)} rows now, {record['num_files']} then): rows were added, "
@@ -570,8 +615,10 @@ def _carved_again(table: RowTable, classes: Sequence[str], record: dict[str, Any
     return part
 
 
-def recorded_split(record: dict[str, Any], classes: Sequence[str], ckpt: str | Path) -> RowImages:
-    """The test split of a dataset that a checkpoint records (``evalsplit.recorded_split``).
+def recorded_split(record: dict[str, Any], classes: Sequence[str], ckpt: str | Path,
+                   task: str = "single") -> RowImages:
+    """The test split of a dataset that a checkpoint records (``evalsplit.recorded_split``; ``task``:
+    the checkpoint's).
 
     Raises:
         UserError: asking for ``--data`` where the dataset is gone or its rows changed since.
@@ -579,7 +626,7 @@ def recorded_split(record: dict[str, Any], classes: Sequence[str], ckpt: str | P
     source = record["dataset"]["source"]
     if not source.startswith(HF_PREFIX) and not os.path.exists(source):
         raise UserError(f"the dataset recorded in {ckpt}, {source}, is gone; pass --data DATASET")
-    ds, _ = eval_split(source, classes, record)
+    ds, _ = eval_split(source, classes, record, task=task)
     if not record.get("carved") and rows_fingerprint(ds) != record["fingerprint"]:
         raise UserError(f"the {record['name']} rows of {source} changed since training ({record['num_files']} rows "
                         f"then, {len(ds.samples)} now: added, removed or relabelled); pass --data {source} to "

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 from torch.utils.data import Dataset
 
-from finetune.data.folders import Splits, carve, is_image_name, missing_classes
+from finetune.data.folders import Splits, carve, hold_out, is_image_name, missing_classes
 from finetune.data.images import load_rgb
 from finetune.errors import UserError
 
@@ -546,44 +546,18 @@ def load_label_splits(file: str | Path, exclude: frozenset[str] = frozenset(), *
         classes = sorted({label for row in parts["train"] for label in row.labels})
     for split in ("val", "test"):
         _check_known(parts.get(split, ()), classes, split)
-    train = LabelledImages(table, parts["train"], classes, multilabel)
-    notes = list(table.notes)
-    carved: dict[str, dict[str, Any]] = {}
-    sources: dict[str, str | None] = {}
-    share = "of the images" if multilabel else "of each class"
-    val = None
-    if parts.get("test"):
-        test, sources["test"] = LabelledImages(table, parts["test"], classes, multilabel), "test"
-        if parts.get("val"):
-            val, sources["val"] = LabelledImages(table, parts["val"], classes, multilabel), "val"
-    elif parts.get("val"):  # val rows alone are the test split, as a val/ folder alone is
-        test, sources["test"] = LabelledImages(table, parts["val"], classes, multilabel), "val"
-    else:
-        train, test = _carve(train, test_fraction, split_seed)
-        carved["test"], sources["test"] = {"fraction": test_fraction, "seed": split_seed}, None
-        notes.append(f"{name} has no test rows: holding out {len(test.samples)} of its images "
-                     f"({test_fraction:.0%} {share}, split seed {split_seed}) as the test part")
-    if val_fraction > 0:
-        if val is not None:
-            raise UserError(f"{name} has val rows beside its test rows: --val-fraction carves a validation part "
-                            "from train only where there is none")
-        train, val = _carve(train, val_fraction, split_seed + 1)  # another seed: independent of the test part
-        carved["val"], sources["val"] = {"fraction": val_fraction, "seed": split_seed + 1}, None
-        notes.append(f"holding out {len(val.samples)} training images ({val_fraction:.0%} {share}) "
-                     "for validation")
-    held = {"test": test, **({"val": val} if val is not None else {})}
-    for split, part in held.items():
-        if not part.samples:
-            raise UserError(f"no images left for the {split} split of {name} (too few images per class to hold "
-                            "some out)")
+    if val_fraction > 0 and parts.get("test") and parts.get("val"):
+        raise UserError(f"{name} has val rows beside its test rows: --val-fraction carves a validation part "
+                        "from train only where there is none")
+    made = hold_out(parts, lambda rows: LabelledImages(table, rows, classes, multilabel), classes, name=name,
+                    noun="images", kind="rows", test_fraction=test_fraction, val_fraction=val_fraction,
+                    split_seed=split_seed, stratify=not multilabel)
     # A one-hot column of no training image: multi-label learns the class as never present.
-    warnings = [f"class '{c}' has no image in the train rows of {name}" for c in missing_classes(classes, train)]
-    warnings += [f"class '{c}' has no images in the {split} rows of {name}" + (" (the held-out part)"
-                if split in carved else "") for split, part in held.items() for c in missing_classes(classes, part)]
-    records = {split: describe_labelled(part, sources[split] or split, table, sources[split], carved.get(split))
-               for split, part in held.items()}
-    return Splits(train, test, list(classes), warnings, val=val, notes=notes, records=records,
-                  task=task, task_why=why)
+    warnings = [f"class '{c}' has no image in the train rows of {name}" for c in missing_classes(classes, made.train)]
+    records = {split: describe_labelled(part, made.sources[split] or split, table, made.sources[split],
+                                        made.carved.get(split)) for split, part in made.held.items()}
+    return Splits(made.train, made.test, list(classes), warnings + made.warnings, val=made.val,
+                  notes=[*table.notes, *made.notes], records=records, task=task, task_why=why)
 
 
 def eval_split(file: str | Path, classes: Sequence[str], record: dict[str, Any] | None,

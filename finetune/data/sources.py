@@ -28,20 +28,20 @@ def load_splits(data: str | Path, exclude: frozenset[str] = frozenset(), *, test
         split_seed: which files are held out.
         columns: a label file's or Hugging Face dataset's columns (None: found by name; ignored for
             a folder).
-        task: ``auto``, ``single`` or ``multilabel`` (``labelfiles.choose_task``); class folders and
-            Hugging Face datasets are single-label for now.
+        task: ``auto``, ``single`` or ``multilabel`` (``labelfiles.choose_task``,
+            ``hfdatasets.choose_task``); class folders are single-label.
 
     Raises:
-        UserError: for ``multilabel`` on class folders or a Hugging Face dataset.
+        UserError: for ``multilabel`` on class folders.
     """
     if is_label_file(data):
         return load_label_splits(data, exclude, test_fraction=test_fraction, val_fraction=val_fraction,
                                  split_seed=split_seed, columns=columns or Columns(), task=task)
+    if is_hf_data(data):
+        return load_hf_splits(data, exclude, test_fraction=test_fraction, val_fraction=val_fraction,
+                              split_seed=split_seed, columns=columns or Columns(), task=task)
     if task == "multilabel":
         raise UserError(f"--task multilabel needs a label file (--data labels.csv): {data} gives each image "
                         "one class")
-    if is_hf_data(data):
-        return load_hf_splits(data, exclude, test_fraction=test_fraction, val_fraction=val_fraction,
-                              split_seed=split_seed, columns=columns or Columns())
     return load_folder_splits(data, exclude, test_fraction=test_fraction, val_fraction=val_fraction,
                               split_seed=split_seed)
