@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -43,16 +44,17 @@ def timm_command(script: Path, data: Path, out: Path, args: argparse.Namespace) 
 
 
 def project_command(data: Path, out: Path, args: argparse.Namespace, extra: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--data", str(data), "--model", args.model, "--weights", "none",
+    return [sys.executable, str(args.project / "train.py"), "--data", str(data), "--model", args.model, "--weights", "none",
             "--batch-size", str(args.batch_size), "--image-size", str(args.image_size), "--epochs", str(args.epochs),
             "--output-dir", str(out), *extra]
 
 
-def timed(command: list[str], log: Path) -> float:
-    """Wall seconds of ``command`` as a fresh process; its output goes to ``log``."""
+def timed(command: list[str], log: Path, cwd: Path) -> float:
+    """Wall seconds of ``command`` as a fresh process in ``cwd``; its output goes to ``log``."""
     start = time.perf_counter()
     with log.open("w") as out:
-        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                              env={**os.environ, "PYTHONPATH": str(cwd)})
     seconds = time.perf_counter() - start
     if done.returncode:
         sys.exit(f"error: {command[1]} exited {done.returncode}; its output is in {log}")
@@ -61,10 +63,14 @@ def timed(command: list[str], log: Path) -> float:
 
 def phases(run_dir: Path, wall: float) -> dict[str, float]:
     """The project's run by phase (``timings.json``), "other" being the rest of the process's wall time."""
+    if not (run_dir / "timings.json").is_file():  # a version of the project from before it kept one
+        return {"other": wall}
     record = json.loads((run_dir / "timings.json").read_text())
-    spent = {"start-up": record["since_process_start"]["first_step"], **record["seconds"]}
+    marks = record["since_process_start"]
+    spent = {"start-up": marks["first_step"], **record["seconds"]}
     spent["other"] = wall - sum(spent.values())
-    return spent
+    # Inside the start-up: the imports and command line, then setting up until the loop begins.
+    return {**spent, "marks": {k: marks[k] for k in ("run_start", "fit_start", "first_step") if k in marks}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cpu", help="timm's --device (the project picks its own)")
+    parser.add_argument("--project", type=Path, default=ROOT, help="the checkout whose train.py runs (another "
+                        "version's, to compare before and after)")
     parser.add_argument("--project-flags", default="", help="extra train.py flags, e.g. '--no-plots --log-with none'")
     parser.add_argument("--out", type=Path, default=Path("bench/out/peer_timm.json"))
     args = parser.parse_args(argv)
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(out, ignore_errors=True)
             command = timm_command(args.timm_train, data, out, args) if tool == "timm" else \
                 project_command(data, out, args, args.project_flags.split())
-            times[tool] = timed(command, args.work / f"{tool}-{round_}.log")
+            times[tool] = timed(command, args.work / f"{tool}-{round_}.log", args.project.resolve())
             if tool == "project":
                 times["phases"] = phases(out, times[tool])
         rows.append(times)
@@ -103,6 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nthe project's run by phase, seconds (mean of {args.rounds} rounds):")
     for name in PHASES:
         print(f"  {name:12s} {statistics.mean(r['phases'].get(name, 0.0) for r in rows):6.2f}")
+    marks = [r["phases"].get("marks", {}) for r in rows]
+    if all(marks):
+        print("  start-up: the run began (imports, command line) at {:.2f} s, its loop at {:.2f} s, its first step "
+              "at {:.2f} s after the process started".format(
+                  *(statistics.mean(m[k] for m in marks) for k in ("run_start", "fit_start", "first_step"))))
     ratios = [r["timm"] / r["project"] for r in rows]
     summary = {"timm_s": [round(r["timm"], 2) for r in rows], "project_s": [round(r["project"], 2) for r in rows],
                "ratios": [round(x, 3) for x in ratios], "min_ratio": round(min(ratios), 3)}

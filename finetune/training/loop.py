@@ -47,6 +47,7 @@ def fit(session: Session) -> Progress:
     """
     config, progress, trainer, clock = session.config, session.progress, session.trainer, session.clock
     session.stop.defer()  # from here on a stop signal waits for a safe point
+    clock.mark("fit_start")
     try:
         for epoch in range(progress.epoch, config.epochs):
             start_step = progress.step if epoch == progress.epoch else 0

@@ -34,6 +34,7 @@ from finetune.training.rundir import default_run_dir, discard_unsaved, prepare_r
 from finetune.training.sanity import check_classes, check_model_input, probable_mistakes
 from finetune.training.session import Session, prepare_session
 from finetune.training.state import Progress, latest_state, load_training_state
+from finetune.utils.phases import PhaseClock
 from finetune.utils.preemption import StopSignal
 from finetune.utils.runtime import build_accelerator, main_decides, num_workers, precision_name
 
@@ -86,6 +87,8 @@ def train(config: TrainConfig, *, keep_process_group: bool = False) -> TrainResu
 
 
 def _train(config: TrainConfig, stop: StopSignal, keep_process_group: bool) -> TrainResult:
+    clock = PhaseClock()
+    clock.mark("run_start")  # the imports and the command line before it
     check_model_name(config.model)  # before anything is written
     check_tracker(config.log_with)
     # A shape-only copy of the model, on the meta device, answers in milliseconds whether it can
@@ -125,7 +128,7 @@ def _train(config: TrainConfig, stop: StopSignal, keep_process_group: bool) -> T
                                             for c in made))
     try:
         return _train_into(run.path, config, accelerator, report, data_dir, splits, stop, keep_process_group,
-                           skipped_before=len(exclude))
+                           skipped_before=len(exclude), clock=clock)
     except BaseException:
         if accelerator.is_main_process:  # a run that fails before its first save leaves nothing behind
             discard_unsaved(run)
@@ -137,7 +140,8 @@ def _value(value: Any) -> str:
 
 
 def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, report: Reporter, data_dir: Path,
-                splits: Splits, stop: StopSignal, keep_process_group: bool, skipped_before: int) -> TrainResult:
+                splits: Splits, stop: StopSignal, keep_process_group: bool, skipped_before: int,
+                clock: PhaseClock) -> TrainResult:
     """Check a resume, build the model and the session, and train into ``run_dir``.
 
     ``skipped_before`` counts the images the preflight left out (``--bad-data skip``), for the summary.
@@ -161,12 +165,11 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
 
     clf = build_model(accelerator, config, splits.classes)
     session = prepare_session(config=config, accelerator=accelerator, clf=clf, splits=splits, run_dir=run_dir,
-                              progress=progress, report=report, stop=stop)
+                              progress=progress, report=report, stop=stop, clock=clock)
     announce(session, splits, data_dir)
     if state is not None:
         load_training_state(accelerator, state)
         report.print(f"resumed from {state} at epoch {progress.epoch + 1}, step {progress.step}")
-    clock = session.clock
     with clock("logging"):
         session.log.draw_samples(splits.train, session.train_loader.dataset, clf.preprocessing, config.seed)
     try:

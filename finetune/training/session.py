@@ -156,7 +156,8 @@ def build_loss(config: TrainConfig, splits: Splits, device: torch.device) -> nn.
 
 
 def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Classifier, splits: Splits,
-                    run_dir: Path, progress: Progress, report: Reporter, stop: StopSignal) -> Session:
+                    run_dir: Path, progress: Progress, report: Reporter, stop: StopSignal,
+                    clock: PhaseClock | None = None) -> Session:
     """Optimizer, loaders, schedule and loss for ``clf``, prepared by Accelerate, and the run's log.
 
     With the backbone frozen and no random augmentation, the backbone's features are computed
@@ -216,4 +217,4 @@ def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Class
                    batchnorm=batchnorm, epoch_sampler=epoch_sampler, to_input=to_input,
                    cached_features=features, skipped=skipped, splits=splits.records,
                    selected_on=splits.selected_on, progress=progress,
-                   report=report, log=log, stop=stop, multilabel=multilabel)
+                   report=report, log=log, stop=stop, multilabel=multilabel, clock=clock or PhaseClock())
