@@ -119,19 +119,30 @@ def overlapping_views(data: Path, paths: list[str]) -> set[tuple[int, int]]:
     return views
 
 
-def duplicate_trial(paths: list[str], planted: list[tuple[str, str]], views: set[tuple[int, int]]) -> dict[float, tuple]:
-    """Per ratio: (share of planted pairs found, share of reported pairs false, pairs reported, of
-    them overlapping views)."""
-    index = {path: i for i, path in enumerate(paths)}
-    truth = {tuple(sorted((index[a], index[b]))) for a, b in planted}
-    sigs = signatures(paths)
-    results = {}
-    for ratio in sorted({*RATIOS, NEAR_RATIO}):
-        reported = {(p.first, p.second) for p in near_duplicates(sigs, ratio)}
-        found = len(truth & reported) / len(truth)
-        false = len(reported - truth - views) / max(1, len(reported))
-        results[ratio] = (found, false, len(reported), len((reported - truth) & views))
-    return results
+def duplicate_trials(data: Path, seeds: int) -> dict[float, tuple]:
+    """Per ratio, the mean over ``seeds`` plantings (each in a fresh copy of ``data``) of: the share
+    of planted pairs found, the share of reported pairs false, pairs reported, of them overlapping
+    views. The near-duplicate search needs no embeddings, so each draw plants its own copies."""
+    rows: dict[float, list] = {}
+    for seed in range(seeds):
+        copy = data.parent / f"{data.name}-dups-{seed}"
+        shutil.copytree(data, copy)
+        if datasets.boxes_file(data).exists():
+            shutil.copy(datasets.boxes_file(data), datasets.boxes_file(copy))
+        planted = plant_copies(copy, 0.05, seed=seed)
+        splits = load_splits(copy)
+        paths = [path for part in (splits.train, splits.val, splits.test) if part for path, _ in part.samples]
+        views = overlapping_views(copy, paths)
+        index = {path: i for i, path in enumerate(paths)}
+        truth = {tuple(sorted((index[a], index[b]))) for a, b in planted}
+        sigs = signatures(paths)
+        for ratio in sorted({*RATIOS, NEAR_RATIO}):
+            reported = {(p.first, p.second) for p in near_duplicates(sigs, ratio)}
+            rows.setdefault(ratio, []).append((len(truth & reported) / len(truth),
+                                               len(reported - truth - views) / max(1, len(reported)),
+                                               len(reported), len((reported - truth) & views)))
+        shutil.rmtree(copy)
+    return {ratio: tuple(np.mean(r, axis=0)) for ratio, r in rows.items()}
 
 
 def main() -> None:
@@ -147,6 +158,7 @@ def main() -> None:
         for name, data in kinds(Path(tmp)).items():
             if name not in args.kinds.split(","):
                 continue
+            dup_rows[name] = duplicate_trials(data, args.seeds)  # on the data before the copies below
             planted = plant_copies(data, 0.05, seed=0)
             splits = load_splits(data)
             start = time.perf_counter()
@@ -158,7 +170,6 @@ def main() -> None:
             start = time.perf_counter()
             label_rows[name] = label_trials(emb.features, emb.labels, train, len(emb.classes), args.seeds)
             audit_seconds = (time.perf_counter() - start) / (2 * len(RATES) * args.seeds)
-            dup_rows[name] = duplicate_trial(emb.paths, planted, overlapping_views(data, emb.paths))
             print(f"{name}: {len(emb)} images ({len(copies)} planted copies), {len(emb.classes)} classes; "
                   f"embedded in {seconds:.0f} s, each label audit or baseline {audit_seconds:.1f} s", flush=True)
 
@@ -175,13 +186,13 @@ def main() -> None:
         print(f"{'mean':14s} {rate:6.0%} {'':4s} {mean['baseline']:9.3f} {mean['audit']:7.3f}"
               f"   audit ahead (or perfect) on every kind: {ahead}")
 
-    print("\nnear-duplicates: share of planted copies found / share of reported pairs false (pairs reported, "
-          "of them overlapping views)")
+    print(f"\nnear-duplicates: share of planted copies found / share of reported pairs false (pairs reported, "
+          f"of them overlapping views), mean of {args.seeds} plantings")
     ratios = list(next(iter(dup_rows.values())))
     print(f"{'ratio':14s} " + " ".join(f"{name:>24s}" for name in dup_rows))
     for r in ratios:
         mark = " (default)" if r == NEAR_RATIO else ""
-        cells = [f"{f:.2f} / {x:.2f} ({n}, {v}v)" for f, x, n, v in (dup_rows[name][r] for name in dup_rows)]
+        cells = [f"{f:.2f} / {x:.2f} ({n:.0f}, {v:.0f}v)" for f, x, n, v in (dup_rows[name][r] for name in dup_rows)]
         print(f"{r:<14.2f} " + " ".join(f"{c:>24s}" for c in cells) + mark)
 
 
