@@ -5,7 +5,7 @@
 On four kinds of data that install offline (Fashion-MNIST clothes, LFW faces vs not faces,
 scikit-image textures, scikit-image photos), with copies planted across train and test:
 
-- labels: 5% and 10% of the train images get a wrong class (moved at random); the share of them
+- labels: 5%, 10% and 20% of the train images get a wrong class (moved at random); the share of them
   among the top-k suspects (k = the number moved), for audit.py's ranking (confident learning on
   re-fitted probes, ``finetune.audit.labels``) and for the plain baseline: a 5-fold logistic
   regression probe on the frozen features, ranked by the probability of the given label;
@@ -39,7 +39,7 @@ from finetune.data.demo import demo_dataset
 from finetune.data.sources import load_splits
 from finetune.utils.runtime import build_accelerator, num_workers
 
-RATES = (0.05, 0.10)
+RATES = (0.05, 0.10, 0.20)  # 20%: where 5% and 10% leave both methods perfect, it tells them apart
 RATIOS = (0.2, 0.3, 0.4, 0.5)
 VIEW_IOU = 0.5  # two crops of one source overlapping this much (intersection over union) are one view
 
