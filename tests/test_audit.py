@@ -18,6 +18,7 @@ from finetune.audit.findings import DUPLICATE_COLUMNS, OUTLIER_COLUMNS, SUSPECT_
 from finetune.audit.labels import confident_learning, find_label_issues
 from finetune.audit.outliers import class_typicality
 from finetune.commands import audit
+from finetune.data.images import register_rows
 from finetune.report.plots import duplicates_png, png_size, suspects_png
 
 FAST = ["--image-size", "64", "--num-workers", "0", "--mixed-precision", "no", "--folds", "3"]
@@ -83,6 +84,15 @@ def test_exact_copies_are_files_with_the_same_bytes(tmp_path: Path):
         (tmp_path / name).write_bytes(content)
     pairs = exact_copies([str(tmp_path / n) for n in "abcd"])
     assert [(p.first, p.second, p.exact) for p in pairs] == [(0, 2, True), (0, 3, True)]
+
+
+def test_a_datasets_rows_are_compared_like_files(tmp_path: Path):
+    write_photo_crops(tmp_path, {name: 4 for name in PHOTOS}, seed=0)
+    rows = [p.read_bytes() for p in sorted(tmp_path.rglob("*.png"))]
+    rows.append(rows[2])
+    register_rows("audit-test-rows[", lambda i: rows[i])
+    paths = [f"audit-test-rows[{i}]" for i in range(len(rows))]
+    assert [(p.first, p.second, p.exact) for p in find_duplicates(paths)] == [(2, len(rows) - 1, True)]
 
 
 def test_an_image_far_from_its_class_is_an_outlier():

@@ -13,13 +13,14 @@ other image; two alike images of one kind stand among many others just as alike.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from finetune.utils.files import file_digest
+from finetune.data.images import load_rgb, read_image_bytes
 
 # The ratio test's bound for whole thumbnails, measured by bench.audit_quality (docs/trust.md).
 NEAR_RATIO = 0.4
@@ -43,11 +44,12 @@ class Pair:
 
 
 def exact_copies(paths: Sequence[str]) -> list[Pair]:
-    """Pairs of files with the same bytes: each copy paired with the first file of its content."""
+    """Pairs of images with the same bytes (files, or a dataset's rows): each copy paired with the
+    first image of its content."""
     first_of: dict[str, int] = {}
     pairs = []
     for i, path in enumerate(paths):
-        digest = file_digest(path)
+        digest = hashlib.sha256(read_image_bytes(path)).hexdigest()
         if digest in first_of:
             pairs.append(Pair(first_of[digest], i, 1.0, True))
         else:
@@ -81,12 +83,11 @@ def signature(image: Image.Image) -> np.ndarray:
 
 
 def signatures(paths: Sequence[str]) -> np.ndarray:
-    """(images, 10, 64): each file's ``signature``, decoded at reduced size where the format allows."""
+    """(images, 10, 64): each image's ``signature``, decoded as training decodes it (any mode, EXIF
+    orientation, dataset rows), a JPEG at a fraction of its size (much faster)."""
     out = np.zeros((len(paths), 1 + 9, THUMB * THUMB), np.float32)
     for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            image.draft("L", (2 * _BASE, 2 * _BASE))  # JPEG: decode at a fraction of the size, much faster
-            out[i] = signature(image)
+        out[i] = signature(load_rgb(path, reduce_to=(2 * _BASE, 2 * _BASE)))
     return out
 
 
