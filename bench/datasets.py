@@ -54,10 +54,27 @@ def photo_folder(root: Path, n_train: int, n_test: int, seed: int = 0, size: tup
     return root
 
 
+def boxes_file(root: Path) -> Path:
+    """Where ``textures`` and ``photos`` record each patch's source square, beside the dataset: a
+    CSV of path (relative to ``root``), source, y, x, side."""
+    return root.parent / f"{root.name}.boxes.csv"
+
+
+def patch_boxes(root: Path) -> dict[str, tuple[str, int, int, int]]:
+    """Each patch's (source, y, x, side), by path relative to ``root`` (``boxes_file``)."""
+    rows = [line.split(",") for line in boxes_file(root).read_text().splitlines()[1:]]
+    return {path: (source, int(y), int(x), int(s)) for path, source, y, x, s in rows}
+
+
 def _patches(root: Path, split: str, sources: dict[str, np.ndarray], n: int, size: tuple[int, int],
              side: tuple[float, float], region: tuple[float, float], rng: np.random.Generator, ext: str) -> None:
     """``n`` patches per class: a random square of ``side`` (fractions of the source's short side)
-    from the horizontal ``region`` (fractions of its width), resized to ``size``."""
+    from the horizontal ``region`` (fractions of its width), resized to ``size``; each square is
+    appended to ``boxes_file(root)`` (overlapping patches of one source are near-duplicates)."""
+    boxes = boxes_file(root)
+    if not boxes.exists():
+        boxes.write_text("path,source,y,x,side\n")
+    lines = []
     for name, src in sources.items():
         folder = root / split / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -68,6 +85,9 @@ def _patches(root: Path, split: str, sources: dict[str, np.ndarray], n: int, siz
             y, x = rng.integers(0, h - s + 1), rng.integers(x0, x1 - s + 1)
             Image.fromarray(src[y:y + s, x:x + s]).resize(size, Image.BILINEAR).save(
                 folder / f"{i:05d}{ext}", **({"quality": 90} if ext == ".jpg" else {}))
+            lines.append(f"{split}/{name}/{i:05d}{ext},{name},{y},{x},{s}\n")
+    with open(boxes, "a") as f:
+        f.writelines(lines)
 
 
 def textures(root: Path, n_train: int = 50, n_val: int = 20, n_test: int = 40, seed: int = 0) -> Path:
@@ -78,6 +98,7 @@ def textures(root: Path, n_train: int = 50, n_val: int = 20, n_test: int = 40, s
     from skimage import data as skdata
 
     sources = {name: getattr(skdata, name)() for name in ("brick", "grass", "gravel", "moon", "camera", "cell")}
+    boxes_file(root).unlink(missing_ok=True)  # left by an interrupted run
     rng = np.random.default_rng(seed)
     for split, n, region in (("train", n_train, (0, 0.6)), ("val", n_val, (0.6, 1)), ("test", n_test, (0.6, 1))):
         _patches(root, split, sources, n, (96, 96), (0.3, 0.7), region, rng, ".png")
@@ -94,6 +115,7 @@ def photos(root: Path, n_train: int = 20, n_val: int = 10, n_test: int = 20, see
 
     names = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
     sources = {name: getattr(skdata, name)()[..., :3] for name in names}
+    boxes_file(root).unlink(missing_ok=True)  # left by an interrupted run
     rng = np.random.default_rng(seed)
     for split, n, region in (("train", n_train, (0, 0.65)), ("val", n_val, (0.35, 1)), ("test", n_test, (0.35, 1))):
         _patches(root, split, sources, n, (256, 256), (0.4, 0.9), region, rng, ".jpg")

@@ -13,7 +13,9 @@ B's test images the out-of-distribution one. Scores, higher meaning "less like t
 - knn_cosine: 1 - cosine similarity to the nearest training image's features (Sun et al. 2022),
   what predict.py uses (``models.calibration.knn_distance``).
 Also: the share of A's test images and of B's images that the OOD threshold recorded in the
-checkpoint marks unknown (predict.py --abstain, before its confidence rule).
+checkpoint marks unknown (predict.py --abstain, before its confidence rule), and what other rules
+for that threshold would mark: a lower quantile of the validation scores, a normal fit to them
+(mean + 1.645 sd), and the 95th percentile of the training images' leave-one-out scores.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def measure(root: Path, kind: str, other: str, epochs: int, ood_images: int) -> 
         in_s, out_s = clf.ood_scores(test_f), clf.ood_scores(ood_f)
         result["unknown_share"] = {"in": float((in_s > threshold).double().mean()),
                                    "ood": float((out_s > threshold).double().mean())}
+        val_s = clf.ood_scores(outputs(clf, split_paths(data, "val")[0])[1]).double()
+        loo = knn_distance(train_f, feature_bank(train_f), exclude_self=True).double()
+        rules = {"val q95 (recorded)": threshold, "val q90": float(torch.quantile(val_s, 0.90)),
+                 "val normal q95": float(val_s.mean() + 1.645 * val_s.std()),
+                 "train leave-one-out q95": float(torch.quantile(loo, 0.95))}
+        result["threshold_rules"] = {rule: {"threshold": t, "in": float((in_s > t).double().mean()),
+                                            "ood": float((out_s > t).double().mean())} for rule, t in rules.items()}
     return result
 
 
@@ -91,6 +100,14 @@ def main() -> None:
               + f" {shown:>17s}")
     means = {n: sum(r["auroc"][n] for r in results) / len(results) for n in names}
     print(f"{'mean':>20s} " + " ".join(f"{means[n]:12.3f}" for n in names))
+    ruled = [r for r in results if "threshold_rules" in r]
+    if ruled:
+        rules = list(ruled[0]["threshold_rules"])
+        print("\nshare marked unknown, in / ood, by the rule that picks the threshold")
+        print(f"{'trained on':>10s} {'shown':>9s} " + " ".join(f"{n:>24s}" for n in rules))
+        for r in ruled:
+            cells = [f"{v['in']:.2f} / {v['ood']:.2f}" for v in r["threshold_rules"].values()]
+            print(f"{r['trained_on']:>10s} {r['shown']:>9s} " + " ".join(f"{c:>24s}" for c in cells))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"pairs": results, "mean_auroc": means}, indent=1))
 

@@ -13,11 +13,12 @@ from conftest import free_port, python_cmd, run_cmd, write_checkpoint
 from PIL import Image
 from test_distributed import ACCELERATE, CPU_ENV
 
-from finetune.audit.duplicates import NEAR_THRESHOLD, exact_copies, near_duplicates
+from finetune.audit.duplicates import NEAR_RATIO, exact_copies, find_duplicates, near_duplicates, signatures
 from finetune.audit.findings import DUPLICATE_COLUMNS, OUTLIER_COLUMNS, SUSPECT_COLUMNS
 from finetune.audit.labels import confident_learning, find_label_issues
 from finetune.audit.outliers import class_typicality
 from finetune.commands import audit
+from finetune.data.images import register_rows
 from finetune.report.plots import duplicates_png, png_size, suspects_png
 
 FAST = ["--image-size", "64", "--num-workers", "0", "--mixed-precision", "no", "--folds", "3"]
@@ -50,12 +51,32 @@ def test_confident_learning_prunes_nothing_from_clean_confident_labels():
     assert np.allclose(issues.joint, np.diag([3, 3]))
 
 
-def test_near_duplicates_are_found_and_distinct_images_are_not():
-    features = np.abs(np.random.default_rng(0).normal(0, 1, (90, 64)))  # like ReLU features: alike before centring
-    copy = features[5] + np.random.default_rng(1).normal(0, 0.05, features.shape[1])
-    pairs = near_duplicates(np.vstack([features, copy]), threshold=0.9)
-    assert [(p.first, p.second) for p in pairs] == [(5, len(features))]
-    assert pairs[0].similarity > 0.99 and not pairs[0].exact
+def test_resized_recompressed_and_cropped_copies_are_near_duplicates_and_other_crops_are_not(tmp_path: Path):
+    write_photo_crops(tmp_path, {name: 12 for name in PHOTOS}, seed=0)
+    originals = sorted(tmp_path.rglob("*.png"))
+    copies = []
+    for n, source in enumerate(originals[:6:2]):
+        image = Image.open(source)
+        w, h = image.size
+        altered = [image.resize((w * 6 // 10, h * 6 // 10)).resize((w, h)), image,
+                   image.crop((w * 6 // 100, h * 2 // 100, w * 98 // 100, h * 94 // 100))][n]
+        copies.append(tmp_path / f"copy-{n}.jpg")
+        altered.save(copies[-1], quality=60 if n == 1 else 90)
+    paths = [str(p) for p in originals + copies]
+    pairs = near_duplicates(signatures(paths))
+    expected = {(paths.index(str(source)), len(originals) + n) for n, source in enumerate(originals[:6:2])}
+    assert {(p.first, p.second) for p in pairs} == expected
+    assert all(0.8 < p.similarity <= 1 and not p.exact for p in pairs)
+
+
+def test_an_exact_copy_does_not_hide_the_near_duplicates_of_its_original(tmp_path: Path):
+    write_photo_crops(tmp_path, {name: 10 for name in PHOTOS}, seed=0)
+    originals = sorted(tmp_path.rglob("*.png"))
+    shutil.copy(originals[4], tmp_path / "exact.png")
+    Image.open(originals[4]).resize((90, 90)).save(tmp_path / "near.png")
+    paths = [str(p) for p in originals] + [str(tmp_path / "exact.png"), str(tmp_path / "near.png")]
+    found = {(p.first, p.second, p.exact) for p in find_duplicates(paths)}
+    assert {(4, len(originals), True), (4, len(originals) + 1, False)} <= found  # its exact copy is left out
 
 
 def test_exact_copies_are_files_with_the_same_bytes(tmp_path: Path):
@@ -63,6 +84,15 @@ def test_exact_copies_are_files_with_the_same_bytes(tmp_path: Path):
         (tmp_path / name).write_bytes(content)
     pairs = exact_copies([str(tmp_path / n) for n in "abcd"])
     assert [(p.first, p.second, p.exact) for p in pairs] == [(0, 2, True), (0, 3, True)]
+
+
+def test_a_datasets_rows_are_compared_like_files(tmp_path: Path):
+    write_photo_crops(tmp_path, {name: 4 for name in PHOTOS}, seed=0)
+    rows = [p.read_bytes() for p in sorted(tmp_path.rglob("*.png"))]
+    rows.append(rows[2])
+    register_rows("audit-test-rows[", lambda i: rows[i])
+    paths = [f"audit-test-rows[{i}]" for i in range(len(rows))]
+    assert [(p.first, p.second, p.exact) for p in find_duplicates(paths)] == [(2, len(rows) - 1, True)]
 
 
 def test_an_image_far_from_its_class_is_an_outlier():
@@ -153,7 +183,7 @@ def test_pictures_of_nothing_found_still_draw():
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "MISSING"], "data folder not found"),
-    (["--threshold", "1.5"], "--threshold"),
+    (["--near-ratio", "1.5"], "--near-ratio"),
     (["--model", "nonet"], "unknown model 'nonet'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path):
@@ -190,5 +220,5 @@ def test_a_checkpoint_embeds_with_its_own_network_and_preprocessing(planted: Pat
     assert (tmp_path / "out" / "suspects.csv").exists()
 
 
-def test_the_threshold_flag_defaults_to_the_measured_threshold():
-    assert audit.AuditConfig().threshold == NEAR_THRESHOLD
+def test_the_near_ratio_flag_defaults_to_the_measured_ratio():
+    assert audit.AuditConfig().near_ratio == NEAR_RATIO

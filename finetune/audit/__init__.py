@@ -2,6 +2,7 @@
 copies within and across splits, and images unlike the rest of their class.
 
 Everything works on one embedding per image, computed once by a pretrained backbone (``embed``):
-a k-fold probe and confident learning rank the labels (``labels``), cosine similarity finds the
-duplicates (``duplicates``) and the outliers (``outliers``). ``findings.examine`` runs the three.
+a k-fold probe and confident learning rank the labels (``labels``) and cosine similarity finds the
+outliers (``outliers``); the near-duplicates are told by small pixel thumbnails (``duplicates``),
+which tell two views of one photo from two photos of one kind where the embedding cannot. ``findings.examine`` runs the three.
 """

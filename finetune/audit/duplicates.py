@@ -1,25 +1,41 @@
 """Exact copies (the same bytes) and near-duplicates (resized, recompressed, slightly cropped
-copies: embeddings whose cosine similarity passes a threshold), within and across splits."""
+copies), within and across splits.
+
+Near-duplicates are told by the pixels, not by the embedding: the embedding says what an image
+shows, so two different trousers on black, or two crops of one texture, are as alike to it as a
+copy (bench.audit_quality, docs/trust.md). Each image gets a small signature, an 8x8 grayscale
+thumbnail with its mean removed, scaled to unit length, of the whole image and of nine 92%
+crops of it; and a pair counts by a ratio test (Lowe's, as in image matching) rather than by an
+absolute threshold: the two are each other's nearest image and their distance is at most
+``ratio`` times the distance from either to its next-nearest image. A copy stands out from every
+other image; two alike images of one kind stand among many others just as alike.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
-from finetune.utils.files import file_digest
+from finetune.data.images import load_rgb, read_image_bytes
 
-# Cosine similarity of centred, L2-normalised embeddings at or above which two images count as
-# near-duplicates. Measured by bench.audit_quality with the default backbone (docs/trust.md): on
-# 256-pixel photos every planted copy scores 0.90 or more (0.93 loses a sixth of them); distinct
-# images of 25-96 pixels pass it too, and copies of them may not (see the docs' limits).
-NEAR_THRESHOLD = 0.90
+# The ratio test's bound for whole thumbnails, measured by bench.audit_quality (docs/trust.md).
+NEAR_RATIO = 0.4
+# Comparing every image with nine crops of the others also brings distinct images closer: the
+# crop-tolerant comparison must pass at this share of the ratio (bench.audit_quality).
+CROP_RATIO_SHARE = 0.5
+THUMB = 8  # thumbnail side: fine enough to tell two photos of one kind apart, coarse enough to ignore JPEG and blur
+CROP = 0.92  # the crops' side, a share of the image's: what a slightly cropped copy keeps
+_BASE = 64  # the grayscale image the thumbnails are cut from
 
 
 @dataclass(frozen=True)
 class Pair:
-    """Two images, ``first`` < ``second`` by index, and how alike they are."""
+    """Two images, ``first`` < ``second`` by index, and how alike they are (for near-duplicates, the
+    cosine similarity of their signatures)."""
 
     first: int
     second: int
@@ -28,11 +44,12 @@ class Pair:
 
 
 def exact_copies(paths: Sequence[str]) -> list[Pair]:
-    """Pairs of files with the same bytes: each copy paired with the first file of its content."""
+    """Pairs of images with the same bytes (files, or a dataset's rows): each copy paired with the
+    first image of its content."""
     first_of: dict[str, int] = {}
     pairs = []
     for i, path in enumerate(paths):
-        digest = file_digest(path)
+        digest = hashlib.sha256(read_image_bytes(path)).hexdigest()
         if digest in first_of:
             pairs.append(Pair(first_of[digest], i, 1.0, True))
         else:
@@ -47,23 +64,84 @@ def unit_embeddings(features: np.ndarray) -> np.ndarray:
     return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
 
 
-def near_duplicates(features: np.ndarray, threshold: float = NEAR_THRESHOLD, block: int = 2048) -> list[Pair]:
-    """Pairs whose embeddings' cosine similarity (``unit_embeddings``) is at least ``threshold``,
-    most alike first; computed a block of rows at a time, so memory stays at ``block`` x images."""
-    unit = unit_embeddings(features).astype(np.float32)
-    pairs = []
-    for start in range(0, len(unit), block):
-        sims = unit[start:start + block] @ unit.T
-        rows, cols = np.nonzero(sims >= threshold)
-        rows += start
-        later = cols > rows  # each pair once, and not an image with itself
-        pairs += [Pair(int(a), int(b), float(sims[a - start, b]), False)
-                  for a, b in zip(rows[later], cols[later])]
-    return sorted(pairs, key=lambda p: -p.similarity)
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=-1, keepdims=True)
+    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-6)
 
 
-def find_duplicates(paths: Sequence[str], features: np.ndarray, threshold: float = NEAR_THRESHOLD) -> list[Pair]:
+def signature(image: Image.Image) -> np.ndarray:
+    """(10, 64) float32: the unit-length, mean-free 8x8 grayscale thumbnail of the whole image, then
+    of its nine ``CROP`` crops (each corner, each edge's middle, the centre)."""
+    gray = image.convert("L").resize((_BASE, _BASE), Image.Resampling.BOX)
+    side = _BASE * CROP
+    slack = _BASE - side
+    boxes = [(0.0, 0.0, _BASE, _BASE)] + [(x * slack, y * slack, x * slack + side, y * slack + side)
+                                          for y in (0, 0.5, 1) for x in (0, 0.5, 1)]
+    views = [np.asarray(gray.resize((THUMB, THUMB), Image.Resampling.BOX, box=box), np.float32).ravel()
+             for box in boxes]
+    return _unit(np.stack(views))
+
+
+def signatures(paths: Sequence[str]) -> np.ndarray:
+    """(images, 10, 64): each image's ``signature``, decoded as training decodes it (any mode, EXIF
+    orientation, dataset rows), a JPEG at a fraction of its size (much faster)."""
+    out = np.zeros((len(paths), 1 + 9, THUMB * THUMB), np.float32)
+    for i, path in enumerate(paths):
+        out[i] = signature(load_rgb(path, reduce_to=(2 * _BASE, 2 * _BASE)))
+    return out
+
+
+def _nearest_two(sims: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row of a block of similarities: the most similar column (not the row's own image),
+    its similarity and the second-highest similarity."""
+    sims[np.arange(len(rows)), rows] = -np.inf
+    best = sims.argmax(axis=1)
+    top = sims[np.arange(len(rows)), best]
+    sims[np.arange(len(rows)), best] = -np.inf
+    return best, top, sims.max(axis=1)
+
+
+def near_duplicates(sigs: np.ndarray, ratio: float = NEAR_RATIO, skip: np.ndarray | None = None,
+                    block: int = 1024) -> list[Pair]:
+    """Pairs that pass the ratio test (module docstring) on whole thumbnails at ``ratio``, or on
+    crop-tolerant ones (each image's crops against the other's whole thumbnail, the best of both
+    ways) at ``CROP_RATIO_SHARE * ratio``; most alike first. Memory stays at ``block`` x images.
+
+    Args:
+        sigs: (images, views, dims) ``signatures``, the whole image's first.
+        ratio: the largest share of the next-nearest distance a pair's distance may be.
+        skip: (images,) bool, images left out (exact copies of another: they would hide its pairs).
+    """
+    n = len(sigs)
+    keep = np.flatnonzero(np.ones(n, bool) if skip is None else ~skip)
+    if len(keep) < 3:
+        return []
+    sigs = sigs[keep]
+    whole = sigs[:, 0]
+    found: dict[tuple[int, int], float] = {}
+    for crops, bound in ((False, ratio), (True, ratio * CROP_RATIO_SHARE)):
+        nearest = np.zeros(len(keep), int)
+        top, second = np.zeros(len(keep)), np.zeros(len(keep))
+        for start in range(0, len(keep), block):
+            rows = np.arange(start, min(start + block, len(keep)))
+            sims = whole[rows] @ whole.T
+            for view in range(1, sigs.shape[1]) if crops else ():  # a's crops against b's whole, and back
+                np.maximum(sims, sigs[rows, view] @ whole.T, out=sims)
+                np.maximum(sims, whole[rows] @ sigs[:, view].T, out=sims)
+            nearest[rows], top[rows], second[rows] = _nearest_two(sims, rows)
+        for a in range(len(keep)):
+            b = nearest[a]
+            if a < b and nearest[b] == a:  # each other's nearest
+                distance = 1 - top[a]
+                if distance <= bound * min(1 - second[a], 1 - second[b]):
+                    pair = (int(keep[a]), int(keep[b]))
+                    found[pair] = max(found.get(pair, -1.0), float(top[a]))
+    return sorted((Pair(a, b, s, False) for (a, b), s in found.items()), key=lambda p: -p.similarity)
+
+
+def find_duplicates(paths: Sequence[str], ratio: float = NEAR_RATIO) -> list[Pair]:
     """Exact copies first, then the near-duplicates that are not exact copies, most alike first."""
     exact = exact_copies(paths)
-    known = {(p.first, p.second) for p in exact}
-    return exact + [p for p in near_duplicates(features, threshold) if (p.first, p.second) not in known]
+    skip = np.zeros(len(paths), bool)
+    skip[[p.second for p in exact]] = True
+    return exact + near_duplicates(signatures(paths), ratio, skip)

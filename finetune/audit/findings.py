@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.audit.duplicates import NEAR_THRESHOLD, Pair, find_duplicates
+from finetune.audit.duplicates import NEAR_RATIO, Pair, find_duplicates
 from finetune.audit.embed import Embeddings
 from finetune.audit.labels import LabelIssues, find_label_issues
 from finetune.audit.outliers import Typicality, class_typicality
@@ -58,16 +58,16 @@ class Findings:
 
 
 def examine(embeddings: Embeddings, *, folds: int = 5, seed: int = 0,
-            threshold: float = NEAR_THRESHOLD) -> Findings:
+            near_ratio: float = NEAR_RATIO) -> Findings:
     """Run the three audits.
 
     Args:
         embeddings: every image's embedding, given label, file and split.
         folds: folds of the label probes.
         seed: which images share a fold.
-        threshold: the cosine similarity from which two images are near-duplicates.
+        near_ratio: the ratio test's bound for near-duplicates (``duplicates.near_duplicates``).
     """
     emb = embeddings
     issues = find_label_issues(emb.features, emb.labels, len(emb.classes), folds=folds, seed=seed)
-    return Findings(emb, issues, find_duplicates(emb.paths, emb.features, threshold),
+    return Findings(emb, issues, find_duplicates(emb.paths, near_ratio),
                     class_typicality(emb.features, emb.labels))

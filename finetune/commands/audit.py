@@ -4,8 +4,8 @@
     python audit.py --data labels.csv --ckpt runs/NAME/model.safetensors   # a fine-tuned network's
 
 Every image of every split is embedded once by a pretrained backbone (or a checkpoint's network),
-then k-fold probes and confident learning rank the labels, cosine similarity finds near-duplicates
-within and across splits (and file hashes exact copies), and a class-typicality score finds outliers.
+then k-fold probes and confident learning rank the labels, small pixel thumbnails and a ratio test find
+near-duplicates within and across splits (and file hashes exact copies), and a class-typicality score finds outliers.
 Writes suspects.csv, duplicates.csv, outliers.csv, suspects.png and duplicates.png.
 """
 
@@ -50,9 +50,10 @@ class AuditConfig:
     folds: int = option(5, "folds of the label probes (each image is judged by probes that never saw it)",
                         minimum=2)
     seed: int = option(0, "which images share a fold", minimum=0)
-    # duplicates.NEAR_THRESHOLD (a test keeps them equal): this module stays free of numpy and torch.
-    threshold: float = option(0.90, "cosine similarity of two embeddings from which they are near-duplicates "
-                                    "(see docs/trust.md for how it was chosen)", above=0, maximum=1)
+    # duplicates.NEAR_RATIO (a test keeps them equal): this module stays free of numpy and torch.
+    near_ratio: float = option(0.4, "two images are near-duplicates when each is the other's nearest by their "
+                                    "pixel thumbnails and their distance is at most this share of the distance to "
+                                    "the next-nearest (see docs/trust.md)", above=0, maximum=1)
     output_dir: str | None = option(None, "where the CSV files and pictures go (default runs/audit-DATANAME)",
                                     path=True)
     batch_size: int = option(64, "images per process per batch", minimum=1)
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
                        num_workers=num_workers(config.num_workers, on_gpu=on_gpu))
     findings = None
     if accelerator.is_main_process:  # seconds of work on the gathered embeddings: one process does it
-        findings = examine(embeddings, folds=config.folds, seed=config.seed, threshold=config.threshold)
+        findings = examine(embeddings, folds=config.folds, seed=config.seed, near_ratio=config.near_ratio)
         write_files(out_dir, findings)
         show(report, findings)
         written = ["suspects.csv", "duplicates.csv", "outliers.csv"]

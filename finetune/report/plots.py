@@ -455,7 +455,7 @@ def suspects_png(images: Sequence[np.ndarray], given: Sequence[str], suggested: 
 def duplicates_png(pairs: Sequence[tuple[np.ndarray, np.ndarray]], captions: Sequence[tuple[str, str]],
                    similarity: Sequence[float | None], total: int) -> bytes:
     """Duplicate pairs side by side (audit.py), one pair a row, each image captioned (its split and
-    label) and the pair titled with its cosine similarity, or as an exact copy (similarity None)."""
+    label) and the pair titled with its similarity, or as an exact copy (similarity None)."""
     def draw():
         if not pairs:
             fig = _figure(4.0, 1.2)
