@@ -31,6 +31,7 @@ from finetune.models.checkpoint import load_safetensors, read_metadata, sidecar
 from finetune.models.export import export_metadata
 from finetune.models.inference import load_classifier
 from finetune.report.plots import RELIABILITY_SIZE, reliability_png
+from finetune.utils.files import atomic_link, atomic_write_text
 
 CLASSES = ["cat", "dog", "hot dog"]
 QUIET = ["--num-workers", "0", "--mixed-precision", "no"]
@@ -191,6 +192,20 @@ def test_a_run_with_a_validation_split_records_its_temperature(tiny_data: Path, 
         assert bank.shape[0] == 27  # the training images' features (36 - 9 val)
         assert not any(k.startswith("train_features") for k in load_safetensors(out / name))
     assert "temperature" in proc.stdout and "uncalibrated" not in proc.stdout
+    # One epoch: best.safetensors and its OOD file are second names of model.safetensors's, fitted once.
+    for first, second in ((out / "model.safetensors", out / "best.safetensors"),
+                          (sidecar(out / "model.safetensors", OOD_SIDECAR), sidecar(out / "best.safetensors", OOD_SIDECAR))):
+        assert first.stat().st_ino == second.stat().st_ino
+
+
+def test_a_second_name_of_a_file_keeps_its_bytes_when_the_first_is_written_again(tmp_path: Path):
+    first, second = tmp_path / "model.safetensors", tmp_path / "best.safetensors"
+    atomic_write_text(first, "epoch 1")
+    second.write_text("epoch 0")
+    assert atomic_link(first, second) and second.read_text() == "epoch 1"
+    atomic_write_text(first, "epoch 2")  # files are replaced by renaming: the second name keeps epoch 1
+    assert (first.read_text(), second.read_text()) == ("epoch 2", "epoch 1")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary name left
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ import torch
 from finetune.data.folders import Splits
 from finetune.data.loader import make_eval_loader
 from finetune.models.calibration import OOD_BANK, OOD_SIDECAR, calibration_meta, feature_bank, knn_distance
-from finetune.models.checkpoint import load_checkpoint, save_checkpoint, save_tensors, sidecar
+from finetune.models.checkpoint import load_checkpoint, read_metadata, save_checkpoint, save_tensors, sidecar
 from finetune.models.inference import LoadedClassifier, forward_batches, load_classifier
+from finetune.utils.files import atomic_link
 
 CHECKPOINTS = ("model.safetensors", "best.safetensors")
 # The OOD score's reference images: enough to cover a small dataset whole (fp16 features: 2000 x 1280
@@ -75,19 +76,21 @@ def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, 
     Returns:
         The lines to print: what was fitted, or how to get calibrated probabilities.
     """
-    lines, done = [], {}
+    lines, done = [], {}  # epoch: (the checkpoint fitted, its metadata keys)
     for name in CHECKPOINTS:
         path = run_dir / name
         if not path.is_file():
             continue
-        clf = load_classifier(path, device)
-        epoch = clf.meta.get("metrics", {}).get("epoch")
-        if epoch not in done:  # best.safetensors of the last epoch has the weights of model.safetensors
-            done[epoch] = _fit(clf, splits, batch_size=batch_size, num_workers=num_workers)
-        extra, extras = done[epoch]
-        state, meta = load_checkpoint(path)
-        save_checkpoint(path, state, {**meta, **extra})
-        save_tensors(sidecar(path, OOD_SIDECAR), extras)
+        epoch = read_metadata(path).get("metrics", {}).get("epoch")
+        if epoch in done and _link(done[epoch][0], path):
+            extra = done[epoch][1]  # best.safetensors of the last epoch: the calibrated model.safetensors
+        else:
+            extra, extras = _fit(load_classifier(path, device), splits, batch_size=batch_size,
+                                 num_workers=num_workers)
+            state, meta = load_checkpoint(path)
+            save_checkpoint(path, state, {**meta, **extra})
+            save_tensors(sidecar(path, OOD_SIDECAR), extras)
+            done[epoch] = path, extra
         if "calibration" in extra:
             c = extra["calibration"]
             lines.append(f"{name}: temperature {c['temperature']:.3f} fitted on {c['images']} val images "
@@ -96,6 +99,11 @@ def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, 
     if splits.val is None:
         lines.append(UNCALIBRATED_NOTE)
     return lines
+
+
+def _link(source: Path, path: Path) -> bool:
+    """``path`` and its OOD file as second names of ``source``'s (the same epoch's weights)."""
+    return atomic_link(source, path) and atomic_link(sidecar(source, OOD_SIDECAR), sidecar(path, OOD_SIDECAR))
 
 
 def _fit(clf: LoadedClassifier, splits: Splits, *, batch_size: int,

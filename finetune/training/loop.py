@@ -29,6 +29,7 @@ from finetune.training.engine import (
 )
 from finetune.training.session import Session
 from finetune.training.state import Progress, latest_state, save_training_state
+from finetune.utils.files import atomic_link
 from finetune.utils.runtime import rss_mib
 
 
@@ -254,8 +255,10 @@ def save_checkpoints(session: Session, epoch: int, stats: EpochStats, preds: Pre
             meta["thresholds"] = preds.thresholds or [DEFAULT_THRESHOLD] * len(session.classes)
         state_dict = session.clf.net.state_dict()  # the whole model, also when only its head trained
         save_checkpoint(session.run_dir / "model.safetensors", state_dict, meta)
-        if chooser.score > progress.best_accuracy:
-            save_checkpoint(session.run_dir / "best.safetensors", state_dict, meta)
+        best = session.run_dir / "best.safetensors"
+        # The same weights and metadata: a second name of the file just written, not a second write.
+        if chooser.score > progress.best_accuracy and not atomic_link(session.run_dir / "model.safetensors", best):
+            save_checkpoint(best, state_dict, meta)
     if chooser.score > progress.best_accuracy:
         progress.best_epoch = epoch + 1
     progress.best_accuracy = max(progress.best_accuracy, chooser.score)

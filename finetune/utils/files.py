@@ -64,6 +64,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def atomic_link(source: str | Path, path: str | Path) -> bool:
+    """Make ``path`` a second name of the finished file ``source`` (a hard link), atomically:
+    the same bytes without writing them again. Files are only ever replaced by renaming, so a later
+    write of ``source`` leaves ``path`` as it is.
+
+    Returns:
+        False where the file system has no hard links (nothing changed): write the copy instead.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     try:
