@@ -85,16 +85,9 @@ class Session:
 
     @property
     def batchnorm_from(self) -> int:
-        """The epoch's first batch whose statistics BatchNorm averages: of the last quarter of the
-        epoch, at least ``BATCHNORM_IMAGES`` images' worth, and at most ``--recalibrate-bn-batches``.
-
-        Only the epoch's end: the weights move while the statistics are gathered, and on a short
-        epoch at a high learning rate an average over all of it fell far behind them (Fashion-MNIST,
-        19 batches, SGD at 3e-3: test accuracy 0.43 over the whole epoch, 0.66 over its last 5;
-        docs/defaults.md)."""
-        steps = self.steps_per_epoch
-        window = max(math.ceil(steps / 4), math.ceil(BATCHNORM_IMAGES / self.config.batch_size))
-        return max(0, steps - min(window, self.config.recalibrate_bn_batches))
+        """The epoch's first batch whose statistics BatchNorm averages (``batchnorm_window``)."""
+        return self.steps_per_epoch - batchnorm_window(self.steps_per_epoch, self.config.batch_size,
+                                                       self.config.recalibrate_bn_batches)
 
     @property
     def optimizer_steps_per_epoch(self) -> int:
@@ -162,6 +155,17 @@ def build_loss(config: TrainConfig, splits: Splits, device: torch.device) -> nn.
     weights = inverse_frequency_weights(splits.train.targets, len(splits.classes)).to(device) \
         if config.class_weights == "auto" else None
     return nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+
+
+def batchnorm_window(steps: int, batch_size: int, most: int) -> int:
+    """How many of an epoch's ``steps`` batches BatchNorm's statistics are averaged over: the last
+    quarter, at least ``BATCHNORM_IMAGES`` images' worth, at most ``most`` (and the epoch).
+
+    Only the epoch's end: the weights move while the statistics are gathered, and on a short epoch
+    at a high learning rate an average over all of it fell far behind them (Fashion-MNIST, 19
+    batches, SGD at 3e-3: test accuracy 0.43 over the whole epoch, 0.66 over its last 5;
+    docs/defaults.md)."""
+    return min(steps, most, max(math.ceil(steps / 4), math.ceil(BATCHNORM_IMAGES / batch_size)))
 
 
 def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Classifier, splits: Splits,
