@@ -111,9 +111,9 @@ class TrainConfig:
                                               "everything (linear probe, then fine-tune; default: chosen by the recipe)",
                                         minimum=0)
     recalibrate_bn_batches: int = option(100, "BatchNorm statistics for each evaluation: exact averages over "
-                                              "the last quarter of each epoch's training batches (at least 128 "
-                                              "images, at most this many batches), gathered as they train (short "
-                                              "fine-tunes leave the running averages stale); 0: off",
+                                              "each epoch's last this many training batches (all of a shorter epoch), "
+                                              "gathered as they train (short fine-tunes leave the running averages "
+                                              "stale); 0: off",
                                         minimum=0)
     schedule: str = option("cosine", "learning-rate schedule after the warmup: cosine (to 0) or constant",
                            choices=SCHEDULES)

@@ -102,11 +102,9 @@ def test_precise_batchnorm_holds_the_exact_statistics_of_the_batches_inside_its_
     assert torch.equal(frozen.running_mean, pretrained_mean)
 
 
-def test_batchnorm_statistics_come_from_the_last_quarter_of_an_epoch_but_at_least_128_images():
+def test_batchnorm_statistics_come_from_the_epochs_last_batches():
     from finetune.training.session import batchnorm_window
 
-    assert batchnorm_window(19, 32, 100) == 5  # a quarter
-    assert batchnorm_window(400, 32, 100) == 100  # a quarter, capped by --recalibrate-bn-batches
-    assert batchnorm_window(8, 32, 100) == 4  # 128 images
-    assert batchnorm_window(3, 32, 100) == 3  # the whole of a shorter epoch
-    assert batchnorm_window(18, 2, 2) == 2 and batchnorm_window(10, 32, 0) == 0
+    assert batchnorm_window(400, 100) == 100  # --recalibrate-bn-batches of them
+    assert batchnorm_window(19, 100) == 19  # all of a shorter epoch
+    assert batchnorm_window(10, 0) == 0  # off
