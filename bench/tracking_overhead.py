@@ -37,7 +37,7 @@ def cpu():
     return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 
 inside = [0.0, 0.0, 0.0]  # wall and CPU seconds inside the logging calls; wall seconds of the once-a-run ones
-ONCE = ("__init__", "draw_samples")  # the tracker's start (its imports) and samples.png
+ONCE = ("__init__", "draw_samples", "finish")  # the tracker's start (its imports), samples.png, the wait for pictures at the end
 
 def timed(method, once):
     @functools.wraps(method)
@@ -51,7 +51,7 @@ def timed(method, once):
             inside[2] += (time.perf_counter() - t) if once else 0.0
     return wrapper
 
-for cls, names in ((tracking.RunLog, ("__init__", "draw_samples", "end_epoch")),
+for cls, names in ((tracking.RunLog, ("__init__", "draw_samples", "end_epoch", "finish")),
                    (tracking.StepLog, ("start_epoch", "end_step", "flush"))):
     for name in names:
         setattr(cls, name, timed(getattr(cls, name), cls is tracking.RunLog and name in ONCE))
