@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from finetune.data.folders import Splits, carve, hold_out
 from finetune.data.images import load_rgb, register_rows
-from finetune.data.labelfiles import LABEL_COLUMNS, SPLIT_COLUMN, SPLIT_VALUES, Columns, Row
+from finetune.data.labelfiles import LABEL_COLUMNS, SPLIT_COLUMN, SPLIT_VALUES, Columns, Row, rows_for, rows_task
 from finetune.errors import UserError, first_line
 
 HF_PREFIX = "hf:"
@@ -440,41 +440,19 @@ class RowImages(Dataset):
 
 
 def choose_task(table: RowTable, rows: Sequence[Row], task: str = "auto") -> tuple[str, str]:
-    """Whether a dataset trains a single-label or a multi-label classifier, and why (as
-    ``labelfiles.choose_task``: ``auto`` is multi-label where any row has several labels).
+    """Whether a dataset trains a single-label or a multi-label classifier, and why
+    (``labelfiles.rows_task``: ``auto`` is multi-label where any row has several labels).
 
     Args:
         table: the dataset as read.
         rows: its usable rows.
         task: ``auto``, ``single`` or ``multilabel`` (``--task``).
     """
-    if task != "auto":
-        return task, f"--task {task}"
-    several = next((row for row in rows if len(row.labels) > 1), None)
-    if several is not None:
-        return "multilabel", f"{several.where} has several labels ({';'.join(several.labels)})"
-    return "single", f"every row of {table.source} has one label"
-
-
-def single_label(rows: Iterable[Row]) -> list[Row]:
-    """``rows``, each of which must hold exactly one label (as ``labelfiles.single_label``).
-
-    Raises:
-        UserError: naming the first row with none or several.
-    """
-    rows = list(rows)
-    for row in rows:
-        if len(row.labels) > 1:
-            raise UserError(f"{row.where} has several labels ({';'.join(row.labels)}), which --task single "
-                            "refuses: pass --task multilabel (or auto) to train a multi-label classifier")
-        if not row.labels:
-            raise UserError(f"{row.where} has no label: single-label training needs one per image "
-                            "(with --task multilabel a row without a label is a negative of every class)")
-    return rows
+    return rows_task(rows, table.source, task)
 
 
 def _rows_for(task: str, rows: Iterable[Row]) -> list[Row]:
-    return list(rows) if task == "multilabel" else single_label(rows)
+    return rows_for(task, rows, item="a row")
 
 
 def _carve(ds: RowImages, fraction: float, seed: int) -> tuple[RowImages, RowImages]:

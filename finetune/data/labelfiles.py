@@ -412,26 +412,42 @@ class LabelledImages(Dataset):
 def choose_task(table: LabelTable, rows: Sequence[Row], task: str = "auto") -> tuple[str, str]:
     """Whether a label file trains a single-label or a multi-label classifier, and why.
 
-    ``auto`` is multi-label where the layout is one-hot or any row has several labels; else
-    single-label (a row without a label is then refused by ``single_label``, which says so).
+    ``auto`` is multi-label where the layout is one-hot, else as ``rows_task`` decides.
 
     Args:
         table: the label file as read.
         rows: its usable rows.
         task: ``auto``, ``single`` or ``multilabel`` (``--task``).
     """
+    if task == "auto" and table.layout == "onehot":
+        return "multilabel", f"{table.file.name} has one 0/1 column per class"
+    return rows_task(rows, table.file.name, task)
+
+
+def rows_task(rows: Sequence[Row], source: str, task: str = "auto") -> tuple[str, str]:
+    """The task of rows (a label file's, a Hugging Face dataset's), and why: ``auto`` is multi-label
+    where any row has several labels; else single-label (a row without a label is then refused by
+    ``single_label``, which says so).
+
+    Args:
+        rows: the usable rows.
+        source: the data, as the reason names it.
+        task: ``auto``, ``single`` or ``multilabel`` (``--task``).
+    """
     if task != "auto":
         return task, f"--task {task}"
-    if table.layout == "onehot":
-        return "multilabel", f"{table.file.name} has one 0/1 column per class"
     several = next((row for row in rows if len(row.labels) > 1), None)
     if several is not None:
         return "multilabel", f"{several.where} has several labels ({_joined(several.labels)})"
-    return "single", f"every row of {table.file.name} has one label"
+    return "single", f"every row of {source} has one label"
 
 
-def single_label(table: LabelTable, rows: Iterable[Row]) -> list[Row]:
+def single_label(rows: Iterable[Row], item: str = "an image") -> list[Row]:
     """``rows``, each of which must hold exactly one label.
+
+    Args:
+        item: what a row stands for, in the message about a row without a label (``a row`` for a
+            dataset's).
 
     Raises:
         UserError: naming the first row with none or several.
@@ -443,12 +459,13 @@ def single_label(table: LabelTable, rows: Iterable[Row]) -> list[Row]:
                             "refuses: pass --task multilabel (or auto) to train a multi-label classifier")
         if not row.labels:
             raise UserError(f"{row.where} has no label: single-label training needs one per image "
-                            "(with --task multilabel an image without a label is a negative of every class)")
+                            f"(with --task multilabel {item} without a label is a negative of every class)")
     return rows
 
 
-def _rows_for(task: str, table: LabelTable, rows: Iterable[Row]) -> list[Row]:
-    return list(rows) if task == "multilabel" else single_label(table, rows)
+def rows_for(task: str, rows: Iterable[Row], item: str = "an image") -> list[Row]:
+    """The rows a task trains on: every one for multi-label, else each with one label (``single_label``)."""
+    return list(rows) if task == "multilabel" else single_label(rows, item)
 
 
 def _carve(ds: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
@@ -535,7 +552,7 @@ def load_label_splits(file: str | Path, exclude: frozenset[str] = frozenset(), *
     usable = usable_rows(table, exclude)
     task, why = choose_task(table, usable, task)
     multilabel = task == "multilabel"
-    parts = _by_split(_rows_for(task, table, usable))
+    parts = _by_split(rows_for(task, usable))
     name = table.file.name
     if not parts.get("train"):
         raise UserError(f"{name} has no train row" + (" left" if exclude else "") +
@@ -585,7 +602,7 @@ def eval_split(file: str | Path, classes: Sequence[str], record: dict[str, Any] 
     if same_file and record.get("carved"):
         return _carved_again(table, classes, record, task), (f"the {record['num_files']} images held out of {file} "
                                                               "for testing, as recorded in the checkpoint")
-    rows = _rows_for(task, table, usable_rows(table))
+    rows = rows_for(task, usable_rows(table))
     parts = _by_split(rows) if table.has_split else {"all": rows}
     split = next(s for s in ("test", "val", "train", "all") if parts.get(s))
     _check_known(parts[split], classes, "evaluation")
@@ -595,7 +612,7 @@ def eval_split(file: str | Path, classes: Sequence[str], record: dict[str, Any] 
 
 
 def _carved_again(table: LabelTable, classes: Sequence[str], record: dict[str, Any], task: str) -> LabelledImages:
-    rows = [r for r in _rows_for(task, table, usable_rows(table)) if (r.split or "train") == "train"]
+    rows = [r for r in rows_for(task, usable_rows(table)) if (r.split or "train") == "train"]
     _check_known(rows, classes, "training")
     train = LabelledImages(table, rows, classes, task == "multilabel")
     _, part = _carve(train, record["carved"]["fraction"], record["carved"]["seed"])
