@@ -23,14 +23,17 @@ from finetune.models.calibration import (
     Calibration,
     calibration_meta,
     expected_calibration_error,
+    feature_bank,
     fit_temperature,
     nll,
     reliability,
 )
 from finetune.models.checkpoint import load_safetensors, read_metadata, sidecar
+from finetune.data.sources import load_splits
 from finetune.models.export import export_metadata
 from finetune.models.inference import load_classifier
 from finetune.report.plots import RELIABILITY_SIZE, reliability_png
+from finetune.training.calibrate import calibrate_run
 from finetune.utils.files import atomic_link, atomic_write_text
 
 CLASSES = ["cat", "dog", "hot dog"]
@@ -217,3 +220,29 @@ def test_a_run_without_a_validation_split_says_its_probabilities_are_uncalibrate
     assert "uncalibrated" in proc.stdout and "--val-fraction 0.1" in proc.stdout
     meta = read_metadata(out / "model.safetensors")
     assert "calibration" not in meta and meta["ood"]["fitted_on"] == "train"
+
+
+def test_calibrating_two_epochs_checkpoints_in_one_pass_fits_each_on_its_own_features(tmp_path: Path):
+    data = tmp_path / "data"
+    for split, n in (("train", 5), ("val", 3), ("test", 2)):
+        write_image_folder(data / split, {c: n for c in CLASSES}, size=32, seed=len(split))
+    splits = load_splits(data, frozenset(), test_fraction=0.2, val_fraction=0.0, split_seed=0, columns=None,
+                         task="auto")
+    run = tmp_path / "run"
+    run.mkdir()
+    # best.safetensors from epoch 1, model.safetensors from epoch 2: other weights, so their own fits.
+    write_checkpoint(run / "best.safetensors", CLASSES, seed=1, metrics={"epoch": 1})
+    write_checkpoint(run / "model.safetensors", CLASSES, seed=2, metrics={"epoch": 2})
+    lines = calibrate_run(run, splits, device="cpu", batch_size=4, num_workers=0)
+    assert [line.split(":")[0] for line in lines] == ["model.safetensors", "best.safetensors"]
+    for name in ("model.safetensors", "best.safetensors"):
+        clf = load_classifier(run / name)  # as calibrate_run loads it, before the fit was added
+        features = []
+        with clf.feature_tap() as tap, clf.autocast():
+            for path in sorted((data / "train").rglob("*.png")):
+                clf.logits(clf.uint8_image(path)[None])
+                features.append(tap.features)
+        own = feature_bank(torch.cat(features))
+        assert torch.allclose(clf.ood_bank.float(), own.float(), atol=2e-3), name
+        assert read_metadata(run / name)["calibration"]["images"] == 9
+    assert (run / "model.safetensors").stat().st_ino != (run / "best.safetensors").stat().st_ino

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.errors import UserError
-from finetune.models.checkpoint import load_checkpoint, save_checkpoint
+from finetune.models.checkpoint import load_checkpoint, save_checkpoint, separate_tensors
 from finetune.utils.files import atomic_path, atomic_write_text
 
 META = {"arch": "resnet18", "classes": ["a", "b"], "image_size": 32, "resize_size": 37,
@@ -59,3 +59,14 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path: Path, kind: str, message:
     with pytest.raises(UserError, match=message) as err:
         load_checkpoint(path)
     assert str(path) in str(err.value)
+
+
+def test_separate_tensors_copies_only_shared_memory():
+    weight, other = torch.randn(3, 4), torch.randn(2)
+    nhwc = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    out = separate_tensors({"a": weight, "b": weight, "c": other, "d": nhwc, "e": weight[1]})
+    ptrs = [t.untyped_storage().data_ptr() for t in out.values()]
+    assert len(set(ptrs)) == len(ptrs)  # what safetensors requires
+    assert out["a"].data_ptr() == weight.data_ptr() and out["c"].data_ptr() == other.data_ptr()  # no copy
+    assert out["d"].is_contiguous() and torch.equal(out["d"], nhwc)
+    assert torch.equal(out["b"], weight) and torch.equal(out["e"], weight[1])

@@ -34,8 +34,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     missing = [k for k in REQUIRED if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
-    # Separate contiguous copies: safetensors refuses tensors that share memory.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    tensors = separate_tensors(state_dict)
     metadata = {"format": FORMAT, METADATA_KEY: json.dumps(meta)}
     try:
         with atomic_path(path) as tmp:
@@ -43,6 +42,23 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], meta:
     except (OSError, SafetensorError) as err:  # disk full, file too large: the old file is untouched
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).split("I/O error: ")[-1]
         raise UserError(f"cannot save {path}: {reason}; the previous file, if any, is intact") from None
+
+
+def separate_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors of which no two share memory, as safetensors requires (tied weights).
+
+    Copies only where it must: the model's own contiguous tensors are written as they are (a copy
+    of every tensor cost about 0.15 s a save for resnet18 on 2 cores, most of a save's time).
+    """
+    tensors, taken = {}, set()
+    for name, value in state_dict.items():
+        tensor = value.detach().to("cpu").contiguous()
+        where = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and where in taken:  # a second name of memory already written: a copy of its own
+            tensor = tensor.clone()
+        taken.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return tensors
 
 
 def checkpoint_file(path: str | Path) -> Path:

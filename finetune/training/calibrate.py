@@ -12,7 +12,7 @@ with itself.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -51,22 +51,25 @@ class _Subset:
         return len(self.samples)
 
 
-def held_out_outputs(clf: LoadedClassifier, dataset: Any, *, batch_size: int,
-                     num_workers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def held_out_outputs(clfs: Sequence[LoadedClassifier], dataset: Any, *, batch_size: int,
+                     num_workers: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Raw logits, penultimate features and labels of every readable image of ``dataset``, computed
-    as eval.py computes them."""
-    loader = make_eval_loader(dataset, clf.preprocessing, batch_size=batch_size, num_workers=num_workers,
+    as eval.py computes them, for each of ``clfs`` (one run's checkpoints, which share their
+    preprocessing): each image is read and decoded once for all of them."""
+    loader = make_eval_loader(dataset, clfs[0].preprocessing, batch_size=batch_size, num_workers=num_workers,
                               skipped=_Ignore())
-    device = clf.device
-    logits, features, targets = [], [], []
-    with clf.autocast(), clf.feature_tap() as tap:
-        batches = ((images.to(device), labels, indices) for images, labels, indices in loader)
-        for out, (labels, indices) in forward_batches(clf.model, batches, clf.to_input):
-            kept = indices >= 0
+    outputs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in clfs]
+    targets = []
+    for images, labels, indices in loader:
+        kept = indices >= 0
+        targets.append(labels[kept])
+        for clf, (logits, features) in zip(clfs, outputs):
+            with clf.autocast(), clf.feature_tap() as tap:
+                out, _ = next(forward_batches(clf.model, [(images.to(clf.device),)], clf.to_input))
             logits.append(out.cpu()[kept])
             features.append(tap.features.cpu()[kept])
-            targets.append(labels[kept])
-    return torch.cat(logits), torch.cat(features), torch.cat(targets)
+    labels = torch.cat(targets)
+    return [(torch.cat(logits), torch.cat(features), labels) for logits, features in outputs]
 
 
 def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, batch_size: int,
@@ -76,24 +79,23 @@ def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, 
     Returns:
         The lines to print: what was fitted, or how to get calibrated probabilities.
     """
-    lines, done = [], {}  # epoch: (the checkpoint fitted, its metadata keys)
-    for name in CHECKPOINTS:
-        path = run_dir / name
-        if not path.is_file():
-            continue
-        epoch = read_metadata(path).get("metrics", {}).get("epoch")
-        if epoch in done and _link(done[epoch][0], path):
-            extra = done[epoch][1]  # best.safetensors of the last epoch: the calibrated model.safetensors
-        else:
-            extra, extras = _fit(load_classifier(path, device), splits, batch_size=batch_size,
-                                 num_workers=num_workers)
+    paths = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()]
+    fitted: dict[Any, Path] = {}  # epoch: the checkpoint fitted for it (best.safetensors of the last epoch is one)
+    for path in paths:
+        fitted.setdefault(read_metadata(path).get("metrics", {}).get("epoch"), path)
+    clfs = [load_classifier(path, device) for path in fitted.values()]
+    extra = dict(zip(fitted.values(), _fit(clfs, splits, batch_size=batch_size, num_workers=num_workers)))
+    lines = []
+    for path in paths:
+        source = fitted[read_metadata(path).get("metrics", {}).get("epoch")]
+        meta_keys, tensors = extra[source]
+        if path == source or not _link(source, path):  # a second name of the same epoch's files where it can
             state, meta = load_checkpoint(path)
-            save_checkpoint(path, state, {**meta, **extra})
-            save_tensors(sidecar(path, OOD_SIDECAR), extras)
-            done[epoch] = path, extra
-        if "calibration" in extra:
-            c = extra["calibration"]
-            lines.append(f"{name}: temperature {c['temperature']:.3f} fitted on {c['images']} val images "
+            save_checkpoint(path, state, {**meta, **meta_keys})
+            save_tensors(sidecar(path, OOD_SIDECAR), tensors)
+        if "calibration" in meta_keys:
+            c = meta_keys["calibration"]
+            lines.append(f"{path.name}: temperature {c['temperature']:.3f} fitted on {c['images']} val images "
                          f"(NLL {c['val_nll_before']:.3f} -> {c['val_nll_after']:.3f}, "
                          f"ECE {c['val_ece_before']:.3f} -> {c['val_ece_after']:.3f})")
     if splits.val is None:
@@ -106,16 +108,21 @@ def _link(source: Path, path: Path) -> bool:
     return atomic_link(source, path) and atomic_link(sidecar(source, OOD_SIDECAR), sidecar(path, OOD_SIDECAR))
 
 
-def _fit(clf: LoadedClassifier, splits: Splits, *, batch_size: int,
-         num_workers: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The metadata keys and the extra tensors (the OOD score's training features) of one checkpoint."""
+def _fit(clfs: Sequence[LoadedClassifier], splits: Splits, *, batch_size: int,
+         num_workers: int) -> list[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """Per checkpoint: the metadata keys and the extra tensors (the OOD score's training features)."""
     train = _Subset(list(splits.train.samples), MAX_TRAIN_IMAGES, splits.classes)
-    _, train_features, _ = held_out_outputs(clf, train, batch_size=batch_size, num_workers=num_workers)
-    bank = feature_bank(train_features)
-    extras = {OOD_BANK: bank}
-    if splits.val is not None:
-        logits, features, targets = held_out_outputs(clf, splits.val, batch_size=batch_size, num_workers=num_workers)
-        if clf.multilabel:  # temperature scaling fits a softmax; a multi-label head keeps its per-class thresholds
-            return calibration_meta(None, None, knn_distance(features, bank), "val"), extras
-        return calibration_meta(logits, targets, knn_distance(features, bank), "val"), extras
-    return calibration_meta(None, None, knn_distance(train_features, bank, exclude_self=True), "train"), extras
+    train_features = [features for _, features, _ in
+                      held_out_outputs(clfs, train, batch_size=batch_size, num_workers=num_workers)]
+    banks = [feature_bank(features) for features in train_features]
+    if splits.val is None:
+        return [(calibration_meta(None, None, knn_distance(features, bank, exclude_self=True), "train"),
+                 {OOD_BANK: bank}) for features, bank in zip(train_features, banks)]
+    val = held_out_outputs(clfs, splits.val, batch_size=batch_size, num_workers=num_workers)
+    fits = []
+    for clf, bank, (logits, features, targets) in zip(clfs, banks, val):
+        scores = knn_distance(features, bank)
+        # temperature scaling fits a softmax; a multi-label head keeps its per-class thresholds
+        fits.append((calibration_meta(None if clf.multilabel else logits, None if clf.multilabel else targets,
+                                      scores, "val"), {OOD_BANK: bank}))
+    return fits
