@@ -8,6 +8,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from finetune.training.engine import SYNC_EVERY_STEPS, NonFiniteLossError, Trainer, earliest_bad_step, step_seed
+from finetune.training.loop import weights_finite
 from finetune.utils.runtime import build_accelerator
 
 
@@ -108,3 +109,19 @@ def test_batchnorm_statistics_come_from_the_epochs_last_batches():
     assert batchnorm_window(400, 100) == 100  # --recalibrate-bn-batches of them
     assert batchnorm_window(19, 100) == 19  # all of a shorter epoch
     assert batchnorm_window(10, 0) == 0  # off
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_weights_finite_finds_one_bad_weight(bad: float):
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2).to(torch.bfloat16))
+    assert weights_finite(net)
+    with torch.no_grad():
+        net[1].weight[1, 2] = bad
+    assert not weights_finite(net)
+
+
+def test_weights_finite_holds_for_large_half_precision_weights():
+    net = nn.Linear(1000, 1000).half()
+    with torch.no_grad():
+        net.weight.fill_(60000.0)  # finite in fp16, although their fp16 sum would overflow
+    assert weights_finite(net)

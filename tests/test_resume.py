@@ -94,6 +94,8 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path: Path, tiny_data: P
     run = tmp_path / "run"
     args = ["--data", str(tiny_data), "--output-dir", str(run), *FAST]
     quiet_train(args)
+    # Nothing continues a finished run (a resume may not add epochs): no weights or optimizer in its state.
+    assert [p.name for p in (run / "state").iterdir()] == ["progress.json"]
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     with contextlib.redirect_stdout(io.StringIO()) as out:
         result = train.main([*args, "--resume"])

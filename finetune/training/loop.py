@@ -200,8 +200,13 @@ def stopped(session: Session, epoch: int, step: int) -> Stopped:
 
 
 def weights_finite(model: nn.Module) -> bool:
-    """Whether every parameter is finite (one host sync: call it where a save happens anyway)."""
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+    """Whether every parameter is finite (one host sync: call it where a save happens anyway).
+
+    A NaN or an infinity makes its tensor's sum non-finite: summing reads each weight once, where
+    ``isfinite`` wrote a flag for each (0.1 s a save for resnet18 on 2 cores). In fp32, so that
+    half-precision sums cannot overflow.
+    """
+    return bool(torch.stack([p.detach().sum(dtype=torch.float32) for p in model.parameters()]).isfinite().all())
 
 
 def check_weights(session: Session, where: str) -> None:
@@ -226,7 +231,8 @@ def save_state(session: Session, epoch: int, step: int, epoch_sums: list[float] 
     progress.epoch, progress.step, progress.epoch_sums = epoch, step, epoch_sums
     # The position as a count of images: a resume may split the same global batch differently.
     progress.samples = step * session.config.batch_size * session.accelerator.num_processes
-    save_training_state(session.accelerator, session.run_dir, session.progress)
+    save_training_state(session.accelerator, session.run_dir, session.progress,
+                        finished=epoch == session.config.epochs and step == 0)
 
 
 def save_checkpoints(session: Session, epoch: int, stats: EpochStats, preds: Predictions | MultiLabelPredictions,

@@ -2,8 +2,9 @@
 
 The folder ``state/`` holds what ``accelerator.save_state`` writes (model, optimizer, scheduler,
 scaler and every process's RNG states; tensors only, loaded with ``weights_only=True``) and
-``progress.json`` (epoch, step, history). A new state is written to ``state.tmp/`` and swapped
-in by renames, so a kill at any moment leaves the previous state or the new one.
+``progress.json`` (epoch, step, history); a finished run's holds ``progress.json`` alone. A new
+state is written to ``state.tmp/`` and swapped in by renames, so a kill at any moment leaves the
+previous state or the new one.
 """
 
 from __future__ import annotations
@@ -52,14 +53,22 @@ class Progress:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def save_training_state(accelerator: Accelerator, run_dir: Path, progress: Progress) -> None:
-    """Save a resumable state of the run (call on every process)."""
+def save_training_state(accelerator: Accelerator, run_dir: Path, progress: Progress, *, finished: bool = False) -> None:
+    """Save a resumable state of the run (call on every process).
+
+    Args:
+        finished: the run has trained its last epoch. A resume may not add epochs, so nothing would
+            ever continue from its weights and optimizer: the state is ``progress.json`` alone
+            (a resume says the run is finished), which spares a save of twice the model's size.
+    """
     final, tmp, old = run_dir / STATE, run_dir / f"{STATE}.tmp", run_dir / f"{STATE}.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
+        if not finished:
+            accelerator.save_state(str(tmp))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot save the training state in {tmp}: {first_line(err)}; "
