@@ -35,7 +35,7 @@ NEAR_RATIO = 0.4
 CROP_RATIO_SHARE = 0.5
 # The largest root-mean-square difference, in grey levels of 0-255, between a pair's aligned
 # thumbnails: a tenth of the range. The planted copies of bench.audit_quality differ by 3-14; the
-# distinct images alike in shape that the ratio test passes, by 16-69 (docs/trust.md).
+# distinct images alike in shape that pass the ratio test at 0.5, by 8-69 (docs/trust.md).
 LEVEL_RMS = 25.5
 THUMB = 8  # thumbnail side: fine enough to tell two photos of one kind apart, coarse enough to ignore JPEG and blur
 CROP = 0.92  # the crops' side, a share of the image's: what a slightly cropped copy keeps
