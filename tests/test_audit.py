@@ -13,6 +13,7 @@ from conftest import free_port, python_cmd, run_cmd, write_checkpoint
 from PIL import Image
 from test_distributed import ACCELERATE, CPU_ENV
 
+from finetune.audit import duplicates
 from finetune.audit.duplicates import NEAR_RATIO, exact_copies, find_duplicates, near_duplicates, signatures
 from finetune.audit.findings import DUPLICATE_COLUMNS, OUTLIER_COLUMNS, SUSPECT_COLUMNS
 from finetune.audit.labels import confident_learning, find_label_issues
@@ -77,6 +78,20 @@ def test_an_exact_copy_does_not_hide_the_near_duplicates_of_its_original(tmp_pat
     paths = [str(p) for p in originals] + [str(tmp_path / "exact.png"), str(tmp_path / "near.png")]
     found = {(p.first, p.second, p.exact) for p in find_duplicates(paths)}
     assert {(4, len(originals), True), (4, len(originals) + 1, False)} <= found  # its exact copy is left out
+
+
+def test_two_images_of_one_shape_in_other_grey_levels_are_not_near_duplicates(tmp_path: Path, monkeypatch):
+    write_photo_crops(tmp_path, {name: 10 for name in PHOTOS}, seed=0)
+    paths = [str(p) for p in sorted(tmp_path.rglob("*.png"))]
+    x = np.arange(32)[None, :].repeat(32, axis=0)
+    for name, edge, bright in (("white", 10, 255), ("grey", 11, 170)):  # black, then a plain edge, as in LFW's "not a face"
+        Image.fromarray(np.where(x < edge, 0, bright).astype(np.uint8)).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    edges = (len(paths) - 2, len(paths) - 1)
+    sigs = signatures(paths)
+    assert edges not in {(p.first, p.second) for p in near_duplicates(sigs)}
+    monkeypatch.setattr(duplicates, "LEVEL_RMS", np.inf)  # their shapes alone pass the ratio test
+    assert edges in {(p.first, p.second) for p in near_duplicates(sigs)}
 
 
 def test_exact_copies_are_files_with_the_same_bytes(tmp_path: Path):
