@@ -52,6 +52,19 @@ def test_confident_learning_prunes_nothing_from_clean_confident_labels():
     assert np.allclose(issues.joint, np.diag([3, 3]))
 
 
+def test_suspects_rank_by_the_given_label_against_its_class_threshold():
+    # Class 0's images average 0.9 for their label, class 1's 0.7: a 0.6 says more against a 0 label.
+    p0 = np.array([0.95, 0.95, 0.95, 0.95, 0.6])
+    p1 = np.array([0.75, 0.75, 0.75, 0.75, 0.5])
+    probs = np.concatenate([np.stack([p0, 1 - p0], 1), np.stack([1 - p1, p1], 1)])
+    labels = np.array([0] * 5 + [1] * 5)
+    issues = confident_learning(probs, labels)
+    assert np.allclose(issues.thresholds, [p0.mean(), p1.mean()])
+    assert list(issues.order[:2]) == [4, 9]  # 0.6 / 0.88 before 0.5 / 0.70, though 0.6 > 0.5
+    relative = issues.relative_confidence(labels)
+    assert np.all(np.diff(relative[issues.order]) >= 0)
+
+
 def test_resized_recompressed_and_cropped_copies_are_near_duplicates_and_other_crops_are_not(tmp_path: Path):
     write_photo_crops(tmp_path, {name: 12 for name in PHOTOS}, seed=0)
     originals = sorted(tmp_path.rglob("*.png"))
@@ -165,6 +178,8 @@ def test_audit_writes_its_files_and_finds_what_was_planted(planted: Path, tmp_pa
     assert suspects[0]["path"].endswith("moved.png")
     assert (suspects[0]["given"], suspects[0]["suggested"], suspects[0]["split"]) == ("coffee", "cat", "train")
     assert 0.5 < float(suspects[0]["score"]) <= 1
+    scores = [float(r["score"]) for r in suspects]
+    assert scores == sorted(scores, reverse=True)  # the rows are in the order of their score
     columns, pairs = read_csv(out / "duplicates.csv")
     assert tuple(columns) == DUPLICATE_COLUMNS
     found = {(Path(r["path_a"]).name, Path(r["path_b"]).name, r["kind"], r["split_a"], r["split_b"]) for r in pairs}

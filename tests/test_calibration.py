@@ -17,6 +17,7 @@ from PIL import Image
 
 from finetune.commands import eval as eval_cmd
 from finetune.commands import predict
+from finetune.data.sources import load_splits
 from finetune.models.calibration import (
     OOD_BANK,
     OOD_SIDECAR,
@@ -29,7 +30,6 @@ from finetune.models.calibration import (
     reliability,
 )
 from finetune.models.checkpoint import load_safetensors, read_metadata, sidecar
-from finetune.data.sources import load_splits
 from finetune.models.export import export_metadata
 from finetune.models.inference import load_classifier
 from finetune.report.plots import RELIABILITY_SIZE, reliability_png

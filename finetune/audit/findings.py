@@ -27,14 +27,16 @@ class Findings:
 
     def suspects(self) -> list[dict[str, object]]:
         """The likely mislabeled images, most suspicious first (``SUSPECT_COLUMNS``); ``score`` is the
-        probability that the given label is wrong (1 - p_given)."""
+        ranking's key, 1 - p_given / (the given label's threshold): highest first, below 0 for an
+        image surer of its label than its class's images are on average."""
         emb, issues = self.embeddings, self.labels
         given = issues.given_probability(emb.labels)
+        relative = issues.relative_confidence(emb.labels)
         rows = []
         for i in issues.order[issues.flagged[issues.order]]:
             suggested = int(issues.suggested[i])
             rows.append({"path": emb.paths[i], "split": emb.splits[i], "given": emb.classes[emb.labels[i]],
-                         "suggested": emb.classes[suggested], "score": round(1 - float(given[i]), 6),
+                         "suggested": emb.classes[suggested], "score": round(1 - float(relative[i]), 6),
                          "p_given": round(float(given[i]), 6),
                          "p_suggested": round(float(issues.probabilities[i, suggested]), 6)})
         return rows

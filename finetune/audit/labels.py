@@ -97,6 +97,8 @@ class LabelIssues:
         probabilities: (images, classes) the out-of-fold probabilities the ranking used.
         joint: (classes, classes) the calibrated confident joint, estimated image counts with the
             given label (row) that belong to the class (column).
+        thresholds: (classes,) each class's threshold: the mean probability of the class over the
+            images labelled with it.
     """
 
     order: np.ndarray
@@ -104,9 +106,14 @@ class LabelIssues:
     suggested: np.ndarray
     probabilities: np.ndarray
     joint: np.ndarray
+    thresholds: np.ndarray
 
     def given_probability(self, labels: np.ndarray) -> np.ndarray:
         return self.probabilities[np.arange(len(labels)), labels]
+
+    def relative_confidence(self, labels: np.ndarray) -> np.ndarray:
+        """The probability of each image's given label over that label's threshold: the ranking's key."""
+        return self.given_probability(labels) / np.maximum(self.thresholds[labels], 1e-12)
 
 
 def confident_learning(probs: np.ndarray, labels: np.ndarray) -> LabelIssues:
@@ -141,8 +148,9 @@ def confident_learning(probs: np.ndarray, labels: np.ndarray) -> LabelIssues:
         prune = int(round(joint[c].sum() - joint[c, c]))
         if prune:
             flagged[members[np.argsort(-margin[members], kind="stable")[:prune]]] = True
-    order = np.argsort(given / np.maximum(thresholds[labels], 1e-12), kind="stable")
-    return LabelIssues(order, flagged, suggested, probs, joint)
+    issues = LabelIssues(np.empty(0, int), flagged, suggested, probs, joint, thresholds)
+    issues.order = np.argsort(issues.relative_confidence(labels), kind="stable")
+    return issues
 
 
 def find_label_issues(features: np.ndarray, labels: np.ndarray, num_classes: int, *, folds: int = 5,
