@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from finetune.commands import train
 from finetune.errors import UserError
+from finetune.models.calibration import OOD_SIDECAR
+from finetune.models.checkpoint import load_checkpoint, read_metadata, save_checkpoint, sidecar
 
 ARGS = [*FAST, "--epochs", "2", "--batch-size", "4"]  # 36 train images: 9 steps an epoch
 
@@ -101,6 +103,25 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path: Path, tiny_data: P
         result = train.main([*args, "--resume"])
     assert result.finished
     assert f"the run in {run} is finished (1 epochs" in out.getvalue() and "python eval.py --ckpt" in out.getvalue()
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_resuming_a_finished_run_fits_the_calibration_a_kill_interrupted(tmp_path: Path, tiny_data: Path):
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--output-dir", str(run), *FAST]
+    quiet_train(args)
+    for name in ("model.safetensors", "best.safetensors"):  # as a kill during the calibration leaves them
+        state, meta = load_checkpoint(run / name)
+        save_checkpoint(run / name, state, {k: v for k, v in meta.items() if k not in ("ood", "calibration")})
+        sidecar(run / name, OOD_SIDECAR).unlink(missing_ok=True)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = train.main([*args, "--resume"])
+    assert result.finished and "is finished" in out.getvalue()
+    for name in ("model.safetensors", "best.safetensors"):
+        assert read_metadata(run / name)["ood"]["fitted_on"] == "train"
+        assert sidecar(run / name, OOD_SIDECAR).is_file()
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    train.main([*args, "--resume"])  # nothing missing now: nothing written
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 

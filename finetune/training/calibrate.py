@@ -73,13 +73,20 @@ def held_out_outputs(clfs: Sequence[LoadedClassifier], dataset: Any, *, batch_si
 
 
 def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, batch_size: int,
-                  num_workers: int) -> list[str]:
+                  num_workers: int, missing_only: bool = False) -> list[str]:
     """Fit and record the temperature and OOD threshold of each checkpoint in ``run_dir`` (one process).
 
+    Args:
+        missing_only: only the checkpoints without them (a kill interrupted the calibration).
+
     Returns:
-        The lines to print: what was fitted, or how to get calibrated probabilities.
+        The lines to print: what was fitted, or how to get calibrated probabilities (nothing where
+        nothing was missing).
     """
-    paths = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()]
+    paths = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()
+             and not (missing_only and "ood" in read_metadata(run_dir / name))]
+    if not paths:
+        return []
     fitted: dict[Any, Path] = {}  # epoch: the checkpoint fitted for it (best.safetensors of the last epoch is one)
     for path in paths:
         fitted.setdefault(read_metadata(path).get("metrics", {}).get("epoch"), path)

@@ -160,6 +160,8 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
     if state is not None:
         progress = resumed_progress(state, setup)  # before the model is built: a changed run is named, not loaded
         if progress.epoch >= config.epochs:
+            # A kill during the calibration after the last epoch left checkpoints without it: fit them now.
+            calibrate(accelerator, run_dir, splits, config, report, missing_only=True)
             return TrainResult(run_dir, progress.history, splits.classes, eval_data, finished=True,
                                main_process=accelerator.is_main_process)
 
@@ -178,14 +180,8 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
         with clock("logging"):
             session.log.finish()
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # each checkpoint's temperature and OOD threshold (models.calibration)
-        with clock("calibration"):
-            lines = calibrate_run(run_dir, splits, device=accelerator.device, batch_size=config.batch_size,
-                                  num_workers=num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda"))
-        for line in lines:
-            report.print(line)
-    accelerator.wait_for_everyone()
+    with clock("calibration"):
+        calibrate(accelerator, run_dir, splits, config, report)
     skipped = session.skipped.named if session.skipped else {}
     if skipped or skipped_before:
         report.print(f"--bad-data skip left out {skipped_before} image(s) found before the run and "
@@ -206,6 +202,20 @@ def _train_into(run_dir: Path, config: TrainConfig, accelerator: Accelerator, re
         clock.write(run_dir / "timings.json")
     return TrainResult(run_dir, progress.history, splits.classes, eval_data, model=clf.net, skipped=list(skipped),
                        main_process=accelerator.is_main_process)
+
+
+def calibrate(accelerator: Accelerator, run_dir: Path, splits: Splits, config: TrainConfig, report: Reporter, *,
+              missing_only: bool = False) -> None:
+    """Each checkpoint's temperature and OOD threshold (``training.calibrate``), fitted by the main
+    process while the others wait; ``missing_only``: only those of checkpoints that lack them."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        lines = calibrate_run(run_dir, splits, device=accelerator.device, batch_size=config.batch_size,
+                              num_workers=num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda"),
+                              missing_only=missing_only)
+        for line in lines:
+            report.print(line)
+    accelerator.wait_for_everyone()
 
 
 def announce(session: Session, splits: Splits, data_dir: Path) -> None:
