@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, python_cmd, run_cmd, write_image_folder, write_truncated_jpeg
+from conftest import FAST, ROOT, python_cmd, run_cmd, train_until_stopped, write_image_folder, write_truncated_jpeg
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -176,17 +176,21 @@ def test_mixed_precision_choices_on_cpu(tiny_data: Path, tmp_path: Path, flags, 
         assert "fp16 is not supported on the CPU" in captured.err
 
 
-def test_gradient_accumulation_steps_the_scheduler_once_per_optimizer_step(tiny_data: Path, tmp_path: Path):
-    a = quiet_train(["--data", str(tiny_data), "--output-dir", str(tmp_path / "a"), *FAST, "--batch-size", "4",
-                     "--grad-accum-steps", "2", "--optimizer", "adamw", "--lr", "1e-3", "--epochs", "2",
-                     "--warmup-epochs", "0"])
+def test_gradient_accumulation_steps_the_scheduler_once_per_optimizer_step(tiny_data: Path, tmp_path: Path,
+                                                                           monkeypatch):
+    args = ["--data", str(tiny_data), *FAST, "--batch-size", "4", "--grad-accum-steps", "2", "--optimizer", "adamw",
+            "--lr", "1e-3", "--epochs", "2", "--warmup-epochs", "0"]
+    a = quiet_train([*args, "--output-dir", str(tmp_path / "a")])
     # 36 images in batches of 4, two batches per optimizer step: 9 batches, 5 scheduler steps an
     # epoch, 10 in all. After epoch 1 the cosine is half-way down; after epoch 2 at zero. A step per
     # batch would leave 1e-3 * 0.5 * (1 + cos(0.9 pi)) = 2.4e-5 after epoch 1.
     lrs = [next(v for k, v in row.items() if k.startswith("lr_")) for row in a.history]
     assert lrs == pytest.approx([0.5e-3, 0.0], abs=1e-9)
-    state = torch.load(tmp_path / "a" / "state" / "optimizer.bin", weights_only=True)
-    assert {int(s["step"]) for s in state["state"].values()} == {10}  # AdamW's own count of its steps
+    # A finished run keeps no optimizer state: AdamW's own count of its steps, in the state saved
+    # after epoch 1 of the same run stopped there.
+    train_until_stopped([*args, "--output-dir", str(tmp_path / "b")], monkeypatch, epoch=0)
+    state = torch.load(tmp_path / "b" / "state" / "optimizer.bin", weights_only=True)
+    assert {int(s["step"]) for s in state["state"].values()} == {5}
 
 
 def test_resume_without_state_starts_from_the_beginning(tiny_data: Path, tmp_path: Path):
@@ -263,13 +267,16 @@ def optimizer_groups(run: Path) -> dict[str, dict]:
     return {names[i]: g for i, g in enumerate(state["param_groups"])}
 
 
-def test_head_learning_rate_multiplier_and_one_rate_from_scratch(tiny_data: Path, tmp_path: Path):
+def test_head_learning_rate_multiplier_and_one_rate_from_scratch(tiny_data: Path, tmp_path: Path, monkeypatch):
     common = ["--data", str(tiny_data), *FAST, "--model", "mobilenet_v2", "--lr", "0.002", "--weight-decay", "0.001"]
-    quiet_train([*common, "--weights", "IMAGENET1K_V1", "--lr-head-mult", "5", "--output-dir", str(tmp_path / "ft")])
+    # Stopped after one optimizer step, so that the state keeps the optimizer (a finished run's does not).
+    train_until_stopped([*common, "--weights", "IMAGENET1K_V1", "--lr-head-mult", "5", "--output-dir",
+                         str(tmp_path / "ft")], monkeypatch, optimizer_step=1)
     groups = optimizer_groups(tmp_path / "ft")
     assert groups["head"]["initial_lr"] == pytest.approx(0.01) and groups["backbone"]["initial_lr"] == 0.002
     assert groups["backbone_no_decay"]["weight_decay"] == 0 and groups["backbone"]["weight_decay"] == 0.001
-    quiet_train([*common, "--weights", "none", "--lr-head-mult", "5", "--output-dir", str(tmp_path / "sc")])
+    train_until_stopped([*common, "--weights", "none", "--lr-head-mult", "5", "--output-dir", str(tmp_path / "sc")],
+                        monkeypatch, optimizer_step=1)
     assert {g["initial_lr"] for g in optimizer_groups(tmp_path / "sc").values()} == {0.002}
 
 
