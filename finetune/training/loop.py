@@ -203,7 +203,7 @@ def weights_finite(model: nn.Module) -> bool:
     """Whether every parameter is finite (one host sync: call it where a save happens anyway).
 
     A NaN or an infinity makes its tensor's sum non-finite: summing reads each weight once, where
-    ``isfinite`` wrote a flag for each (0.1 s a save for resnet18 on 2 cores). In fp32, so that
+    ``isfinite`` wrote a flag for each (25 ms against 2 ms for resnet18 on 2 cores). In fp32, so that
     half-precision sums cannot overflow.
     """
     return bool(torch.stack([p.detach().sum(dtype=torch.float32) for p in model.parameters()]).isfinite().all())
