@@ -106,13 +106,15 @@ def test_a_finished_run_says_so_and_changes_nothing(tmp_path: Path, tiny_data: P
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
-def test_resuming_a_finished_run_fits_the_calibration_a_kill_interrupted(tmp_path: Path, tiny_data: Path):
+@pytest.mark.parametrize("left", ["no fit", "no OOD file"])
+def test_resuming_a_finished_run_fits_the_calibration_a_kill_interrupted(tmp_path: Path, tiny_data: Path, left: str):
     run = tmp_path / "run"
     args = ["--data", str(tiny_data), "--output-dir", str(run), *FAST]
     quiet_train(args)
     for name in ("model.safetensors", "best.safetensors"):  # as a kill during the calibration leaves them
-        state, meta = load_checkpoint(run / name)
-        save_checkpoint(run / name, state, {k: v for k, v in meta.items() if k not in ("ood", "calibration")})
+        if left == "no fit":
+            state, meta = load_checkpoint(run / name)
+            save_checkpoint(run / name, state, {k: v for k, v in meta.items() if k not in ("ood", "calibration")})
         sidecar(run / name, OOD_SIDECAR).unlink(missing_ok=True)
     with contextlib.redirect_stdout(io.StringIO()) as out:
         result = train.main([*args, "--resume"])
@@ -123,6 +125,23 @@ def test_resuming_a_finished_run_fits_the_calibration_a_kill_interrupted(tmp_pat
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     train.main([*args, "--resume"])  # nothing missing now: nothing written
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_a_checkpoint_left_uncalibrated_beside_a_calibrated_one_of_its_epoch_becomes_its_second_name(
+        tmp_path: Path, tiny_data: Path, monkeypatch):
+    import finetune.training.calibrate as calibrate
+
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_data), "--output-dir", str(run), *FAST]
+    quiet_train(args)
+    state, meta = load_checkpoint(run / "best.safetensors")  # killed after model.safetensors was calibrated
+    save_checkpoint(run / "best.safetensors", state, {k: v for k, v in meta.items() if k not in ("ood", "calibration")})
+    sidecar(run / "best.safetensors", OOD_SIDECAR).unlink()
+    monkeypatch.setattr(calibrate, "_fit", lambda *a, **k: pytest.fail("fitted again"))
+    quiet_train([*args, "--resume"])
+    for first, second in ((run / "model.safetensors", run / "best.safetensors"),
+                          (sidecar(run / "model.safetensors", OOD_SIDECAR), sidecar(run / "best.safetensors", OOD_SIDECAR))):
+        assert first.stat().st_ino == second.stat().st_ino
 
 
 def test_the_same_global_batch_on_fewer_processes_continues_at_the_same_image(stopped_run, tmp_path: Path):

@@ -142,6 +142,6 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     """Tensors as one safetensors file, atomically (a sidecar's)."""
     try:
         with atomic_path(path) as tmp:
-            save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp))
+            save_file(separate_tensors(tensors), str(tmp))
     except (OSError, SafetensorError) as err:
         raise UserError(f"cannot save {path}: {first_line(err)}") from None

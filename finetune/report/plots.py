@@ -424,12 +424,13 @@ def mistakes_png(images: Sequence[np.ndarray], true: Sequence[str], predicted: S
 def suspects_png(images: Sequence[np.ndarray], given: Sequence[str], suggested: Sequence[str],
                  score: Sequence[float], total: int, images_audited: int) -> bytes:
     """The most likely mislabeled images (audit.py), each titled with its given label, the
-    suggested one and the probability that the given label is wrong.
+    suggested one and its suspicion score.
 
     Args:
         images: RGB uint8 arrays (H, W, 3), most suspicious first.
         given, suggested: class names per image.
-        score: 1 - the probability of the given label, per image.
+        score: per image, 1 - the probability of its given label over that label's threshold
+            (``audit.findings``: the ranking's key; negative for an image surer than its class's average).
         total: how many images were flagged; images_audited: how many were audited (for the title).
     """
     def draw():

@@ -19,7 +19,14 @@ import torch
 from finetune.data.folders import Splits
 from finetune.data.loader import make_eval_loader
 from finetune.models.calibration import OOD_BANK, OOD_SIDECAR, calibration_meta, feature_bank, knn_distance
-from finetune.models.checkpoint import load_checkpoint, read_metadata, save_checkpoint, save_tensors, sidecar
+from finetune.models.checkpoint import (
+    load_checkpoint,
+    load_safetensors,
+    read_metadata,
+    save_checkpoint,
+    save_tensors,
+    sidecar,
+)
 from finetune.models.inference import LoadedClassifier, forward_batches, load_classifier
 from finetune.utils.files import atomic_link
 
@@ -76,6 +83,9 @@ def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, 
                   num_workers: int, missing_only: bool = False) -> list[str]:
     """Fit and record the temperature and OOD threshold of each checkpoint in ``run_dir`` (one process).
 
+    Each checkpoint's OOD file is written before the checkpoint that names it: a kill between the
+    two leaves a checkpoint without its fit, which ``missing_only`` finds again.
+
     Args:
         missing_only: only the checkpoints without them (a kill interrupted the calibration).
 
@@ -83,23 +93,27 @@ def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, 
         The lines to print: what was fitted, or how to get calibrated probabilities (nothing where
         nothing was missing).
     """
-    paths = [run_dir / name for name in CHECKPOINTS if (run_dir / name).is_file()
-             and not (missing_only and "ood" in read_metadata(run_dir / name))]
-    if not paths:
+    metas = {run_dir / name: read_metadata(run_dir / name) for name in CHECKPOINTS if (run_dir / name).is_file()}
+    done = {path for path, meta in metas.items() if missing_only and _calibrated(path, meta)}
+    todo = [path for path in metas if path not in done]
+    if not todo:
         return []
-    fitted: dict[Any, Path] = {}  # epoch: the checkpoint fitted for it (best.safetensors of the last epoch is one)
-    for path in paths:
-        fitted.setdefault(read_metadata(path).get("metrics", {}).get("epoch"), path)
-    clfs = [load_classifier(path, device) for path in fitted.values()]
-    extra = dict(zip(fitted.values(), _fit(clfs, splits, batch_size=batch_size, num_workers=num_workers)))
+    epoch = {path: meta.get("metrics", {}).get("epoch") for path, meta in metas.items()}
+    source: dict[Any, Path] = {}  # epoch: the checkpoint whose fit serves it (best.safetensors of the last epoch)
+    for path in sorted(metas, key=lambda path: path not in done):  # one already fitted first
+        source.setdefault(epoch[path], path)
+    fit = list(dict.fromkeys(source[epoch[path]] for path in todo if source[epoch[path]] not in done))
+    fits = dict(zip(fit, _fit([load_classifier(path, device) for path in fit], splits, batch_size=batch_size,
+                              num_workers=num_workers))) if fit else {}
     lines = []
-    for path in paths:
-        source = fitted[read_metadata(path).get("metrics", {}).get("epoch")]
-        meta_keys, tensors = extra[source]
-        if path == source or not _link(source, path):  # a second name of the same epoch's files where it can
+    for path in todo:
+        src = source[epoch[path]]
+        meta_keys = fits[src][0] if src in fits else {k: metas[src][k] for k in ("calibration", "ood") if k in metas[src]}
+        if path == src or not _link(src, path):  # a second name of the same epoch's files where it can
+            save_tensors(sidecar(path, OOD_SIDECAR),
+                         fits[src][1] if src in fits else load_safetensors(sidecar(src, OOD_SIDECAR)))
             state, meta = load_checkpoint(path)
             save_checkpoint(path, state, {**meta, **meta_keys})
-            save_tensors(sidecar(path, OOD_SIDECAR), tensors)
         if "calibration" in meta_keys:
             c = meta_keys["calibration"]
             lines.append(f"{path.name}: temperature {c['temperature']:.3f} fitted on {c['images']} val images "
@@ -110,9 +124,15 @@ def calibrate_run(run_dir: Path, splits: Splits, *, device: str | torch.device, 
     return lines
 
 
+def _calibrated(path: Path, meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint records its fit and has the OOD file it names."""
+    return "ood" in meta and sidecar(path, OOD_SIDECAR).is_file()
+
+
 def _link(source: Path, path: Path) -> bool:
-    """``path`` and its OOD file as second names of ``source``'s (the same epoch's weights)."""
-    return atomic_link(source, path) and atomic_link(sidecar(source, OOD_SIDECAR), sidecar(path, OOD_SIDECAR))
+    """``path`` and its OOD file as second names of ``source``'s (the same epoch's weights), the
+    OOD file first."""
+    return atomic_link(sidecar(source, OOD_SIDECAR), sidecar(path, OOD_SIDECAR)) and atomic_link(source, path)
 
 
 def _fit(clfs: Sequence[LoadedClassifier], splits: Splits, *, batch_size: int,

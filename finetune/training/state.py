@@ -64,10 +64,11 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, progress: Progr
     final, tmp, old = run_dir / STATE, run_dir / f"{STATE}.tmp", run_dir / f"{STATE}.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        if not finished:
+        if finished:
+            tmp.mkdir(parents=True, exist_ok=True)
+        else:
             accelerator.save_state(str(tmp))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
