@@ -242,6 +242,7 @@ def save_checkpoints(session: Session, epoch: int, stats: EpochStats, preds: Pre
     test split. A multi-label checkpoint also records ``task`` and its classes' ``thresholds``."""
     progress = session.progress
     chooser = val if val is not None else preds
+    improved = chooser.score > progress.best_accuracy
     records = session.splits
     if session.accelerator.is_main_process:
         metrics = {"epoch": epoch + 1, "test_accuracy": preds.accuracy, "train_loss": stats.loss,
@@ -263,8 +264,8 @@ def save_checkpoints(session: Session, epoch: int, stats: EpochStats, preds: Pre
         save_checkpoint(session.run_dir / "model.safetensors", state_dict, meta)
         best = session.run_dir / "best.safetensors"
         # The same weights and metadata: a second name of the file just written, not a second write.
-        if chooser.score > progress.best_accuracy and not atomic_link(session.run_dir / "model.safetensors", best):
+        if improved and not atomic_link(session.run_dir / "model.safetensors", best):
             save_checkpoint(best, state_dict, meta)
-    if chooser.score > progress.best_accuracy:
+    if improved:
         progress.best_epoch = epoch + 1
     progress.best_accuracy = max(progress.best_accuracy, chooser.score)

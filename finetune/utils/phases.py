@@ -14,7 +14,7 @@ from typing import Iterator
 
 import psutil
 
-from finetune.utils.files import atomic_path
+from finetune.utils.files import atomic_write_text
 
 
 class PhaseClock:
@@ -42,8 +42,7 @@ class PhaseClock:
         self.mark("end")
         record = {"since_process_start": {k: round(v, 3) for k, v in self.marks.items()},
                   "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 @functools.cache
