@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="draws of moved labels and planted copies")
     parser.add_argument("--kinds", default="fashion-mnist,lfw-faces,textures,photos")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     accelerator = build_accelerator("auto", cpu=True)
     backbone = pretrained_backbone("mobilenet_v2", "IMAGENET1K_V1", args.image_size)
     label_rows, dup_rows = {}, {}
