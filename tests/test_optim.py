@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torchvision.models import get_model
@@ -41,6 +43,32 @@ def test_optimizer_keeps_group_learning_rates(name, cls):
     opt = build_optimizer(name, param_groups(model, "fc", 0.01, 10, 1e-4), 0.01)
     assert isinstance(opt, cls)
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([0.01, 0.1])
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_optimizer_is_fused_on_cpu_and_steps_as_the_default_does(name, cls):
+    torch.manual_seed(0)
+    model, twin = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(name, [{"params": list(model.parameters()), "weight_decay": 1e-2}], 0.01)
+    assert opt.defaults["fused"]
+    default = cls([{"params": list(twin.parameters()), "weight_decay": 1e-2}], lr=0.01,
+                  **({"momentum": 0.9, "nesterov": True} if name == "sgd" else {}))
+    assert not default.defaults["fused"]
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        for net, o in ((model, opt), (twin, default)):
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_is_not_fused_where_the_device_has_no_fused_kernel():
+    model = torch.nn.Linear(8, 3)
+    opt = build_optimizer("adamw", [{"params": list(model.parameters())}], 0.01, device="meta")
+    assert not opt.defaults["fused"]
 
 
 def test_warmup_then_cosine_to_zero():

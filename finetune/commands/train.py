@@ -27,6 +27,10 @@ def main(argv: Sequence[str] | None = None, *, keep_process_group: bool = False)
     config = parse_config(argv, TrainConfig, description=__doc__.splitlines()[0])
     if config.check_data:
         return check_data(config)
+    if config.plots:  # matplotlib loads in the painter's process on the core that torch's import leaves idle
+        from finetune.report import painter
+
+        painter.start()
     from finetune.training.run import train  # after the flags: torch loads here
 
     result = train(config, keep_process_group=keep_process_group)

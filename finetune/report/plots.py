@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from finetune.data.images import load_rgb
 from finetune.utils.files import atomic_write_bytes
 
 MAX_CONFUSION_CLASSES = 30  # beyond this, the matrix shows the most-confused classes only
@@ -195,10 +194,10 @@ def samples_png(names: Sequence[str], loaded: Sequence[Sequence[np.ndarray]],
     return _render(draw)
 
 
-def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[str],
-                         model_view: Callable[[int], Any], seed: int = 0) -> bytes:
-    """``samples_png`` of a training set: a few images of each class, from disk and as the model
-    sees them.
+def training_samples(samples: Sequence[tuple[str, int]], classes: Sequence[str], model_view: Callable[[int], Any],
+                     seed: int = 0) -> tuple[list[str], list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """What ``samples_png`` shows of a training set: the classes drawn, a few of their images from
+    disk, and the same images as the model sees them.
 
     Args:
         samples: the dataset's ``(path, class index)`` pairs (an ImageFolder's ``samples``).
@@ -206,10 +205,18 @@ def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[s
         model_view: dataset index -> the image the model trains on (a uint8 tensor, C x H x W).
         seed: which images are drawn.
     """
+    from finetune.data.images import load_rgb  # torch: not where only pictures are drawn (``painter``)
+
     picks = pick_samples([t for _, t in samples], len(classes), seed=seed)
     loaded = [[np.asarray(load_rgb(samples[i][0], reduce_to=(160, 160))) for i in idx] for _, idx in picks]
     seen = [[np.asarray(model_view(i).permute(1, 2, 0)) for i in idx] for _, idx in picks]
-    return samples_png([classes[c] for c, _ in picks], loaded, seen)
+    return [classes[c] for c, _ in picks], loaded, seen
+
+
+def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                         model_view: Callable[[int], Any], seed: int = 0) -> bytes:
+    """``samples_png`` of a training set (``training_samples``)."""
+    return samples_png(*training_samples(samples, classes, model_view, seed))
 
 
 class Curves:

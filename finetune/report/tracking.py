@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import io
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,7 +27,7 @@ from PIL import Image
 from finetune.data.loader import SeededDataset
 from finetune.data.presets import EvalPreset
 from finetune.errors import UserError
-from finetune.report import plots
+from finetune.report import painter, plots
 
 PROJECT = "finetune"  # TensorBoard's sub-folder, W&B's project, MLflow's experiment
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}  # name: pip package
@@ -275,10 +276,11 @@ class RunLog:
         self.accelerator, self.run_dir = accelerator, run_dir
         self.draws = config.plots and accelerator.is_main_process
         self.fresh = resumed_from is None
-        self.curves = plots.Curves()
-        # Pictures are drawn, encoded and logged on a thread of their own, one at a time in order,
-        # while training goes on: they held the training thread for about 2 s of a 20 s run (issue 23).
-        self.painter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pictures") if self.draws else None
+        self.key = f"{os.getpid()}-{id(self)}"  # this run's curves figure in the painter
+        # Pictures are drawn in the painter's process (``painter``), one at a time in order, while
+        # training goes on; a thread here waits for each and sends it to the trackers: they held the
+        # training thread for about 2 s of a 20 s run (issue 23), and as a thread here its GIL.
+        self.sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pictures") if self.draws else None
         self.pending: list[concurrent.futures.Future] = []
 
     def draw_samples(self, train: Any, loader_dataset: Any, pre: Any, seed: int) -> None:
@@ -294,10 +296,8 @@ class RunLog:
             view = model_view(loader_dataset, train, pre)
             # The augmented views here, on the training thread: augmentation forks torch's global
             # generator, which the training draws from.
-            picks = plots.pick_samples([t for _, t in train.samples], len(train.classes), seed=seed)
-            views = {i: view(i) for _, indices in picks for i in indices}
-            self._picture("samples", lambda: plots.training_samples_png(train.samples, train.classes,
-                                                                        views.__getitem__, seed), 0)
+            self._picture("samples", painter.draw_samples, path,
+                          *plots.training_samples(train.samples, train.classes, view, seed), step=0)
 
     def end_epoch(self, step: int, history: Sequence[dict[str, Any]]) -> None:
         """After an epoch's evaluation, at optimizer step ``step``: the pending points, the epoch's
@@ -307,25 +307,22 @@ class RunLog:
         row = history[-1]
         self.accelerator.log({tag: row[key] for key, tag in EPOCH_TAGS.items() if key in row}, step=step)
         if self.draws:
-            rows = list(history)  # as it is now: the loop goes on appending
-            self._picture("curves", lambda: self.curves.png(rows), step)
+            self._picture("curves", painter.draw_curves, self.key, self.run_dir / "curves.png", list(history),
+                          step=step)
 
     def finish(self) -> None:
         """Wait for the pictures still being drawn (before the trackers end; no more are drawn
         after); a picture that failed raises here."""
         pending, self.pending = self.pending, []
-        if self.painter is not None:
-            self.painter.shutdown(wait=True)
+        if self.sender is not None:
+            self.sender.shutdown(wait=True)
+            painter.submit(painter.forget, self.key)
         for future in pending:
             future.result()
 
-    def _picture(self, name: str, draw: Callable[[], bytes], step: int) -> None:
-        """Draw ``name``.png (``draw`` gives its PNG bytes) into the run folder and the trackers,
-        on the pictures' thread."""
-        def paint() -> None:
-            png = draw()
-            plots.save_png(self.run_dir / f"{name}.png", png)
-            log_png(self.accelerator, name, png, step)
-
+    def _picture(self, name: str, draw: Callable[..., bytes], *args: Any, step: int) -> None:
+        """``draw(*args)`` (a ``painter`` function that writes ``name``.png into the run folder and
+        returns its bytes) in the painter's process, then the PNG to the trackers, in order."""
+        drawn = painter.submit(draw, *args)  # here, not on the thread: the painter starts now
         self.pending = [f for f in self.pending if not f.done() or f.exception()]  # keep failures for finish
-        self.pending.append(self.painter.submit(paint))
+        self.pending.append(self.sender.submit(lambda: log_png(self.accelerator, name, drawn.result(), step)))

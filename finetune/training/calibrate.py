@@ -70,9 +70,10 @@ def held_out_outputs(clfs: Sequence[LoadedClassifier], dataset: Any, *, batch_si
     for images, labels, indices in loader:
         kept = indices >= 0
         targets.append(labels[kept])
+        batch = clfs[0].to_input(images.to(clfs[0].device))  # normalised once for all of them
         for clf, (logits, features) in zip(clfs, outputs):
             with clf.autocast(), clf.feature_tap() as tap:
-                out, _ = next(forward_batches(clf.model, [(images.to(clf.device),)], clf.to_input))
+                out, _ = next(forward_batches(clf.model, [(batch,)], lambda x: x))
             logits.append(out.cpu()[kept])
             features.append(tap.features.cpu()[kept])
     labels = torch.cat(targets)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.data.loader import start_workers
 from finetune.errors import Stopped, UserError
 from finetune.models.build import describe_checkpoint
 from finetune.models.checkpoint import save_checkpoint
@@ -49,6 +50,9 @@ def fit(session: Session) -> Progress:
     config, progress, trainer, clock = session.config, session.progress, session.trainer, session.clock
     session.stop.defer()  # from here on a stop signal waits for a safe point
     clock.mark("fit_start")
+    for loader in (session.test_loader, session.val_loader):
+        if loader is not None:
+            start_workers(loader)  # forked now with the training loader's, not from a grown process later
     try:
         for epoch in range(progress.epoch, config.epochs):
             start_step = progress.step if epoch == progress.epoch else 0

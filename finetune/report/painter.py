@@ -1,0 +1,83 @@
+"""A run's pictures drawn in a process of their own, which loads matplotlib while torch loads here.
+
+A training run's pictures cost about a second of CPU, two thirds of it matplotlib's import and its
+first figure; drawn on a thread of the training process they also took the GIL from the training
+loop. train.py starts the painter (``start``) right after reading its flags, before torch loads:
+the imports run on one core, so matplotlib loads on the other, and the drawing later runs beside
+training with no lock shared. A run that did not start it early (the Python API, study.py) starts
+it on its first picture.
+
+Only drawing and writing the PNG happen there: what to draw (which images, their augmented views)
+is decided in the training process, where the data is, and the PNG bytes come back for the trackers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+_CURVES: dict[str, Any] = {}  # in the painter: each run's curves.png figure, updated epoch by epoch
+
+
+def start() -> None:
+    """Start the painter process now, where it has not started (on the first process of a launch
+    only: the others draw nothing)."""
+    global _POOL
+    if _POOL is None and os.environ.get("RANK", "0") == "0":
+        # A fork where there is one: started early, it copies a small process without torch or
+        # threads, and it does not run the user's script again as a spawned process would (a
+        # script without an ``if __name__ == "__main__"`` guard would train a second time).
+        method = "fork" if sys.platform == "linux" else "spawn"
+        _POOL = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method),
+                                                       initializer=_warm_up)
+        _POOL.submit(int)  # the process starts on the first job
+        atexit.register(_POOL.shutdown)  # before the interpreter tears down what the pool's shutdown uses
+
+
+def submit(function: Any, *args: Any) -> concurrent.futures.Future:
+    """Run ``function(*args)`` (one of this module's ``draw_`` functions) in the painter process."""
+    start()
+    if _POOL is None:  # not the first process of a launch: draw here
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(function(*args))
+        return done
+    return _POOL.submit(function, *args)
+
+
+def _warm_up() -> None:
+    """The painter's start: stop signals are for the training process (it ends the painter), then
+    matplotlib's import and a first figure, whose fonts every later picture reuses."""
+    from finetune.report import plots
+    from finetune.utils.preemption import ignore_stop_signals
+
+    ignore_stop_signals()
+    plots.Curves().png([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.5}])
+
+
+def draw_samples(path: Path, names: Sequence[str], loaded: Any, seen: Any) -> bytes:
+    """``samples.png`` (``plots.samples_png``) written to ``path``; its PNG bytes."""
+    from finetune.report import plots
+
+    png = plots.samples_png(names, loaded, seen)
+    plots.save_png(path, png)
+    return png
+
+
+def draw_curves(key: str, path: Path, rows: Sequence[dict[str, Any]]) -> bytes:
+    """``curves.png`` of the run ``key`` written to ``path``: its figure, kept here, is updated."""
+    from finetune.report import plots
+
+    png = _CURVES.setdefault(key, plots.Curves()).png(rows)
+    plots.save_png(path, png)
+    return png
+
+
+def forget(key: str) -> None:
+    """Drop the run ``key``'s figure (it has ended)."""
+    _CURVES.pop(key, None)
