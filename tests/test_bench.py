@@ -56,6 +56,8 @@ def test_peer_benchmark_prints_the_ratio_of_whole_processes_and_the_projects_pha
     result = json.loads(out.read_text())
     (row,) = result["rows"]
     assert result["summary"]["ratios"] == [round(row["timm"] / row["project"], 3)]
+    assert result["summary"]["ratios_without_calibration"] == [
+        round(row["timm"] / (row["project"] - row["phases"]["calibration"]), 3)]
     assert 0.5 < row["timm"] < row["project"]
     assert {"start-up", "train", "test", "saving", "calibration", "other"} <= set(row["phases"])
     assert sum(v for k, v in row["phases"].items() if k != "marks") == pytest.approx(row["project"])

@@ -249,3 +249,30 @@ def test_each_augmentation_choice_builds_its_preset(tmp_path: Path):
     view = pre.eval_preset()(path)
     flipped = [torch.equal(train_preset("flip", pre)(path), view.flip(-1)) for _ in range(40)]
     assert 5 < sum(flipped) < 35
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_started_workers_serve_every_later_pass_without_another_fork(tiny_data: Path, prepared: bool):
+    """``start_workers`` forks a held-out loader's workers before its first pass (while the
+    training process is small); the passes then use those workers, each image once, in order,
+    also through Accelerate's wrapper."""
+    import multiprocessing
+
+    from accelerate import Accelerator
+
+    from finetune.data.loader import make_eval_loader, start_workers
+    from finetune.data.presets import Preprocessing
+
+    test = image_folder(tiny_data / "test")
+    pre = Preprocessing(image_size=16, resize_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    loader = make_eval_loader(test, pre, batch_size=4, num_workers=2)
+    if prepared:
+        loader = Accelerator(cpu=True).prepare(loader)
+    before = {p.pid for p in multiprocessing.active_children()}
+    start_workers(loader)
+    workers = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(workers) == 2
+    for _ in range(2):
+        indices = torch.cat([batch[2] for batch in loader])
+        assert indices.tolist() == list(range(len(test)))
+        assert {p.pid for p in multiprocessing.active_children()} - before == workers

@@ -260,3 +260,29 @@ def test_png_channels_are_read_from_the_header(mode: str, transparency, channels
     assert plots.png_size(png) == (5, 3) and plots.png_channels(png) == channels
     with pytest.raises(ValueError, match="not PNG"):
         plots.png_size(b"GIF89a" + png[6:])
+
+
+def test_pictures_are_drawn_and_written_in_the_painter_process(tmp_path: Path):
+    import os
+
+    from finetune.report import painter
+
+    assert painter.submit(os.getpid).result() != os.getpid()
+    rows = [{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.6, "test_loss": 0.9}]
+    png = painter.submit(painter.draw_curves, "test-run", tmp_path / "curves.png", rows).result()
+    assert (tmp_path / "curves.png").read_bytes() == png
+    assert decoded(png).size == (750, 300)
+    painter.submit(painter.forget, "test-run").result()
+    # a failure there (here: no such folder) raises where the result is read, with its one-line message
+    with pytest.raises(UserError, match="cannot save"):
+        painter.submit(painter.draw_curves, "test-run", tmp_path / "missing" / "curves.png", rows).result()
+
+
+def test_processes_after_the_first_of_a_launch_draw_in_their_own(monkeypatch):
+    import os
+
+    from finetune.report import painter
+
+    monkeypatch.setattr(painter, "_POOL", None)
+    monkeypatch.setenv("RANK", "1")
+    assert painter.submit(os.getpid).result() == os.getpid()

@@ -50,9 +50,6 @@ def fit(session: Session) -> Progress:
     config, progress, trainer, clock = session.config, session.progress, session.trainer, session.clock
     session.stop.defer()  # from here on a stop signal waits for a safe point
     clock.mark("fit_start")
-    for loader in (session.test_loader, session.val_loader):
-        if loader is not None:
-            start_workers(loader)  # forked now with the training loader's, not from a grown process later
     try:
         for epoch in range(progress.epoch, config.epochs):
             start_step = progress.step if epoch == progress.epoch else 0
@@ -63,6 +60,8 @@ def fit(session: Session) -> Progress:
                 session.batchnorm.open(fresh=False)
             with clock("train"):
                 for step, (images, targets) in enumerate(epoch_batches(session, epoch, start_step), start=start_step):
+                    if "first_step" not in clock.marks:  # the first batch is here: the held-out loaders' workers start
+                        start_held_out_workers(session)
                     clock.mark("first_step")
                     if session.batchnorm and step == session.batchnorm_from:
                         session.batchnorm.open(fresh=True)
@@ -85,6 +84,15 @@ def fit(session: Session) -> Progress:
     except NonFiniteLossError as err:
         raise non_finite_error(session, err) from None
     return progress
+
+
+def start_held_out_workers(session: Session) -> None:
+    """Fork the held-out loaders' workers before the first optimizer step (``data.start_workers``):
+    the gradients and the optimizer state do not exist yet, so the copy-on-write they cause later
+    is the weights' alone. After the training loader's first batch, which they would delay."""
+    for loader in (session.test_loader, session.val_loader):
+        if loader is not None:
+            start_workers(loader)
 
 
 def evaluate_splits(session: Session) -> tuple[Any, Any]:
