@@ -286,3 +286,38 @@ def test_processes_after_the_first_of_a_launch_draw_in_their_own(monkeypatch):
     monkeypatch.setattr(painter, "_POOL", None)
     monkeypatch.setenv("RANK", "1")
     assert painter.submit(os.getpid).result() == os.getpid()
+
+
+def test_the_painter_ends_when_its_parent_is_killed(tmp_path: Path):
+    """A training process killed outright cannot end its painter: the painter sees its parent gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os, sys, time\nfrom finetune.report import painter\n"
+              "print(painter.submit(os.getpid).result(), flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        child = int(parent.stdout.readline())
+        assert child != parent.pid
+        os.kill(child, 0)  # it is alive
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        try:  # reaped by init; a zombie of ours would still answer
+            if open(f"/proc/{child}/stat").read().split()[2] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError(f"the painter {child} outlived its killed parent by a minute")

@@ -112,7 +112,7 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_no_pictures_or_logs(tiny_dat
     from finetune.training import run as training_run
 
     def fail(session, *args, **kwargs):
-        session.log.finish()  # samples.png is drawn on the pictures' thread while training starts
+        session.log.finish()  # samples.png is drawn in the painter process while training starts
         assert (run / "samples.png").exists() and not (run / "curves.png").exists()
         raise UserError("the loss is NaN")
 

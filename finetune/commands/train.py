@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None, *, keep_process_group: bool = False)
     if config.check_data:
         return check_data(config)
     if config.plots:  # matplotlib loads in the painter's process on the core that torch's import leaves idle
-        from finetune.report import painter
+        from finetune.report import painter  # torch-free, like this module: before torch loads
 
         painter.start()
     from finetune.training.run import train  # after the flags: torch loads here

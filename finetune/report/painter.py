@@ -18,8 +18,13 @@ import concurrent.futures
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from finetune.report import plots
+from finetune.utils.preemption import ignore_stop_signals
 
 _POOL: concurrent.futures.ProcessPoolExecutor | None = None
 _CURVES: dict[str, Any] = {}  # in the painter: each run's curves.png figure, updated epoch by epoch
@@ -53,17 +58,21 @@ def submit(function: Any, *args: Any) -> concurrent.futures.Future:
 def _warm_up() -> None:
     """The painter's start: stop signals are for the training process (it ends the painter), then
     matplotlib's import and a first figure, whose fonts every later picture reuses."""
-    from finetune.report import plots
-    from finetune.utils.preemption import ignore_stop_signals
-
     ignore_stop_signals()
+    threading.Thread(target=_end_with, args=(os.getppid(),), daemon=True).start()
     plots.Curves().png([{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.5}])
+
+
+def _end_with(parent: int) -> None:
+    """End the painter once its parent has gone (killed, it could not end it): a forked painter
+    holds its own end of the job queue, so it would wait for jobs forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def draw_samples(path: Path, names: Sequence[str], loaded: Any, seen: Any) -> bytes:
     """``samples.png`` (``plots.samples_png``) written to ``path``; its PNG bytes."""
-    from finetune.report import plots
-
     png = plots.samples_png(names, loaded, seen)
     plots.save_png(path, png)
     return png
@@ -71,8 +80,6 @@ def draw_samples(path: Path, names: Sequence[str], loaded: Any, seen: Any) -> by
 
 def draw_curves(key: str, path: Path, rows: Sequence[dict[str, Any]]) -> bytes:
     """``curves.png`` of the run ``key`` written to ``path``: its figure, kept here, is updated."""
-    from finetune.report import plots
-
     png = _CURVES.setdefault(key, plots.Curves()).png(rows)
     plots.save_png(path, png)
     return png
