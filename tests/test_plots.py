@@ -321,3 +321,23 @@ def test_the_painter_ends_when_its_parent_is_killed(tmp_path: Path):
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     raise AssertionError(f"the painter {child} outlived its killed parent by a minute")
+
+
+def test_a_killed_painter_is_replaced_by_the_next_picture(monkeypatch):
+    """Pictures are not worth a run: a painter ended from outside (the OOM killer) fails the picture
+    it was drawing, and the next one starts a new painter."""
+    import concurrent.futures
+    import os
+    import signal
+
+    from finetune.report import painter
+
+    monkeypatch.setattr(painter, "_POOL", None)  # a painter of this test's own
+    first = painter.submit(os.getpid).result()
+    doomed = painter.submit(__import__("time").sleep, 30)
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+        doomed.result(timeout=60)
+    second = painter.submit(os.getpid).result(timeout=60)
+    assert second not in (first, os.getpid())
+    painter._POOL.shutdown()

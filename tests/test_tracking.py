@@ -170,3 +170,22 @@ def test_hyperparameters_are_flat_values():
         scale: tuple[float, float] = (0.08, 1.0)
 
     assert tracking.hyperparameters(Config()) == {"data": "none", "lr": 0.1, "scale": "(0.08, 1.0)"}
+
+
+def test_a_picture_whose_painter_was_killed_is_a_warning_not_a_failed_run(tmp_path: Path, monkeypatch, capsys):
+    import concurrent.futures.process
+
+    from finetune.config import TrainConfig
+    from finetune.report import painter
+
+    def killed(function, *args):
+        future = concurrent.futures.Future()
+        future.set_exception(concurrent.futures.process.BrokenProcessPool("a child process terminated abruptly"))
+        return future
+
+    config = TrainConfig(log_with="none")
+    log = tracking.RunLog(Accelerator(cpu=True), config, tmp_path, batches_per_epoch=4)
+    monkeypatch.setattr(painter, "submit", killed)
+    log.end_epoch(4, [{"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_acc": 0.5}])
+    log.finish()  # does not raise
+    assert "warning: curves.png was not drawn: the process drawing it ended" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import concurrent.futures.process
 import multiprocessing
 import os
 import sys
@@ -47,12 +48,18 @@ def start() -> None:
 
 def submit(function: Any, *args: Any) -> concurrent.futures.Future:
     """Run ``function(*args)`` (one of this module's ``draw_`` functions) in the painter process."""
+    global _POOL
     start()
     if _POOL is None:  # not the first process of a launch: draw here
         done: concurrent.futures.Future = concurrent.futures.Future()
         done.set_result(function(*args))
         return done
-    return _POOL.submit(function, *args)
+    try:
+        return _POOL.submit(function, *args)
+    except concurrent.futures.process.BrokenProcessPool:  # the painter was killed (the OOM killer): a new one
+        _POOL = None
+        start()
+        return _POOL.submit(function, *args)
 
 
 def _warm_up() -> None:

@@ -10,10 +10,12 @@ them again.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import dataclasses
 import io
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -324,5 +326,14 @@ class RunLog:
         """``draw(*args)`` (a ``painter`` function that writes ``name``.png into the run folder and
         returns its bytes) in the painter's process, then the PNG to the trackers, in order."""
         drawn = painter.submit(draw, *args)  # here, not on the thread: the painter starts now
+
+        def send() -> None:
+            try:
+                png = drawn.result()
+            except concurrent.futures.process.BrokenProcessPool:  # killed from outside; the next starts anew
+                print(f"warning: {name}.png was not drawn: the process drawing it ended", file=sys.stderr)
+                return
+            log_png(self.accelerator, name, png, step)
+
         self.pending = [f for f in self.pending if not f.done() or f.exception()]  # keep failures for finish
-        self.pending.append(self.sender.submit(lambda: log_png(self.accelerator, name, drawn.result(), step)))
+        self.pending.append(self.sender.submit(send))
