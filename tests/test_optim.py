@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 from torchvision.models import get_model
@@ -62,6 +61,15 @@ def test_optimizer_is_fused_on_cpu_and_steps_as_the_default_does(name, cls):
             o.zero_grad()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_is_not_fused_under_fp16s_loss_scaler():
+    """A fused step skips an overflowing fp16 step in its kernel, unseen by Accelerate's scaler check."""
+    model = torch.nn.Linear(8, 3)
+    opt = build_optimizer("adamw", [{"params": list(model.parameters())}], 0.01, mixed_precision="fp16")
+    assert not opt.defaults["fused"]
+    opt = build_optimizer("adamw", [{"params": list(model.parameters())}], 0.01, mixed_precision="bf16")
+    assert opt.defaults["fused"]
 
 
 def test_optimizer_is_not_fused_where_the_device_has_no_fused_kernel():

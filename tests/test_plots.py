@@ -338,6 +338,21 @@ def test_a_killed_painter_is_replaced_by_the_next_picture(monkeypatch):
     os.kill(first, signal.SIGKILL)
     with pytest.raises(concurrent.futures.process.BrokenProcessPool):
         doomed.result(timeout=60)
-    second = painter.submit(os.getpid).result(timeout=60)
-    assert second not in (first, os.getpid())
-    painter._POOL.shutdown()
+    try:
+        second = painter.submit(os.getpid).result(timeout=60)
+        assert second not in (first, os.getpid())
+    finally:
+        painter._POOL.shutdown()
+
+
+def test_the_painter_starts_and_its_pictures_import_without_torch():
+    """train.py starts the painter before torch loads, so that matplotlib loads beside torch's import."""
+    import subprocess
+    import sys
+
+    probe = ("import os, sys\nfrom finetune.report import painter\n"
+             "assert painter.submit(os.getpid).result() != os.getpid()\n"
+             "print('torch imported:', 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert "torch imported: False" in proc.stdout, proc.stdout + proc.stderr

@@ -43,7 +43,9 @@ def start() -> None:
         _POOL = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method),
                                                        initializer=_warm_up)
         _POOL.submit(int)  # the process starts on the first job
-        atexit.register(_POOL.shutdown)  # before the interpreter tears down what the pool's shutdown uses
+        # Shut down while the interpreter is whole: left to teardown, the pool's weakref callback
+        # printed an error about a module already gone.
+        atexit.register(_POOL.shutdown)
 
 
 def submit(function: Any, *args: Any) -> concurrent.futures.Future:
@@ -60,6 +62,15 @@ def submit(function: Any, *args: Any) -> concurrent.futures.Future:
         _POOL = None
         start()
         return _POOL.submit(function, *args)
+
+
+def release(key: str) -> None:
+    """Drop the run ``key``'s figure in the painter, where one is running (no new one for it)."""
+    if _POOL is not None:
+        try:
+            _POOL.submit(forget, key)
+        except concurrent.futures.process.BrokenProcessPool:
+            pass
 
 
 def _warm_up() -> None:

@@ -34,6 +34,7 @@ from finetune.report import painter, plots
 PROJECT = "finetune"  # TensorBoard's sub-folder, W&B's project, MLflow's experiment
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}  # name: pip package
 POINTS_PER_EPOCH = 50
+PICTURE_SECONDS = 120  # a picture takes well under a second; past this its process is taken as stuck
 
 
 def check_tracker(name: str) -> None:
@@ -314,11 +315,12 @@ class RunLog:
 
     def finish(self) -> None:
         """Wait for the pictures still being drawn (before the trackers end; no more are drawn
-        after); a picture that failed raises here."""
+        after); a picture that failed raises here (one whose process was killed, or hung, is a
+        warning)."""
         pending, self.pending = self.pending, []
         if self.sender is not None:
             self.sender.shutdown(wait=True)
-            painter.submit(painter.forget, self.key)
+            painter.release(self.key)
         for future in pending:
             future.result()
 
@@ -329,9 +331,13 @@ class RunLog:
 
         def send() -> None:
             try:
-                png = drawn.result()
+                png = drawn.result(timeout=PICTURE_SECONDS)
             except concurrent.futures.process.BrokenProcessPool:  # killed from outside; the next starts anew
                 print(f"warning: {name}.png was not drawn: the process drawing it ended", file=sys.stderr)
+                return
+            except TimeoutError:  # a painter that hangs does not hold the run's end
+                print(f"warning: {name}.png was not drawn: its process did not answer in {PICTURE_SECONDS} s",
+                      file=sys.stderr)
                 return
             log_png(self.accelerator, name, png, step)
 

@@ -87,9 +87,13 @@ def fit(session: Session) -> Progress:
 
 
 def start_held_out_workers(session: Session) -> None:
-    """Fork the held-out loaders' workers before the first optimizer step (``data.start_workers``):
-    the gradients and the optimizer state do not exist yet, so the copy-on-write they cause later
-    is the weights' alone. After the training loader's first batch, which they would delay."""
+    """On a CPU, fork the held-out loaders' workers before the first optimizer step
+    (``data.start_workers``): the gradients (and on a fresh start the optimizer state) do not exist
+    yet, so the copy-on-write they cause later is mostly the weights'. After the training loader's
+    first batch, which they would delay. On a GPU those live in its memory, and starting early
+    would only hold the first batches, pinned, through the first epoch."""
+    if session.accelerator.device.type != "cpu":
+        return
     for loader in (session.test_loader, session.val_loader):
         if loader is not None:
             start_workers(loader)

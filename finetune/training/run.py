@@ -212,11 +212,11 @@ def calibrate(accelerator: Accelerator, run_dir: Path, splits: Splits, config: T
     if accelerator.is_main_process:
         # On a CPU, the forward passes take every core, and loader workers forked from a process that
         # holds a whole run copy its pages as it writes them: decoding here was 0.3 s faster (resnet18,
-        # 192 images, 2 cores). A GPU needs the workers' decoding beside its forward passes.
+        # 192 images, 2 cores), so the automatic choice (-1) is none. A GPU needs the workers' decoding.
         on_gpu = accelerator.device.type == "cuda"
+        workers = num_workers(config.num_workers, on_gpu) if on_gpu or config.num_workers >= 0 else 0
         lines = calibrate_run(run_dir, splits, device=accelerator.device, batch_size=config.batch_size,
-                              num_workers=num_workers(config.num_workers, on_gpu=True) if on_gpu else 0,
-                              missing_only=missing_only)
+                              num_workers=workers, missing_only=missing_only)
         for line in lines:
             report.print(line)
     accelerator.wait_for_everyone()

@@ -179,7 +179,8 @@ def prepare_session(*, config: TrainConfig, accelerator: Accelerator, clf: Class
         clf.net = clf.net.to(memory_format=torch.channels_last)
     head_mult = config.lr_head_mult if clf.weights.pretrained else 1.0  # from scratch: one learning rate
     groups = param_groups(clf.net, clf.head, config.lr, head_mult, config.weight_decay, config.decay_norm_and_bias)
-    optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum, device=accelerator.device)
+    optimizer = build_optimizer(config.optimizer, groups, config.lr, config.momentum, device=accelerator.device,
+                                mixed_precision=accelerator.mixed_precision)
     workers = num_workers(config.num_workers, on_gpu=accelerator.device.type == "cuda")
     to_input = ModelInput(clf.preprocessing.mean, clf.preprocessing.std, config.channels_last)
     skipped = SkippedImages() if config.bad_data == "skip" else None
