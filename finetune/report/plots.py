@@ -213,12 +213,6 @@ def training_samples(samples: Sequence[tuple[str, int]], classes: Sequence[str],
     return [classes[c] for c, _ in picks], loaded, seen
 
 
-def training_samples_png(samples: Sequence[tuple[str, int]], classes: Sequence[str],
-                         model_view: Callable[[int], Any], seed: int = 0) -> bytes:
-    """``samples_png`` of a training set (``training_samples``)."""
-    return samples_png(*training_samples(samples, classes, model_view, seed))
-
-
 class Curves:
     """``curves.png`` of a training run, redrawn after each epoch: loss and accuracy per epoch from
     the run's history rows (``epoch``, ``train_loss``, ``train_acc``, ``test_acc``, and

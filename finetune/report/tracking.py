@@ -287,7 +287,8 @@ class RunLog:
         self.pending: list[concurrent.futures.Future] = []
 
     def draw_samples(self, train: Any, loader_dataset: Any, pre: Any, seed: int) -> None:
-        """``samples.png`` (``plots.training_samples_png``) at a run's start (on a resume, only if missing).
+        """``samples.png`` (``plots.training_samples``, drawn by ``painter.draw_samples``) at a run's
+        start (on a resume, only if missing).
 
         Args:
             train: the training ImageFolder.
