@@ -150,3 +150,64 @@ def test_offline_copy_is_checked_against_the_full_sha256(hub_dir: Path, tmp_path
     assert not models._from_mirror(target) and not target.exists()
     monkeypatch.setitem(models.OFFLINE_MIRRORS, target.name, (package, inner, sha256))
     assert models._from_mirror(target) and hashlib.sha256(target.read_bytes()).hexdigest() == sha256
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "googlenet", "timm/convnext_atto", "timm/vit_tiny_patch16_224"])
+def test_a_checkpoint_loads_into_a_model_built_without_initialising_it(arch):
+    """``model_from_checkpoint`` skips the random initialisation (meta device) and gives the same
+    model as building one and loading into it: the same tensors, the same outputs."""
+    from finetune.models.build import build_for_checkpoint, model_from_checkpoint, recorded_arch_kwargs
+
+    torch.manual_seed(0)
+    trained = build_for_checkpoint(arch, 3, {"arch_kwargs": {"img_size": 64}} if "vit" in arch else None).eval()
+    meta = {"arch": arch, "classes": ["a", "b", "c"], "arch_kwargs": recorded_arch_kwargs(trained)}
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    net = model_from_checkpoint(state, meta, "does not fit").eval()
+    assert not any(t.is_meta for t in [*net.parameters(), *net.buffers()])
+    assert all(net.state_dict()[k].data_ptr() == v.data_ptr() for k, v in state.items())  # not built for real
+    assert all(p.requires_grad for p in net.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x), trained(x))
+    with pytest.raises(UserError, match="does not fit: .*missing"):
+        model_from_checkpoint({k: v for k, v in state.items() if "fc" not in k and "head" not in k}, meta, "does not fit")
+
+
+def test_a_model_computing_its_own_tensors_is_built_for_real(monkeypatch):
+    """What the checkpoint does not hold (a non-persistent buffer, a plain tensor attribute) or holds
+    once for two names would stay empty on the meta device: such a model is built the slow way."""
+    from finetune.models import build
+    from finetune.models.build import _filled_by
+
+    def filled(make):
+        with torch.device("meta"):
+            net = make()
+        real = make()
+        return _filled_by(net, {k: v.clone() for k, v in real.state_dict().items()})
+
+    class Buffered(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(2, 2)
+            self.register_buffer("index", torch.arange(4), persistent=False)
+
+    class Attribute(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(2, 2)
+            self.scale = torch.ones(2)
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 2)
+            self.b = torch.nn.Linear(2, 2)
+            self.b.weight = self.a.weight
+
+    assert filled(lambda: torch.nn.Linear(2, 2))
+    assert not filled(Buffered)
+    assert not filled(Attribute)
+    assert not filled(Tied)
+
+    monkeypatch.setattr(build, "build_for_checkpoint", lambda arch, num_classes, meta: Buffered())
+    state = {k: torch.randn_like(v) for k, v in Buffered().state_dict().items()}
+    net = build.model_from_checkpoint(state, {"arch": "buffered", "classes": ["a", "b"]}, "does not fit")
+    assert torch.equal(net.index, torch.arange(4)) and torch.equal(net.weight, state["weight"])

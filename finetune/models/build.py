@@ -160,6 +160,38 @@ def build_for_checkpoint(arch: str, num_classes: int, meta: dict[str, Any] | Non
     return get_model(arch, weights=None, num_classes=num_classes, **arch_kwargs(arch, meta))
 
 
+def model_from_checkpoint(state: dict[str, torch.Tensor], meta: dict[str, Any], problem: str) -> nn.Module:
+    """The checkpoint's model holding its ``state`` (``load_exactly``; ``problem`` starts its errors).
+
+    Built on the meta device and given the checkpoint's own tensors: a random initialisation that
+    loading overwrites costs 0.09 s for resnet18 and 0.5 s for vit_b_16 on 2 cores, paid by every
+    eval, predict, serve and calibration. A model that computes a tensor at construction that the
+    file lacks (a non-persistent buffer, a plain tensor attribute), or shares one between two names,
+    is built for real instead.
+    """
+    arch, num_classes = meta["arch"], len(meta["classes"])
+    with torch.device("meta"):
+        net = build_for_checkpoint(arch, num_classes, meta)
+    if _filled_by(net, state):
+        load_exactly(net, state, problem, assign=True)
+        return net
+    net = build_for_checkpoint(arch, num_classes, meta)
+    load_exactly(net, state, problem)
+    return net
+
+
+def _filled_by(net: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` replaces every tensor of ``net``, one name each, in its dtype."""
+    named = {**dict(net.named_parameters(remove_duplicate=False)), **dict(net.named_buffers(remove_duplicate=False))}
+    if named.keys() != state.keys() or len({id(t) for t in named.values()}) < len(named):
+        return False
+    if any(named[k].dtype != v.dtype for k, v in state.items()):
+        return False
+    registered = {id(t) for t in named.values()}
+    return not any(isinstance(v, torch.Tensor) and v.is_meta and id(v) not in registered
+                   for module in net.modules() for v in vars(module).values())
+
+
 @dataclass
 class Classifier:
     """A model ready to fine-tune, and what was done to it."""

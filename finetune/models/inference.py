@@ -32,10 +32,9 @@ from torch import nn
 from finetune.data.images import BadImageError, to_rgb
 from finetune.data.inputs import image_paths
 from finetune.data.presets import ModelInput, Preprocessing
-from finetune.models.build import build_for_checkpoint, fuse_for_inference
+from finetune.models.build import fuse_for_inference, model_from_checkpoint
 from finetune.models.calibration import OOD_BANK, OOD_SIDECAR, Calibration, knn_distance
 from finetune.models.checkpoint import checkpoint_file, load_checkpoint, load_safetensors, sidecar
-from finetune.models.weights import load_exactly
 from finetune.utils.runtime import eval_precision, precision_name, resolve_precision
 
 ImageInput = str | Path | Image.Image
@@ -305,8 +304,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
     path = checkpoint_file(path)  # a run folder means its model.safetensors
     state, meta = load_checkpoint(path)
     classes = list(meta["classes"])
-    net = build_for_checkpoint(meta["arch"], len(classes), meta)
-    load_exactly(net, state, f"{path} does not fit a {meta['arch']} with {len(classes)} classes")
+    net = model_from_checkpoint(state, meta, f"{path} does not fit a {meta['arch']} with {len(classes)} classes")
     net = fuse_for_inference(net) if fold_batchnorm else net.eval()
     device = torch.device(device)
     net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)

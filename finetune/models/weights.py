@@ -158,14 +158,18 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_exactly(net: nn.Module, state: dict[str, torch.Tensor], problem: str) -> None:
+def load_exactly(net: nn.Module, state: dict[str, torch.Tensor], problem: str, *, assign: bool = False) -> None:
     """Load ``state`` into ``net``: every tensor present, of the right shape, nothing extra.
+
+    Args:
+        assign: make ``state``'s tensors the model's own (into a model built on the meta device),
+            instead of copying them into its tensors.
 
     Raises:
         UserError: starting with ``problem``, naming the first mismatch.
     """
     try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing, unexpected = net.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as err:  # shape mismatches
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
         raise UserError(f"{problem}: {detail.split(' from checkpoint')[0] or 'tensor shapes differ'}") from None
