@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    hold_the_store_at_exit()
     received: list[str] = []
     forward_stop_signals(received)  # one process: Accelerate's simple launcher forwards nothing
     accelerate_launch.signal = _KeepSigterm()  # see _KeepSigterm
@@ -52,6 +53,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     except subprocess.CalledProcessError as err:
         return failed({0: err.returncode}, received)
     return 0
+
+
+# Keys of the check-out after torch's exit barrier (``leave_last``): new ones, as that barrier's are
+# used once per run.
+LEFT, ALL_LEFT = "finetune/exit/left", "finetune/exit/all_left"
+
+
+def hold_the_store_at_exit() -> None:
+    """Keep the launcher that hosts the rendezvous store alive until every node's launcher has left
+    torch's exit barrier (several machines; ``leave_last``).
+
+    The last launcher into that barrier leaves it at once, and where it hosts the store (the first
+    machine, with the static rendezvous that ``--machine_rank`` gives), its exit closed the store
+    under a launcher that had just arrived: after a run that had finished on every node, that
+    launcher printed torch's "Error waiting on exit barrier" traceback (seen on a 2-node SLURM job).
+    """
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+    if getattr(SimpleElasticAgent._exit_barrier, "leaves_last", False):
+        return
+    SimpleElasticAgent._exit_barrier = then_leave_last(SimpleElasticAgent._exit_barrier)
+
+
+def then_leave_last(exit_barrier: Any) -> Any:
+    """``SimpleElasticAgent._exit_barrier`` followed by ``leave_last``."""
+
+    def wrapped(agent: Any) -> None:
+        exit_barrier(agent)
+        group = agent._worker_group
+        leave_last(agent._store, group.group_rank, group.group_world_size, agent._exit_barrier_timeout)
+
+    wrapped.leaves_last = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def leave_last(store: Any, rank: int, world_size: int, timeout: float) -> None:
+    """Every node's launcher checks out here after torch's exit barrier; the first machine's (rank 0,
+    the store's host) waits until all have, so none is still using the store when it closes.
+
+    The last to check out marks it, and only after its own last request, so a host that leaves
+    then has nothing left to serve. A launcher that never checks out (its node died) keeps the host
+    ``timeout`` seconds at most, as torch's own barrier would, and is named in one line.
+    """
+    from torch.distributed.elastic.utils.store import store_timeout
+
+    if world_size <= 1:
+        return
+    try:
+        with store_timeout(store, timeout):
+            if store.add(LEFT, 1) == world_size:
+                store.set(ALL_LEFT, "1")
+            if rank == 0:
+                store.wait([ALL_LEFT])
+    except Exception as err:  # the store's errors come in several types; the run itself is over
+        print(f"launcher: not every node's launcher finished within {timeout:.0f} s of this one "
+              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", file=sys.stderr, flush=True)
 
 
 def forward_stop_signals(received: list[str]) -> None:
