@@ -61,8 +61,9 @@ class _Subset:
 def held_out_outputs(clfs: Sequence[LoadedClassifier], dataset: Any, *, batch_size: int,
                      num_workers: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Raw logits, penultimate features and labels of every readable image of ``dataset``, computed
-    as eval.py computes them, for each of ``clfs`` (one run's checkpoints, which share their
-    preprocessing): each image is read and decoded once for all of them."""
+    as eval.py computes them (its preprocessing and precision; with BatchNorm folded where ``clfs``
+    were loaded so), for each of ``clfs`` (one run's checkpoints, which share their preprocessing):
+    each image is read and decoded once for all of them."""
     loader = make_eval_loader(dataset, clfs[0].preprocessing, batch_size=batch_size, num_workers=num_workers,
                               skipped=_Ignore())
     outputs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in clfs]
