@@ -57,7 +57,8 @@ def test_a_node_that_never_checks_out_keeps_the_host_its_timeout_and_is_one_line
     host = TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
     launch.leave_last(host, 0, 2, 1)
     err = capsys.readouterr().err
-    assert err.startswith("launcher: not every node's launcher finished within 1 s") and err.count("\n") == 1
+    assert err.startswith("launcher: the run has finished here, but not every node's launcher checked out "
+                          "within 1 s") and err.count("\n") == 1
     assert "Traceback" not in err
 
 
@@ -78,11 +79,27 @@ def test_the_agent_leaves_last_after_torchs_exit_barrier(monkeypatch: pytest.Mon
     launch.hold_the_store_at_exit()
     launch.hold_the_store_at_exit()  # a second call does not wrap it twice
 
+    class Rendezvous:
+        def __init__(self, backend: str):
+            self.backend = backend
+
+        def get_backend(self) -> str:
+            return self.backend
+
+    class Spec:
+        def __init__(self, backend: str):
+            self.rdzv_handler = Rendezvous(backend)
+
     class Group:
-        group_rank, group_world_size = 1, 3
+        def __init__(self, backend: str):
+            self.group_rank, self.group_world_size, self.spec = 1, 3, Spec(backend)
 
     class Agent:
-        _store, _worker_group, _exit_barrier_timeout = "store", Group(), 300
+        def __init__(self, backend: str):
+            self._store, self._worker_group, self._exit_barrier_timeout = "store", Group(backend), 300
 
-    SimpleElasticAgent._exit_barrier(Agent())
+    SimpleElasticAgent._exit_barrier(Agent("static"))
     assert calls == [("torch's barrier",), ("leave_last", "store", 1, 3, 300)]
+    calls.clear()
+    SimpleElasticAgent._exit_barrier(Agent("c10d"))  # any launcher may host c10d's store: torch's barrier alone
+    assert calls == [("torch's barrier",)]

@@ -82,7 +82,10 @@ def then_leave_last(exit_barrier: Any) -> Any:
     def wrapped(agent: Any) -> None:
         exit_barrier(agent)
         group = agent._worker_group
-        leave_last(agent._store, group.group_rank, group.group_world_size, agent._exit_barrier_timeout)
+        # Only the static rendezvous says which launcher hosts the store (machine rank 0); with
+        # another (c10d's), any may, and torch's barrier is left as it is.
+        if group.spec.rdzv_handler.get_backend() == "static":
+            leave_last(agent._store, group.group_rank, group.group_world_size, agent._exit_barrier_timeout)
 
     wrapped.leaves_last = True  # type: ignore[attr-defined]
     return wrapped
@@ -107,8 +110,9 @@ def leave_last(store: Any, rank: int, world_size: int, timeout: float) -> None:
             if rank == 0:
                 store.wait([ALL_LEFT])
     except Exception as err:  # the store's errors come in several types; the run itself is over
-        print(f"launcher: not every node's launcher finished within {timeout:.0f} s of this one "
-              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})", file=sys.stderr, flush=True)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"launcher: the run has finished here, but not every node's launcher checked out within "
+              f"{timeout:.0f} s ({type(err).__name__}: {detail})", file=sys.stderr, flush=True)
 
 
 def forward_stop_signals(received: list[str]) -> None:
