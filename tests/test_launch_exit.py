@@ -32,8 +32,8 @@ def test_the_store_host_leaves_after_a_node_that_arrived_before_it_but_waits_aft
         checked_in.set()
         resume.wait(SECONDS)
         node.wait([last_member])  # torch's barrier, from here on
+        order.append("node through")  # before its check-out, which the host waits for
         launch.leave_last(node, 1, 2, SECONDS)
-        order.append("node left")
         node_left.set()
 
     def host_side() -> None:
@@ -50,16 +50,16 @@ def test_the_store_host_leaves_after_a_node_that_arrived_before_it_but_waits_aft
     resume.set()  # the node goes on to its wait only now, after the host was let through
     for t in threads:
         t.join(SECONDS)
-    assert node_left.is_set() and order == ["node left", "host left"]
+    assert node_left.is_set() and order == ["node through", "host left"]
 
 
 def test_a_node_that_never_checks_out_keeps_the_host_its_timeout_and_is_one_line(capsys):
     host = TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
     launch.leave_last(host, 0, 2, 1)
     err = capsys.readouterr().err
-    assert err.startswith("launcher: the run has finished here, but not every node's launcher checked out "
-                          "within 1 s") and err.count("\n") == 1
-    assert "Traceback" not in err
+    # The launcher's own line (torch's C++ store may add warnings of its own on the terminal).
+    assert err.startswith("launcher: the run has finished here, but not every node's launcher checked out (")
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_one_machine_has_nothing_to_wait_for():
@@ -99,7 +99,24 @@ def test_the_agent_leaves_last_after_torchs_exit_barrier(monkeypatch: pytest.Mon
             self._store, self._worker_group, self._exit_barrier_timeout = "store", Group(backend), 300
 
     SimpleElasticAgent._exit_barrier(Agent("static"))
-    assert calls == [("torch's barrier",), ("leave_last", "store", 1, 3, 300)]
+    assert calls[0] == ("torch's barrier",) and calls[1][:4] == ("leave_last", "store", 1, 3)
+    assert 299 < calls[1][4] <= 300  # what torch's barrier left of the timeout
     calls.clear()
     SimpleElasticAgent._exit_barrier(Agent("c10d"))  # any launcher may host c10d's store: torch's barrier alone
     assert calls == [("torch's barrier",)]
+
+
+def test_a_stop_signal_during_the_check_out_is_the_launchers_to_handle():
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    class Signalled:
+        timeout = None
+
+        def set_timeout(self, timeout):
+            self.timeout = timeout
+
+        def add(self, key, value):
+            raise SignalException("SIGTERM", 15)
+
+    with pytest.raises(SignalException):
+        launch.leave_last(Signalled(), 0, 2, SECONDS)

@@ -152,25 +152,33 @@ def test_offline_copy_is_checked_against_the_full_sha256(hub_dir: Path, tmp_path
     assert models._from_mirror(target) and hashlib.sha256(target.read_bytes()).hexdigest() == sha256
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "googlenet", "timm/convnext_atto", "timm/vit_tiny_patch16_224"])
-def test_a_checkpoint_loads_into_a_model_built_without_initialising_it(arch):
+@pytest.mark.parametrize("arch", ["resnet18", "googlenet", "regnet_x_400mf", "mnasnet0_5", "timm/convnext_atto",
+                                  "timm/vit_tiny_patch16_224"])
+def test_a_checkpoint_loads_into_a_model_built_without_initialising_it(arch, monkeypatch):
     """``model_from_checkpoint`` skips the random initialisation (meta device) and gives the same
-    model as building one and loading into it: the same tensors, the same outputs."""
+    model as building one and loading into it: the same tensors, the same outputs. RegNet's
+    constructor reads a tensor's value, which the meta device cannot give: it is built for real.
+    MNASNet checks the per-module versions that a safetensors file does not carry."""
+    from finetune.models import build
     from finetune.models.build import build_for_checkpoint, model_from_checkpoint, recorded_arch_kwargs
 
     torch.manual_seed(0)
     trained = build_for_checkpoint(arch, 3, {"arch_kwargs": {"img_size": 64}} if "vit" in arch else None).eval()
     meta = {"arch": arch, "classes": ["a", "b", "c"], "arch_kwargs": recorded_arch_kwargs(trained)}
     state = {k: v.clone() for k, v in trained.state_dict().items()}
+    builds: list[str] = []
+    monkeypatch.setattr(build, "build_for_checkpoint",
+                        lambda *args: builds.append(str(torch.empty(0).device)) or build_for_checkpoint(*args))
     net = model_from_checkpoint(state, meta, "does not fit").eval()
+    assert builds == (["meta", "cpu"] if arch == "regnet_x_400mf" else ["meta"])
     assert not any(t.is_meta for t in [*net.parameters(), *net.buffers()])
-    assert all(net.state_dict()[k].data_ptr() == v.data_ptr() for k, v in state.items())  # not built for real
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
     assert all(p.requires_grad for p in net.parameters())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(net(x), trained(x))
     with pytest.raises(UserError, match="does not fit: .*missing"):
-        model_from_checkpoint({k: v for k, v in state.items() if "fc" not in k and "head" not in k}, meta, "does not fit")
+        model_from_checkpoint(dict(list(state.items())[:-1]), meta, "does not fit")
 
 
 def test_a_model_computing_its_own_tensors_is_built_for_real(monkeypatch):
@@ -211,3 +219,24 @@ def test_a_model_computing_its_own_tensors_is_built_for_real(monkeypatch):
     state = {k: torch.randn_like(v) for k, v in Buffered().state_dict().items()}
     net = build.model_from_checkpoint(state, {"arch": "buffered", "classes": ["a", "b"]}, "does not fit")
     assert torch.equal(net.index, torch.arange(4)) and torch.equal(net.weight, state["weight"])
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "timm/mobilenetv3_small_050"])
+def test_folding_keeps_the_head_whose_input_the_ood_score_reads(arch, tmp_path: Path):
+    """timm's mobilenetv3 head is timm's own Linear, which fx traces through: folded, the head module
+    would never be called and the feature tap would see nothing. Such a model stays unfolded."""
+    from finetune.models.build import build_for_checkpoint, fuse_for_inference
+    from finetune.models.inference import load_classifier
+
+    torch.manual_seed(0)
+    net = build_for_checkpoint(arch, 3).eval()
+    head = "fc" if arch == "resnet18" else "classifier"
+    folded = fuse_for_inference(net, head)
+    assert (folded is not net) == (arch == "resnet18")  # resnet18's fc stays a module call: folded
+    meta = {"arch": arch, "classes": ["a", "b", "c"], "head": head, "image_size": 64, "resize_size": 64,
+            "mean": [0.5] * 3, "std": [0.5] * 3}
+    save_checkpoint(tmp_path / "model.safetensors", net.state_dict(), meta)
+    clf = load_classifier(tmp_path / "model.safetensors", fold_batchnorm=True, mixed_precision="no")
+    with torch.no_grad(), clf.feature_tap() as tap:
+        clf.model(torch.randn(2, 3, 64, 64))
+    assert tap.features is not None and tap.features.shape[0] == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any, Sequence
 
 from finetune.errors import Stopped
@@ -80,12 +81,15 @@ def then_leave_last(exit_barrier: Any) -> Any:
     """``SimpleElasticAgent._exit_barrier`` followed by ``leave_last``."""
 
     def wrapped(agent: Any) -> None:
+        start = time.monotonic()
         exit_barrier(agent)
         group = agent._worker_group
         # Only the static rendezvous says which launcher hosts the store (machine rank 0); with
-        # another (c10d's), any may, and torch's barrier is left as it is.
-        if group.spec.rdzv_handler.get_backend() == "static":
-            leave_last(agent._store, group.group_rank, group.group_world_size, agent._exit_barrier_timeout)
+        # another (c10d's), any may, and torch's barrier is left as it is. The two waits share
+        # torch's timeout: a node that never came keeps the host that long, not twice.
+        left = agent._exit_barrier_timeout - (time.monotonic() - start)
+        if group.spec.rdzv_handler.get_backend() == "static" and left > 0:
+            leave_last(agent._store, group.group_rank, group.group_world_size, left)
 
     wrapped.leaves_last = True  # type: ignore[attr-defined]
     return wrapped
@@ -99,6 +103,7 @@ def leave_last(store: Any, rank: int, world_size: int, timeout: float) -> None:
     then has nothing left to serve. A launcher that never checks out (its node died) keeps the host
     ``timeout`` seconds at most, as torch's own barrier would, and is named in one line.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.utils.store import store_timeout
 
     if world_size <= 1:
@@ -109,10 +114,12 @@ def leave_last(store: Any, rank: int, world_size: int, timeout: float) -> None:
                 store.set(ALL_LEFT, "1")
             if rank == 0:
                 store.wait([ALL_LEFT])
+    except SignalException:  # a stop signal: the launcher's own way out (main)
+        raise
     except Exception as err:  # the store's errors come in several types; the run itself is over
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"launcher: the run has finished here, but not every node's launcher checked out within "
-              f"{timeout:.0f} s ({type(err).__name__}: {detail})", file=sys.stderr, flush=True)
+        print(f"launcher: the run has finished here, but not every node's launcher checked out "
+              f"({type(err).__name__}: {detail})", file=sys.stderr, flush=True)
 
 
 def forward_stop_signals(received: list[str]) -> None:

@@ -170,11 +170,18 @@ def model_from_checkpoint(state: dict[str, torch.Tensor], meta: dict[str, Any], 
     is built for real instead.
     """
     arch, num_classes = meta["arch"], len(meta["classes"])
-    with torch.device("meta"):
-        net = build_for_checkpoint(arch, num_classes, meta)
-    if _filled_by(net, state):
-        load_exactly(net, state, problem, assign=True)
-        return net
+    try:
+        with torch.device("meta"):
+            empty = build_for_checkpoint(arch, num_classes, meta)
+    except UserError:
+        raise
+    except Exception:  # a constructor that reads a tensor's value (RegNet's widths): no meta build
+        empty = None
+    if empty is not None and _filled_by(empty, state):
+        # Copies: the file's tensors are mappings of it, and a file rewritten in place under a
+        # long-lived server would change or fault its weights.
+        load_exactly(empty, {k: v.clone() for k, v in state.items()}, problem, assign=True)
+        return empty
     net = build_for_checkpoint(arch, num_classes, meta)
     load_exactly(net, state, problem)
     return net
@@ -230,16 +237,22 @@ def build_classifier(model: str, weights: str, classes: list[str], *, image_size
                       {classes[t]: info.categories[s] for t, s in reuse.items()}, frozen)
 
 
-def fuse_for_inference(net: nn.Module) -> nn.Module:
+def fuse_for_inference(net: nn.Module, head: str | None = None) -> nn.Module:
     """Fold BatchNorm layers into the convolutions before them, for evaluation only.
 
     One op fewer per convolution, which makes CPU inference noticeably faster (bench/eval_speed.py
-    measures eval.py as a whole). Models that torch.fx cannot trace are returned unchanged.
+    measures eval.py as a whole). Models that torch.fx cannot trace are returned unchanged, and so
+    are those whose ``head`` (a dotted module name) the trace inlined: the OOD score's features are
+    the head's input, taken by a hook on that module (timm's own ``Linear`` heads are traced
+    through, e.g. mobilenetv3's).
     """
     try:
-        return fuse(net.eval())
+        fused = fuse(net.eval())
     except Exception:  # tracing fails on data-dependent control flow: fusing is only an optimisation
         return net
+    if head is not None and not any(node.op == "call_module" and node.target == head for node in fused.graph.nodes):
+        return net
+    return fused
 
 
 def library_versions() -> dict[str, str]:

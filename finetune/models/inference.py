@@ -305,7 +305,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
     state, meta = load_checkpoint(path)
     classes = list(meta["classes"])
     net = model_from_checkpoint(state, meta, f"{path} does not fit a {meta['arch']} with {len(classes)} classes")
-    net = fuse_for_inference(net) if fold_batchnorm else net.eval()
+    net = fuse_for_inference(net, meta.get("head")) if fold_batchnorm else net.eval()
     device = torch.device(device)
     net = net.to(device, memory_format=torch.channels_last) if channels_last else net.to(device)
     precision = resolve_precision(eval_precision(mixed_precision, meta), on_cpu=device.type == "cpu")
@@ -313,7 +313,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, mix
     bank = load_safetensors(bank_file).get(OOD_BANK) if meta.get("ood") and bank_file.is_file() else None
     return LoadedClassifier(net, classes, preprocessing_of(meta), meta, path, precision=precision,
                             channels_last=channels_last, calibrated=calibrated,
-                            ood_bank=None if bank is None else bank.to(device))
+                            ood_bank=None if bank is None else bank.to(device, copy=True))  # not the file's mapping
 
 
 def preprocessing_of(meta: dict[str, Any]) -> Preprocessing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,12 @@ def load_exactly(net: nn.Module, state: dict[str, torch.Tensor], problem: str, *
     Raises:
         UserError: starting with ``problem``, naming the first mismatch.
     """
+    if getattr(state, "_metadata", None) is None:
+        # A safetensors file (or a plain dict) has no per-module versions, which MNASNet requires
+        # (it refused to load its own checkpoints): the model's own, as the file was written from it.
+        versions = net.state_dict()._metadata  # type: ignore[attr-defined]
+        state = OrderedDict(state)
+        state._metadata = versions  # type: ignore[attr-defined]
     try:
         missing, unexpected = net.load_state_dict(state, strict=False, assign=assign)
     except RuntimeError as err:  # shape mismatches
