@@ -4,10 +4,9 @@ A thin entry point: the command lives in ``finetune/commands/study.py`` (also in
 ``finetune-study``).
 """
 
-import sys
 
 from finetune.commands.study import main
-from finetune.errors import run_cli
+from finetune.errors import leave, run_cli
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

@@ -1,8 +1,11 @@
-"""One kind of error for bad input, and the entry-point wrapper that turns it into one line."""
+"""One kind of error for bad input, the entry-point wrapper that turns it into one line, and the
+entry point's exit."""
 
+import atexit
 import os
 import sys
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, NoReturn, Sequence
 
 
 class UserError(Exception):
@@ -35,6 +38,31 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def leave(status: int) -> NoReturn:
+    """End a command's process with ``status``, without the interpreter's teardown.
+
+    A process that has imported torch, torchvision and torch._dynamo spends 0.3-0.7 s at exit
+    freeing their objects one by one (0.66 s for ``import torch, torchvision`` alone here), memory
+    the kernel takes back at once when the process ends. What a normal exit does first still
+    happens, in its order: threads that are not daemons are waited for and their exit hooks run
+    (``threading._shutdown``: executors, the painter's pool), then the ``atexit`` handlers (loader
+    workers end there), then the output is flushed. Files are closed by the ``with`` blocks that
+    write them, before this. Only the entry points call it: a caller of ``main`` keeps its
+    interpreter.
+    """
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None:  # an interpreter without it: the ordinary exit
+        sys.exit(status)
+    shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that has gone, a stream already closed
+            pass
+    os._exit(status)
 
 
 class QuietPipe:

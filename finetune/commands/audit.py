@@ -15,13 +15,12 @@ import csv
 import io
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.config import BAD_DATA_POLICIES, LABEL_FILE_HELP, PRECISIONS, check_values, option, parse_config
-from finetune.errors import run_cli
+from finetune.errors import leave, run_cli
 
 SHOWN = 16  # images in suspects.png; pairs in duplicates.png: half as many
 TABLE_ROWS = 10
@@ -218,4 +217,4 @@ def write_pictures(out_dir: Path, findings: Any, pre: Any) -> None:
 
 def run() -> None:
     """The ``finetune-audit`` console script."""
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

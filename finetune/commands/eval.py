@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.config import LABEL_FILE_HELP, PRECISIONS, TRACKERS, check_values, option, parse_config
-from finetune.errors import UserError, run_cli
+from finetune.errors import UserError, leave, run_cli
 
 MISTAKES_SHOWN = 16
 
@@ -309,4 +308,4 @@ def predictions_csv(dataset: Any, classes: list[str], preds: Any) -> str:
 
 def run() -> None:
     """The ``finetune-eval`` console script."""
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

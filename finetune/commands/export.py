@@ -10,13 +10,12 @@ replaces anything, the file is run on real images (the checkpoint's recorded tes
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.config import check_values, option, parse_config
-from finetune.errors import UserError, run_cli
+from finetune.errors import UserError, leave, run_cli
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}  # export.FORMATS, without torch
 
@@ -102,4 +101,4 @@ def check_images(clf: Any, named: Sequence[str]) -> tuple[Any, str]:
 
 def run() -> None:
     """The ``finetune-export`` console script."""
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

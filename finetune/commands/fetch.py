@@ -7,12 +7,11 @@ Compute nodes that share the home folder (or TORCH_HOME) then find the file with
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Sequence
 
 from finetune.config import option, parse_config
-from finetune.errors import run_cli
+from finetune.errors import leave, run_cli
 from finetune.models import timm_models
 from finetune.models.build import check_model_name
 from finetune.models.weights import ensure_cached, torchvision_weights
@@ -36,4 +35,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

@@ -14,14 +14,13 @@ import contextlib
 import csv
 import json
 import math
-import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
 from finetune.config import BAD_DATA_POLICIES, PRECISIONS, check_values, option, parse_config
-from finetune.errors import UserError, run_cli
+from finetune.errors import UserError, leave, run_cli
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -285,4 +284,4 @@ def _score(score: float) -> str:
 
 def run() -> None:
     """The ``finetune-predict`` console script."""
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

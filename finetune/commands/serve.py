@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from finetune.config import PRECISIONS, check_values, option, parse_config
-from finetune.errors import UserError, run_cli
+from finetune.errors import UserError, leave, run_cli
 
 SWITCH_INTERVAL = 0.0005  # seconds; see main
 
@@ -120,4 +120,4 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def run() -> None:
     """The ``finetune-serve`` console script."""
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from finetune.config import check_values, option, parse_config
-from finetune.errors import run_cli
+from finetune.errors import leave, run_cli
 
 
 @dataclass
@@ -83,4 +83,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def run() -> None:
     """The ``finetune-study`` console script."""
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from finetune.config import TrainConfig, parse_config
-from finetune.errors import UserError, run_cli
+from finetune.errors import UserError, leave, run_cli
 
 if TYPE_CHECKING:  # the module itself stays torch-free: --help answers before torch loads
     from finetune.training.run import TrainResult
@@ -101,4 +101,4 @@ def check_data(config: TrainConfig) -> dict[str, Any]:
 
 def run() -> None:
     """The ``finetune-train`` console script."""
-    sys.exit(run_cli(main))
+    leave(run_cli(main))

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from finetune.config import option, parse_config
 from finetune.data.demo import cache_dir
-from finetune.errors import UserError, run_cli
+from finetune.errors import UserError, leave, run_cli
 from finetune.utils.files import file_digest
 
 
@@ -102,4 +102,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    leave(run_cli(main))
