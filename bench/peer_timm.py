@@ -7,8 +7,9 @@ written once under ``--work``), batch 32, 224 px, 3 epochs with a test pass afte
 bf16 autocast, channels-last, 2 loader workers and its cosine schedule; the project with its
 defaults (which choose bf16 and channels-last on a CPU that runs bf16 fast). Rounds alternate which
 tool goes first. Whole-process wall times are measured here; the project's phases come from the
-run's own ``timings.json`` (``finetune.utils.phases``): start-up to the first training step, the
-training passes (BatchNorm statistics included: they are gathered by them), the test passes,
+run's own ``timings.json`` (``finetune.utils.phases``): start-up until the training loop begins, the
+training passes (the wait for each epoch's first batch, and BatchNorm statistics, included: they
+are gathered by them), the test passes,
 saving, logging and pictures (what held the training thread), and the post-training calibration.
 The ratio printed is timm's time over the project's: 1.0 or more means the project is at least
 as fast.
@@ -67,7 +68,8 @@ def phases(run_dir: Path, wall: float) -> dict[str, float]:
         return {"other": wall}
     record = json.loads((run_dir / "timings.json").read_text())
     marks = record["since_process_start"]
-    spent = {"start-up": marks["first_step"], **record["seconds"]}
+    # Until the loop begins: from there the training phase's clock runs, first batch included.
+    spent = {"start-up": marks.get("fit_start", marks["first_step"]), **record["seconds"]}
     spent["other"] = wall - sum(spent.values())
     # Inside the start-up: the imports and command line, then setting up until the loop begins.
     return {**spent, "marks": {k: marks[k] for k in ("run_start", "fit_start", "first_step") if k in marks}}
