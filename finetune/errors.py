@@ -2,6 +2,7 @@
 entry point's exit."""
 
 import atexit
+import ctypes
 import os
 import sys
 import threading
@@ -47,21 +48,30 @@ def leave(status: int) -> NoReturn:
     freeing their objects one by one (0.66 s for ``import torch, torchvision`` alone here), memory
     the kernel takes back at once when the process ends. What a normal exit does first still
     happens, in its order: threads that are not daemons are waited for and their exit hooks run
-    (``threading._shutdown``: executors, the painter's pool), then the ``atexit`` handlers (loader
-    workers end there), then the output is flushed. Files are closed by the ``with`` blocks that
-    write them, before this. Only the entry points call it: a caller of ``main`` keeps its
-    interpreter.
+    (``threading._shutdown``: executors, such as the painter's pool), then the ``atexit`` handlers
+    (loader workers end there), then Python's and the C library's output buffers are flushed.
+    Files are closed by the ``with`` blocks that write them, before this. Only the entry points
+    call it: a caller of ``main`` keeps its interpreter, and so does a run under a profiler, a
+    tracer or debugger, or ``python -i``, which act after the script ends.
     """
     shutdown = getattr(threading, "_shutdown", None)
-    if shutdown is None:  # an interpreter without it: the ordinary exit
+    if shutdown is None or sys.flags.interactive or sys.getprofile() or sys.gettrace():
         sys.exit(status)
-    shutdown()
+    try:
+        shutdown()
+    except BaseException as err:  # Ctrl-C while threads finish: say so in a line, keep the status
+        print(f"warning: exit went on before every thread had finished ({type(err).__name__})",
+              file=sys.stderr)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a reader that has gone, a stream already closed
             pass
+    try:
+        ctypes.CDLL(None).fflush(None)  # what C code printed: os._exit skips the C library's exit
+    except (OSError, AttributeError):  # no C library to ask (not a POSIX system)
+        pass
     os._exit(status)
 
 

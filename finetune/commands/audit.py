@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from finetune.config import BAD_DATA_POLICIES, LABEL_FILE_HELP, PRECISIONS, check_values, option, parse_config
 from finetune.errors import leave, run_cli
+from finetune.utils.allocator import keep_freed_memory
 
 SHOWN = 16  # images in suspects.png; pairs in duplicates.png: half as many
 TABLE_ROWS = 10
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """``audit.py`` with these arguments: the ``Findings`` on the main process, None on the others."""
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: AuditConfig = parse_config(argv, AuditConfig, description=__doc__.splitlines()[0])
+    keep_freed_memory()  # this command's process, before it allocates tensors or forks workers
     # After the flags: --help and a bad flag answer before torch (seconds to import) loads.
     from finetune.audit.embed import checkpoint_backbone, embed, pretrained_backbone
     from finetune.audit.findings import examine

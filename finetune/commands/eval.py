@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from finetune.config import LABEL_FILE_HELP, PRECISIONS, TRACKERS, check_values, option, parse_config
 from finetune.errors import UserError, leave, run_cli
+from finetune.utils.allocator import keep_freed_memory
 
 MISTAKES_SHOWN = 16
 
@@ -61,6 +62,7 @@ class EvalConfig:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: EvalConfig = parse_config(argv, EvalConfig, description=__doc__.splitlines()[0])
+    keep_freed_memory()  # this command's process, before it allocates tensors or forks workers
     # After the flags: --help and a bad flag answer before torch (seconds to import) loads.
     from finetune.data.evalsplit import recorded_split
     from finetune.data.folders import EVAL_SPLITS, find_split, image_folder, missing_classes, recorded_part

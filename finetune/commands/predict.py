@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence, TextIO
 
 from finetune.config import BAD_DATA_POLICIES, PRECISIONS, check_values, option, parse_config
 from finetune.errors import UserError, leave, run_cli
+from finetune.utils.allocator import keep_freed_memory
 
 OUTPUT_FORMATS = (".csv", ".jsonl")
 
@@ -80,6 +81,7 @@ class _Blank:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config: PredictConfig = parse_config(argv, PredictConfig, description=__doc__.splitlines()[0])
+    keep_freed_memory()  # this command's process, before it allocates tensors or forks workers
     # After the flags: --help and a bad flag answer before torch (seconds to import) loads.
     from finetune.data.inputs import image_paths
     from finetune.data.loader import make_eval_loader

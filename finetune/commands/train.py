@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from finetune.config import TrainConfig, parse_config
 from finetune.errors import UserError, leave, run_cli
+from finetune.utils.allocator import keep_freed_memory
 
 if TYPE_CHECKING:  # the module itself stays torch-free: --help answers before torch loads
     from finetune.training.run import TrainResult
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None, *, keep_process_group: bool = False)
     with ``--check-data`` the preflight's report (``{"report": ...}``)."""
     # Flags first: --help and a bad flag answer at once, before torch (seconds to import) loads.
     config = parse_config(argv, TrainConfig, description=__doc__.splitlines()[0])
+    keep_freed_memory()  # this command's process, before it allocates tensors or forks workers
     if config.check_data:
         return check_data(config)
     if config.plots:  # matplotlib loads in the painter's process on the core that torch's import leaves idle

@@ -51,12 +51,16 @@ def process_start() -> float:
     """When this process started (the wall clock's seconds; to 10 ms on Linux).
 
     On Linux from the kernel's record of the start in clock ticks since boot, against the clock
-    since boot: psutil adds those ticks to the boot time in whole seconds, which put every mark
-    up to a second off (0.3-0.4 s late on the machine of docs/performance.md)."""
+    since boot: psutil adds those ticks to the boot time in whole seconds, which put every mark up
+    to a second off (0.53 s late on the machine of docs/performance.md). psutil's answer where
+    that cannot be read, or where it disagrees by more than psutil's own error (a /proc that
+    only imitates Linux's)."""
+    rough = psutil.Process().create_time()
     try:
         with open("/proc/self/stat", encoding="ascii") as stat:
             ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime; the name may hold spaces
         since_start = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-        return time.time() - since_start
     except (OSError, ValueError, IndexError, AttributeError):  # not Linux
-        return psutil.Process().create_time()
+        return rough
+    start = time.time() - since_start
+    return start if since_start >= 0 and abs(start - rough) <= 1.5 else rough

@@ -16,7 +16,6 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import broadcast_object_list, is_bf16_available
 
 from finetune.errors import UserError, first_line
-from finetune.utils.allocator import keep_freed_memory
 
 T = TypeVar("T")
 
@@ -222,7 +221,6 @@ def build_accelerator(mixed_precision: str, grad_accum_steps: int = 1, compile: 
     configure_device(accelerator.device)
     if on_cpu:
         set_cpu_threads(cpu_threads)
-        keep_freed_memory()  # before any loader forks its workers: they inherit it
         if compile:
             quiet_cuda_lookup()
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
