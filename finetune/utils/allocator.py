@@ -11,10 +11,10 @@ models and sizes. The price is a higher peak RSS (freed blocks are held, not ret
 
 The commands that run networks (train, eval, predict, audit; study through train) set it for
 their own process, whose loader workers inherit it where they are forked; the Python API leaves
-its caller's process alone (call ``keep_freed_memory`` for the same). ``FINETUNE_MALLOC=system`` keeps glibc's settings, and so
-does a choice of the user's own: another allocator preloaded (``LD_PRELOAD``), or glibc's mmap,
-trim or top-pad settings (``MALLOC_MMAP_*_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or
-those of ``GLIBC_TUNABLES``).
+its caller's process alone (call ``keep_freed_memory`` for the same). ``FINETUNE_MALLOC=system``
+keeps glibc's settings, and so does a choice of the user's own: another allocator preloaded
+(``LD_PRELOAD``), or glibc's mmap, trim or top-pad settings (``MALLOC_MMAP_*_``,
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or those of ``GLIBC_TUNABLES``).
 """
 
 from __future__ import annotations
